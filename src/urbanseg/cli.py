@@ -1,0 +1,56 @@
+"""The `urbanseg` command line: one subcommand -> one function in one stage module.
+
+Flags come from the stage's config dataclass in `urbanseg.config`; the stage module is
+imported only when its command runs, so `urbanseg --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from urbanseg import config as cfg
+from urbanseg.errors import UserError
+
+# command -> (config class, "module:function"). The only list of commands.
+COMMANDS: dict[str, tuple[type, str]] = {
+    "synth": (cfg.SynthConfig, "urbanseg.synth:synthesize"),
+    "prepare": (cfg.PrepareConfig, "urbanseg.prepare:prepare"),
+    "pack": (cfg.PackConfig, "urbanseg.records:pack"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from urbanseg import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="urbanseg",
+        description="Street-scene semantic segmentation: Cityscapes-layout data -> trained model -> report.",
+        epilog="Run `urbanseg COMMAND --help` for the flags of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"urbanseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (cls, _) in COMMANDS.items():
+        doc = (cls.__doc__ or "").strip()
+        summary = doc.split(":", 1)[-1].strip() if doc.startswith("`") else doc
+        p = sub.add_parser(name, help=summary, description=summary)
+        cfg.add_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cls, target = COMMANDS[args.command]
+    module_name, func_name = target.split(":")
+    try:
+        config = cfg.from_namespace(cls, args)
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = func(config)
+    except UserError as e:
+        print(f"urbanseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"urbanseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,162 @@
+"""Typed, frozen configuration for every stage, validated once and saved next to every
+artifact (a run folder, a prepared dataset, a shard folder tells how it was made).
+
+Each command's flags are generated from its dataclass (field name `batch_size` ->
+`--batch-size`, help from the field's metadata), so a flag, its type, default and help
+have one source of truth. Only the standard library is imported here: `--help` stays
+instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from urbanseg.errors import UserError
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:
+    """A config field with its command-line help. `extra` may hold `short` (e.g. "-o")."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'512x256' -> (512, 256) as (width, height)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not WIDTHxHEIGHT; use for example {flag} 512x256") from None
+    if w < 8 or h < 8:
+        raise UserError(f"{flag} {text!r} is too small; width and height must be at least 8 pixels")
+    return w, h
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a UserError with `message` unless `condition` holds (survives `python -O`)."""
+    if not condition:
+        raise UserError(message)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of a config dataclass (paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def save(config: Any, path: Path) -> None:
+    """Write the resolved config as YAML (or JSON for a .json path), atomically."""
+    from urbanseg.util import atomic_write_text
+
+    data = to_dict(config)
+    if path.suffix == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the dataclass `cls` to `parser`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        names = [f.metadata["short"], flag] if "short" in f.metadata else [flag]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = f.metadata.get("help", "")
+        if not required and default not in (None, False, [], ""):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "required": required}
+        if tp is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+            kwargs.pop("required")
+        elif typing.get_origin(tp) is Literal:
+            kwargs.update(choices=typing.get_args(tp), default=default)
+        elif typing.get_origin(tp) in (list, tuple):
+            (item,) = set(typing.get_args(tp)) - {Ellipsis}
+            kwargs.update(nargs="+", type=item, default=default, metavar=f.name.upper())
+        else:
+            kwargs.update(type=tp, default=default, metavar=f.metadata.get("metavar", f.name.upper()))
+        parser.add_argument(*names, **kwargs)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    """Build (and so validate) a config dataclass from parsed arguments."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple and values[f.name] is not None:
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """`urbanseg synth`: write a synthetic street-scene dataset in Cityscapes layout."""
+
+    out: Path = opt(help="output folder; gets leftImg8bit/ and gtFine/ like a Cityscapes download", short="-o")
+    train: int = opt(40, "number of training scenes")
+    val: int = opt(12, "number of validation scenes")
+    test: int = opt(0, "number of test scenes")
+    size: str = opt("2048x1024", "scene size WIDTHxHEIGHT (Cityscapes is 2048x1024)", metavar="WxH")
+    seed: int = opt(0, "random seed; the same seed and flags give the same bytes")
+    workers: int = opt(0, "worker processes (0: one per core)")
+
+    def __post_init__(self) -> None:
+        parse_size(self.size)
+        check(min(self.train, self.val, self.test) >= 0, "--train, --val and --test must be >= 0")
+        check(self.train + self.val + self.test > 0, "nothing to generate: give --train, --val or --test > 0")
+        check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """`urbanseg prepare`: resize a raw Cityscapes-layout dataset into image/label pairs."""
+
+    data: Path = opt(help="raw dataset folder holding leftImg8bit/ and gtFine/")
+    out: Path = opt(help="output folder for images/, labels/ and manifest.json", short="-o")
+    labels: str = opt("categories8", "label set: categories8, categories7, classes19, or a labelmap.json path")
+    size: str = opt("512x256", "output size WIDTHxHEIGHT", metavar="WxH")
+    source: Literal["labelIds", "color"] = opt("labelIds", "annotation to read: *_labelIds.png or the RGB *_color.png")
+    splits: list[str] = opt(["train", "val", "test"], "splits to prepare (those missing on disk are skipped)")
+    workers: int = opt(0, "worker processes (0: one per core)")
+
+    def __post_init__(self) -> None:
+        parse_size(self.size)
+        check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig:
+    """`urbanseg pack`: pack prepared pairs into sharded TFRecord files with a spec."""
+
+    prepared: Path = opt(help="folder written by `urbanseg prepare`")
+    out: Path = opt(help="output folder; gets <split>/NNNNN-of-NNNNN.tfrecord and <split>/spec.json", short="-o")
+    shards: int = opt(4, "shards per split (fewer if a split has fewer images)")
+    splits: list[str] = opt(["train", "val", "test"], "splits to pack (those not prepared are skipped)")
+
+    def __post_init__(self) -> None:
+        check(self.shards >= 1, f"--shards {self.shards} must be >= 1")

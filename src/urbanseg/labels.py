@@ -1,0 +1,292 @@
+"""The Cityscapes label table and the label sets urbanseg trains on.
+
+A *label set* maps the annotation (Cityscapes label ids, or RGB colours) to class
+indices 0..N-1, with 255 meaning "ignore" (left out of the loss and the metrics).
+Built-in sets:
+
+- ``categories8`` (default): the original project's 8 categories with void as class 0;
+  every label id maps to a class (license plate to vehicle), nothing is ignored.
+- ``categories7``: the official 7 categories; void and the labels the official
+  evaluation ignores (ignoreInEval) map to 255, as in ``evalPixelLevelSemanticLabeling``.
+- ``classes19``: the official 19 training classes (trainIds).
+
+Custom sets come from a JSON file shaped like the original project's ``labelmap.json``:
+``{"class name": {"id": 0, "colors": [[r, g, b], ...]}, ...}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from urbanseg.errors import UserError
+
+IGNORE = 255
+# Sentinel in the colour lookup table for a colour no class claims.
+_UNKNOWN = 254
+
+
+class Label(NamedTuple):
+    """One row of the official Cityscapes label table (cityscapesscripts/helpers/labels.py)."""
+
+    name: str
+    id: int
+    trainId: int
+    category: str
+    categoryId: int
+    hasInstances: bool
+    ignoreInEval: bool
+    color: tuple[int, int, int]
+
+
+# fmt: off
+LABELS: tuple[Label, ...] = (
+    #      name                    id  trainId  category        catId hasInst ignoreInEval color
+    Label("unlabeled",             0,  255, "void",          0, False, True,  (0, 0, 0)),
+    Label("ego vehicle",           1,  255, "void",          0, False, True,  (0, 0, 0)),
+    Label("rectification border",  2,  255, "void",          0, False, True,  (0, 0, 0)),
+    Label("out of roi",            3,  255, "void",          0, False, True,  (0, 0, 0)),
+    Label("static",                4,  255, "void",          0, False, True,  (0, 0, 0)),
+    Label("dynamic",               5,  255, "void",          0, False, True,  (111, 74, 0)),
+    Label("ground",                6,  255, "void",          0, False, True,  (81, 0, 81)),
+    Label("road",                  7,    0, "flat",          1, False, False, (128, 64, 128)),
+    Label("sidewalk",              8,    1, "flat",          1, False, False, (244, 35, 232)),
+    Label("parking",               9,  255, "flat",          1, False, True,  (250, 170, 160)),
+    Label("rail track",           10,  255, "flat",          1, False, True,  (230, 150, 140)),
+    Label("building",             11,    2, "construction",  2, False, False, (70, 70, 70)),
+    Label("wall",                 12,    3, "construction",  2, False, False, (102, 102, 156)),
+    Label("fence",                13,    4, "construction",  2, False, False, (190, 153, 153)),
+    Label("guard rail",           14,  255, "construction",  2, False, True,  (180, 165, 180)),
+    Label("bridge",               15,  255, "construction",  2, False, True,  (150, 100, 100)),
+    Label("tunnel",               16,  255, "construction",  2, False, True,  (150, 120, 90)),
+    Label("pole",                 17,    5, "object",        3, False, False, (153, 153, 153)),
+    Label("polegroup",            18,  255, "object",        3, False, True,  (153, 153, 153)),
+    Label("traffic light",        19,    6, "object",        3, False, False, (250, 170, 30)),
+    Label("traffic sign",         20,    7, "object",        3, False, False, (220, 220, 0)),
+    Label("vegetation",           21,    8, "nature",        4, False, False, (107, 142, 35)),
+    Label("terrain",              22,    9, "nature",        4, False, False, (152, 251, 152)),
+    Label("sky",                  23,   10, "sky",           5, False, False, (70, 130, 180)),
+    Label("person",               24,   11, "human",         6, True,  False, (220, 20, 60)),
+    Label("rider",                25,   12, "human",         6, True,  False, (255, 0, 0)),
+    Label("car",                  26,   13, "vehicle",       7, True,  False, (0, 0, 142)),
+    Label("truck",                27,   14, "vehicle",       7, True,  False, (0, 0, 70)),
+    Label("bus",                  28,   15, "vehicle",       7, True,  False, (0, 60, 100)),
+    Label("caravan",              29,  255, "vehicle",       7, True,  True,  (0, 0, 90)),
+    Label("trailer",              30,  255, "vehicle",       7, True,  True,  (0, 0, 110)),
+    Label("train",                31,   16, "vehicle",       7, True,  False, (0, 80, 100)),
+    Label("motorcycle",           32,   17, "vehicle",       7, True,  False, (0, 0, 230)),
+    Label("bicycle",              33,   18, "vehicle",       7, True,  False, (119, 11, 32)),
+    Label("license plate",        -1,   -1, "vehicle",       7, False, True,  (0, 0, 142)),
+)
+# fmt: on
+
+NAME_TO_LABEL = {label.name: label for label in LABELS}
+ID_TO_LABEL = {label.id: label for label in LABELS}
+CATEGORIES = ("void", "flat", "construction", "object", "nature", "sky", "human", "vehicle")
+# Display colour of a category: the colour of its most common label.
+_CATEGORY_COLORS = {
+    "void": (0, 0, 0), "flat": (128, 64, 128), "construction": (70, 70, 70), "object": (220, 220, 0),
+    "nature": (107, 142, 35), "sky": (70, 130, 180), "human": (220, 20, 60), "vehicle": (0, 0, 142),
+}
+
+
+def _uint8_id(label_id: int) -> int:
+    """License plate's id -1 is stored as 255 in a uint8 label-id image."""
+    return label_id & 0xFF
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Classes, display palette and the lookups from annotations to class indices.
+
+    ``id_to_class`` has 256 entries (label id -> class index, 255 ignore, 254 unknown id)
+    and is None for a colour-only custom set. ``color_to_class`` lists (rgb, class) pairs
+    used when labels are read from colour annotations.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    id_to_class: tuple[int, ...] | None
+    color_to_class: tuple[tuple[tuple[int, int, int], int], ...]
+    ignore_index: int = IGNORE
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def from_cityscapes(self) -> bool:
+        """True for the built-in sets (derived from Cityscapes label ids)."""
+        return self.id_to_class is not None
+
+    def id_lut(self) -> np.ndarray:
+        if self.id_to_class is None:
+            raise UserError(
+                f"label set {self.name!r} defines colours only, not Cityscapes label ids; use --source color"
+            )
+        return _id_lut(self.id_to_class)
+
+    def color_lut(self) -> np.ndarray:
+        return _color_lut(self.color_to_class)
+
+    def labels_from_ids(self, ids: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 Cityscapes label ids -> (H, W) uint8 class indices (255 ignore).
+
+        Raises ValueError naming the unknown ids if any id is not in the table."""
+        out = self.id_lut()[ids]
+        if (out == _UNKNOWN).any():
+            bad = sorted(set(np.unique(ids[out == _UNKNOWN]).tolist()))
+            raise ValueError(f"unknown Cityscapes label ids {bad[:10]} (known: 0-33, and 255 for license plate)")
+        return out
+
+    def labels_from_colors(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 colour annotation -> (H, W) uint8 class indices.
+
+        Raises ValueError naming the unknown colours if any colour has no class."""
+        rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+        code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+        out = self.color_lut()[code]
+        if (out == _UNKNOWN).any():
+            bad = np.unique(code[out == _UNKNOWN])[:10]
+            colours = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in bad.tolist()]
+            raise ValueError(f"colours with no class in label set {self.name!r}: {colours}")
+        return out
+
+    def colorize(self, labels: np.ndarray, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+        """(H, W) class indices -> (H, W, 3) uint8 RGB using the palette."""
+        table = np.zeros((256, 3), np.uint8)
+        table[:] = ignore_color
+        table[: self.num_classes] = np.asarray(self.palette, np.uint8)
+        return table[labels]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "classes": list(self.classes),
+            "palette": [list(c) for c in self.palette],
+            "id_to_class": None if self.id_to_class is None else list(self.id_to_class),
+            "color_to_class": [[list(c), k] for c, k in self.color_to_class],
+            "ignore_index": self.ignore_index,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabelSet:
+        return cls(
+            name=d["name"],
+            classes=tuple(d["classes"]),
+            palette=tuple(tuple(int(v) for v in c) for c in d["palette"]),
+            id_to_class=None if d.get("id_to_class") is None else tuple(int(v) for v in d["id_to_class"]),
+            color_to_class=tuple((tuple(int(v) for v in c), int(k)) for c, k in d["color_to_class"]),
+            ignore_index=int(d.get("ignore_index", IGNORE)),
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _id_lut(id_to_class: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(id_to_class, dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _color_lut(color_to_class: tuple[tuple[tuple[int, int, int], int], ...]) -> np.ndarray:
+    # A 16 MiB table indexed by 0xRRGGBB: one fancy-index converts a whole image.
+    lut = np.full(1 << 24, _UNKNOWN, dtype=np.uint8)
+    for (r, g, b), k in color_to_class:
+        lut[(r << 16) | (g << 8) | b] = k
+    return lut
+
+
+def _from_table(name: str, classes: tuple[str, ...], palette, class_of) -> LabelSet:
+    """A label set derived from the official table; `class_of(label)` gives its class."""
+    id_to_class = [_UNKNOWN] * 256
+    for label in LABELS:
+        id_to_class[_uint8_id(label.id)] = class_of(label)
+    # A colour shared by several labels (pole and polegroup, the five black void labels,
+    # car and license plate) takes the class of the first label in table order with an
+    # id >= 0: pole for (153, 153, 153), car for (0, 0, 142).
+    color_to_class: dict[tuple[int, int, int], int] = {}
+    for label in LABELS:
+        if label.id >= 0:
+            color_to_class.setdefault(label.color, class_of(label))
+    return LabelSet(name, classes, tuple(palette), tuple(id_to_class), tuple(color_to_class.items()))
+
+
+def categories8() -> LabelSet:
+    return _from_table("categories8", CATEGORIES, [_CATEGORY_COLORS[c] for c in CATEGORIES], lambda l: l.categoryId)
+
+
+def categories7() -> LabelSet:
+    names = CATEGORIES[1:]
+    return _from_table(
+        "categories7",
+        names,
+        [_CATEGORY_COLORS[c] for c in names],
+        lambda l: IGNORE if l.ignoreInEval else l.categoryId - 1,
+    )
+
+
+def classes19() -> LabelSet:
+    train = sorted((l for l in LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+    return _from_table(
+        "classes19",
+        tuple(l.name for l in train),
+        [l.color for l in train],
+        lambda l: IGNORE if l.trainId < 0 else l.trainId,
+    )
+
+
+BUILTIN_LABEL_SETS = {"categories8": categories8, "categories7": categories7, "classes19": classes19}
+DEFAULT_LABEL_SET = "categories8"
+
+
+def load_label_map(path: Path) -> LabelSet:
+    """A colour-only label set from a JSON file in the original's labelmap.json shape."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read label map {path}: {e}") from None
+    try:
+        entries = sorted(((int(v["id"]), name, v["colors"]) for name, v in raw.items()), key=lambda e: e[0])
+        ids = [e[0] for e in entries]
+        if ids != list(range(len(ids))) or not 0 < len(ids) < _UNKNOWN:
+            raise ValueError(f"class ids must be 0..N-1 with N < {_UNKNOWN}, got {ids}")
+        color_to_class: dict[tuple[int, int, int], int] = {}
+        for k, name, colors in entries:
+            if not colors:
+                raise ValueError(f"class {name!r} has no colours")
+            for c in colors:
+                rgb = tuple(int(v) for v in c)
+                if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                    raise ValueError(f"class {name!r}: {list(c)} is not an [r, g, b] colour")
+                if rgb in color_to_class and color_to_class[rgb] != k:
+                    raise ValueError(f"colour {list(rgb)} is given to two classes")
+                color_to_class[rgb] = k
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(
+            f"label map {path} is not shaped like "
+            f'{{"class name": {{"id": 0, "colors": [[r, g, b], ...]}}, ...}}: {e}'
+        ) from None
+    return LabelSet(
+        name=Path(path).stem,
+        classes=tuple(e[1] for e in entries),
+        palette=tuple(tuple(int(v) for v in e[2][0]) for e in entries),
+        id_to_class=None,
+        color_to_class=tuple(color_to_class.items()),
+    )
+
+
+def get_label_set(name_or_path: str | Path) -> LabelSet:
+    """A built-in label set by name, or a custom one from a labelmap.json path."""
+    key = str(name_or_path)
+    if key in BUILTIN_LABEL_SETS:
+        return BUILTIN_LABEL_SETS[key]()
+    if key.endswith(".json") or Path(key).is_file():
+        return load_label_map(Path(key))
+    raise UserError(
+        f"unknown label set {key!r}; use one of {', '.join(BUILTIN_LABEL_SETS)} or the path to a labelmap.json"
+    )
