@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "synth": (cfg.SynthConfig, "urbanseg.synth:synthesize"),
     "prepare": (cfg.PrepareConfig, "urbanseg.prepare:prepare"),
     "pack": (cfg.PackConfig, "urbanseg.records:pack"),
+    "train": (cfg.TrainConfig, "urbanseg.train:train"),
 }
 
 

@@ -160,3 +160,74 @@ class PackConfig:
 
     def __post_init__(self) -> None:
         check(self.shards >= 1, f"--shards {self.shards} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`urbanseg train`: train a segmentation model on TFRecord shards into a run folder."""
+
+    data: Path = opt(help="shard folder written by `urbanseg pack` (holds train/ and val/)")
+    run: Path = opt(help="run folder for config.yaml, best.pt, last.pt, metrics.csv, tb/, curves.png")
+    model: str | None = opt(None, "architecture (see `urbanseg models`); default: the benchmark's pick, or --init's")
+    model_args: str = opt("", "extra create_model keyword arguments as a JSON object, e.g. '{\"width\": 8}'")
+    epochs: int | None = opt(None, "epochs to train (default 50 unless --iters is given)")
+    iters: int | None = opt(None, "optimizer steps to train instead of --epochs")
+    batch_size: int = opt(8, "global batch size (split evenly across torchrun processes)")
+    crop: str | None = opt(None, "random training crop WIDTHxHEIGHT (default: whole images)", metavar="WxH")
+    augment: bool = opt(True, "random flip / scale / colour augmentation on the training split")
+    seed: int = opt(0, "seed for weights, data order and augmentation")
+    deterministic: bool = opt(False, "bit-reproducible CPU run: deterministic kernels, fixed thread count")
+    threads: int = opt(0, "CPU threads for PyTorch (0: PyTorch's default; 1 with --deterministic)")
+    resume: bool = opt(False, "continue the run in --run from its last.pt, with its saved config")
+    init: Path | None = opt(None, "fine-tune from this checkpoint (a different class count gets a new head)")
+    new_head: bool = opt(False, "with --init: replace the classification head even if the class count matches")
+    encoder_weights: str | None = opt(None, "pretrained encoder weights: 'imagenet' or a local weights file")
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
+    lr: float | None = opt(None, "peak learning rate (default: 1e-3 for adamw, 1e-2 for sgd)")
+    weight_decay: float = opt(1e-4, "weight decay")
+    momentum: float = opt(0.9, "SGD momentum")
+    schedule: Literal["poly", "cosine"] = opt("poly", "learning-rate decay after warm-up")
+    warmup: int = opt(0, "linear warm-up steps")
+    clip_grad: float = opt(0.0, "clip the gradient norm to this value (0: off)")
+    loss: Literal["ce", "ce+dice", "ce+lovasz"] = opt("ce", "loss: cross-entropy, optionally plus Dice or Lovasz")
+    class_weights: Literal["none", "inverse", "median", "sqrt"] = opt(
+        "none", "cross-entropy class weights from the training pixel counts"
+    )
+    ohem: bool = opt(False, "online hard-pixel mining: cross-entropy over the hardest pixels only")
+    ohem_thresh: float = opt(0.7, "with --ohem: pixels whose true-class probability is below this are hard")
+    ohem_min_kept: float = opt(0.1, "with --ohem: fraction of the valid pixels always kept (the hardest)")
+    amp: Literal["auto", "off", "bf16", "fp16"] = opt("auto", "mixed precision (auto: fp16 on CUDA, off on CPU)")
+    channels_last: bool = opt(False, "channels-last memory format")
+    compile: bool = opt(False, "torch.compile the model")
+    sync_bn: bool = opt(False, "SyncBatchNorm across torchrun processes (GPU)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda if available)")
+    val_every: int = opt(0, "validate every N steps (0: at the end of every epoch)")
+    save_every: int = opt(0, "also write last.pt every N steps (0: at every validation)")
+    patience: int = opt(0, "stop after N validations without a better mIoU (0: never)")
+    log_every: int = opt(10, "log the training loss every N steps")
+    workers: int = opt(2, "data-loading worker processes per training process")
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            parse_size(self.crop, "--crop")
+        check(not (self.epochs is not None and self.iters is not None), "give --epochs or --iters, not both")
+        check((self.epochs or 1) >= 1 and (self.iters or 1) >= 1, "--epochs and --iters must be >= 1")
+        check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
+        check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be > 0")
+        check(self.new_head <= (self.init is not None), "--new-head only applies with --init CHECKPOINT")
+        check(not (self.resume and self.init is not None), "--resume continues a run; --init starts a new one: pick one")
+        check(0 < self.ohem_thresh <= 1 and 0 <= self.ohem_min_kept <= 1, "--ohem-thresh must be in (0, 1] "
+              "and --ohem-min-kept in [0, 1]")
+        for flag, value in (("--warmup", self.warmup), ("--clip-grad", self.clip_grad), ("--val-every", self.val_every),
+                            ("--save-every", self.save_every), ("--patience", self.patience),
+                            ("--workers", self.workers), ("--threads", self.threads), ("--weight-decay", self.weight_decay)):
+            check(value >= 0, f"{flag} {value} must be >= 0")
+        check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.model_args:
+            try:
+                ok = isinstance(json.loads(self.model_args), dict)
+            except json.JSONDecodeError:
+                ok = False
+            check(ok, f"--model-args {self.model_args!r} is not a JSON object; use e.g. '{{\"width\": 8}}'")
