@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "prepare": (cfg.PrepareConfig, "urbanseg.prepare:prepare"),
     "pack": (cfg.PackConfig, "urbanseg.records:pack"),
     "train": (cfg.TrainConfig, "urbanseg.train:train"),
+    "predict": (cfg.PredictConfig, "urbanseg.predict:predict"),
+    "export": (cfg.ExportConfig, "urbanseg.export:export"),
 }
 
 

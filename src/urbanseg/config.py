@@ -231,3 +231,60 @@ class TrainConfig:
             except json.JSONDecodeError:
                 ok = False
             check(ok, f"--model-args {self.model_args!r} is not a JSON object; use e.g. '{{\"width\": 8}}'")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """`urbanseg predict`: segment images, folders, globs or videos, or N pictures from a split."""
+
+    input: list[str] = opt([], "image files, folders, globs ('photos/*.jpg') or videos (.mp4, .avi, ...) to segment", short="-i")
+    split: str | None = opt(None, "instead of --input: the original's mode, N pictures (image | prediction) from this split's shards")
+    num: int = opt(20, "with --split: number of pictures to write")
+    data: Path | None = opt(None, "with --split: shards folder (default: the run's `data` in config.yaml)")
+    run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
+    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    model: Path | None = opt(None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint")
+    out: Path | None = opt(None, "output folder (default: RUN/predict/SPLIT, RUN/predict/input, or ./predictions)", short="-o")
+    outputs: list[str] = opt(["overlay", "color", "labels"], "what to write per image: overlay, color (mask), labels (class-index PNG)")
+    cityscapes_ids: bool = opt(False, "also write *_labelIds.png with Cityscapes label ids (official test server format)")
+    native: bool = opt(False, "run at each image's own resolution instead of resizing to the training input size")
+    tile: bool = opt(False, "sliding window at native resolution, overlapping logits averaged (for very large images)")
+    tile_size: str = opt("", "window WIDTHxHEIGHT for --tile (default: the training input size)", metavar="WxH")
+    tile_overlap: float = opt(0.25, "fraction of the window shared by neighbouring windows, 0 <= f < 1")
+    batch_size: int = opt(4, "images (or windows) per forward pass")
+    alpha: float = opt(0.5, "opacity of the colour mask in the overlay, 0..1")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "PyTorch device for a checkpoint (auto: cuda if available)")
+
+    def __post_init__(self) -> None:
+        check(bool(self.input) != (self.split is not None), "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT")
+        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
+        check(self.model is not None or self.run is not None or self.checkpoint is not None,
+              "give --run runs/NAME, --checkpoint PATH or --model model.onnx")
+        check(self.split is None or self.data is not None or self.run is not None,
+              "--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data SHARDS")
+        check(self.num >= 1, f"--num {self.num} must be >= 1")
+        check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
+        check(0.0 <= self.tile_overlap < 1.0, f"--tile-overlap {self.tile_overlap} must be in [0, 1)")
+        check(0.0 <= self.alpha <= 1.0, f"--alpha {self.alpha} must be in [0, 1]")
+        check(not (self.tile and self.native), "--tile already runs at native resolution; drop --native")
+        check(self.tile or not self.tile_size, "--tile-size needs --tile")
+        if self.tile_size:
+            parse_size(self.tile_size, "--tile-size")
+        bad = sorted(set(self.outputs) - {"overlay", "color", "labels"})
+        check(not bad, f"--outputs {' '.join(bad)}: unknown; choose from overlay color labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """`urbanseg export`: write a checkpoint as an ONNX model carrying its label set and input size."""
+
+    run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt")
+    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    format: Literal["onnx"] = opt("onnx", "export format")
+    out: Path | None = opt(None, "output file (default: beside the checkpoint, e.g. runs/NAME/best.onnx)", short="-o")
+    opset: int = opt(18, "ONNX opset version")
+    dynamic: bool = opt(True, "dynamic batch, height and width (--no-dynamic: fixed training input size)")
+
+    def __post_init__(self) -> None:
+        check(self.run is not None or self.checkpoint is not None, "give --run runs/NAME or --checkpoint PATH")
+        check(11 <= self.opset <= 20, f"--opset {self.opset}: the exporter supports opsets 11 to 20")
