@@ -1,0 +1,102 @@
+"""Several processes (`torchrun --nproc_per_node=N [--nnodes=M ...] -m urbanseg train`):
+process-group set-up from torchrun's environment, and the few collectives training needs.
+
+Without torchrun (no WORLD_SIZE in the environment, or WORLD_SIZE=1) every helper is a
+cheap no-op, so the training loop has one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job: global rank, number of processes, rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files, logs and draws the progress bar."""
+        return self.rank == 0
+
+
+def from_env() -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process)."""
+    env = os.environ
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def pick_device(requested: str, info: DistInfo) -> torch.device:
+    """`auto` -> cuda if available else cpu; with several processes on CUDA, each takes
+    the GPU of its local rank."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            from urbanseg.errors import UserError
+
+            raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup(info: DistInfo, device: torch.device) -> None:
+    """Join the process group: NCCL between GPUs, gloo on the CPU."""
+    if info.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes, in place; returns it."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Collect one picklable object per process on rank 0 (list by rank); None elsewhere."""
+    if not active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every process."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
