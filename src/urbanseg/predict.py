@@ -1,0 +1,287 @@
+"""`urbanseg predict`: segment any images or videos, or draw N pictures from a split.
+
+Two modes:
+
+- ``--input FILE|DIR|GLOB|VIDEO ...``: for each image, at the image's own resolution,
+  ``<stem>_overlay.png`` (mask blended over the image), ``<stem>_color.png`` (colour
+  mask), ``<stem>_labels.png`` (uint8 class indices) and, with ``--cityscapes-ids``,
+  ``<stem>_labelIds.png`` (Cityscapes label ids, the test server's format). A folder
+  keeps its sub-folder layout under the output folder. A video gives
+  ``<stem>_overlay.mp4`` at the video's size and frame rate.
+- ``--split SPLIT --num N``: the original project's pictures, image | prediction side
+  by side with titles and a legend, named after the source image, from the shards.
+
+A bad input (missing, unreadable, empty folder) does not stop the others: the failures
+are listed at the end and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import glob
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from urbanseg.config import PredictConfig, parse_size
+from urbanseg.errors import UserError
+from urbanseg.inference import (
+    IMAGE_SUFFIXES,
+    Predictor,
+    cityscapes_id_lut,
+    load_predictor,
+    overlay,
+    read_image,
+    resolve_checkpoint,
+    segment,
+)
+from urbanseg.util import atomic_path, save_png
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and the output path prefix its results go to (`<out>/<rel>/<stem>`)."""
+
+    source: Path
+    prefix: Path
+
+    @property
+    def is_video(self) -> bool:
+        return self.source.suffix.lower() in VIDEO_SUFFIXES
+
+
+def predict(cfg: PredictConfig) -> int:
+    """Entry point of `urbanseg predict`. Returns 0, or raises UserError listing failures."""
+    if cfg.model is not None:
+        predictor = load_predictor(onnx=cfg.model)
+    else:
+        predictor = load_predictor(checkpoint=resolve_checkpoint(cfg.run, cfg.checkpoint), device=cfg.device)
+    print(f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
+          f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})")
+    if cfg.split is not None:
+        return predict_split(cfg, predictor)
+    out = cfg.out or (cfg.run / "predict" / "input" if cfg.run else Path("predictions"))
+    jobs, failures = collect_inputs(cfg.input, out)
+    id_lut = cityscapes_id_lut(predictor.label_set) if cfg.cityscapes_ids else None
+    images = [j for j in jobs if not j.is_video]
+    bad = predict_images(cfg, predictor, images, id_lut)
+    for job in (j for j in jobs if j.is_video):
+        try:
+            predict_video(cfg, predictor, job)
+        except ValueError as e:
+            bad.append((str(job.source), str(e)))
+    print(f"wrote predictions for {len(jobs) - len(bad)} of {len(jobs)} input files to {out}")
+    failures += bad
+    if failures:
+        lines = "\n".join(f"  {src}: {why}" for src, why in failures)
+        raise UserError(f"{len(failures)} input(s) failed (the others were written):\n{lines}")
+    return 0
+
+
+def collect_inputs(entries: list[str], out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Expand files, folders (recursively, keeping sub-folders) and globs into jobs.
+
+    Returns (jobs, failures) where a failure is (entry, reason)."""
+    jobs: list[Job] = []
+    failures: list[tuple[str, str]] = []
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+            jobs += [Job(p, out / p.relative_to(path).parent / p.stem) for p in found]
+            reason = f"folder has no images or videos ({', '.join(sorted(wanted))})"
+        elif path.is_file():
+            found = [path]
+            jobs.append(Job(path, out / path.stem))
+        elif glob.has_magic(entry):
+            found = sorted(Path(p) for p in glob.glob(entry, recursive=True) if Path(p).is_file())
+            jobs += [Job(p, out / p.stem) for p in found]
+            reason = "the pattern matches no files"
+        else:
+            found, reason = [], "no such file or folder"
+        if not found:
+            failures.append((entry, reason))
+    seen: dict[Path, Path] = {}
+    unique = []
+    for job in jobs:
+        if job.prefix in seen:
+            failures.append((str(job.source), f"same output name as {seen[job.prefix]}; pass them in separate runs"))
+        else:
+            seen[job.prefix] = job.source
+            unique.append(job)
+    return unique, failures
+
+
+def _segment(cfg: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
+    mode = "tile" if cfg.tile else "native" if cfg.native else "resize"
+    tile = parse_size(cfg.tile_size, "--tile-size") if cfg.tile_size else None
+    return segment(predictor, images, mode=mode, tile_size=tile, overlap=cfg.tile_overlap, batch_size=cfg.batch_size)
+
+
+def _read(job: Job) -> np.ndarray | str:
+    try:
+        return read_image(job.source)
+    except (ValueError, OSError) as e:
+        return str(e)
+
+
+def predict_images(
+    cfg: PredictConfig, predictor: Predictor, jobs: list[Job], id_lut: np.ndarray | None
+) -> list[tuple[str, str]]:
+    """Segment still images `batch_size` at a time, reading the next batch on a thread
+    while the model runs. Returns the failures as (file, reason)."""
+    from tqdm import tqdm
+
+    failures: list[tuple[str, str]] = []
+    chunks = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(jobs), desc="predict", unit="img") as bar:
+        pending: list[Future] = [pool.submit(_read, j) for j in chunks[0]] if chunks else []
+        for k, chunk in enumerate(chunks):
+            loaded = [f.result() for f in pending]
+            pending = [pool.submit(_read, j) for j in chunks[k + 1]] if k + 1 < len(chunks) else []
+            ok = [(j, im) for j, im in zip(chunk, loaded) if isinstance(im, np.ndarray)]
+            failures += [(str(j.source), im) for j, im in zip(chunk, loaded) if isinstance(im, str)]
+            if ok:
+                labels = _segment(cfg, predictor, [im for _, im in ok])
+                for (job, image), lab in zip(ok, labels):
+                    write_outputs(job.prefix, image, lab, predictor, cfg, id_lut)
+            bar.update(len(chunk))
+    return failures
+
+
+def write_outputs(
+    prefix: Path, image: np.ndarray, labels: np.ndarray, predictor: Predictor, cfg: PredictConfig, id_lut: np.ndarray | None
+) -> None:
+    """Write the requested PNGs for one (H, W, 3) image and its (H, W) uint8 class indices."""
+    color = predictor.label_set.colorize(labels)
+    name = prefix.name
+    if "overlay" in cfg.outputs:
+        save_png(prefix.with_name(f"{name}_overlay.png"), overlay(image, color, cfg.alpha))
+    if "color" in cfg.outputs:
+        save_png(prefix.with_name(f"{name}_color.png"), color)
+    if "labels" in cfg.outputs:
+        save_png(prefix.with_name(f"{name}_labels.png"), labels)
+    if id_lut is not None:
+        save_png(prefix.with_name(f"{name}_labelIds.png"), id_lut[labels])
+
+
+def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
+    """Segment every frame of a video; write `<prefix>_overlay.mp4` (mp4v) at the same
+    size and frame rate. ValueError if the video cannot be opened or has no frames."""
+    import cv2
+    from tqdm import tqdm
+
+    cap = cv2.VideoCapture(str(job.source))
+    try:
+        if not cap.isOpened():
+            raise ValueError(f"cannot open {job.source} as a video (corrupt, or a codec OpenCV lacks)")
+        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        target = job.prefix.with_name(f"{job.prefix.name}_overlay.mp4")
+        frames_done = 0
+        with atomic_path(target) as tmp:
+            writer: Any = None
+            with tqdm(total=total, desc=job.source.name, unit="frame") as bar:
+                while True:
+                    batch = _read_frames(cap, cfg.batch_size)
+                    if not batch:
+                        break
+                    if writer is None:
+                        h, w = batch[0].shape[:2]
+                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        if not writer.isOpened():
+                            raise ValueError(f"OpenCV cannot write an mp4v video to {target}")
+                    for frame, lab in zip(batch, _segment(cfg, predictor, batch)):
+                        mixed = overlay(frame, predictor.label_set.colorize(lab), cfg.alpha)
+                        writer.write(np.ascontiguousarray(mixed[..., ::-1]))
+                    frames_done += len(batch)
+                    bar.update(len(batch))
+            if writer is None:
+                raise ValueError(f"{job.source} has no readable frames")
+            writer.release()
+    finally:
+        cap.release()
+    return target
+
+
+def _read_frames(cap: Any, n: int) -> list[np.ndarray]:
+    """Up to n frames as (H, W, 3) uint8 RGB."""
+    frames = []
+    while len(frames) < n:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(np.ascontiguousarray(frame[..., ::-1]))
+    return frames
+
+
+# --------------------------------------------------------------------------- --split
+
+
+def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
+    """The original's mode: `--num` pictures from the split's shards, image | prediction."""
+    from tqdm import tqdm
+
+    from urbanseg.data import ShardDataset
+
+    root = cfg.data or _run_data(cfg.run)
+    dataset = ShardDataset(root, cfg.split)
+    out = cfg.out or (cfg.run / "predict" / cfg.split if cfg.run else Path("predictions") / cfg.split)
+    n = min(cfg.num, len(dataset))
+    title = _model_title(predictor)
+    for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {cfg.split}", unit="batch"):
+        items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
+        images = [item["image"].permute(1, 2, 0).numpy() for item in items]
+        for item, image, lab in zip(items, images, _segment(cfg, predictor, images)):
+            picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
+            save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
+    print(f"wrote {n} pictures (image | prediction) from {root}/{cfg.split} to {out}")
+    return 0
+
+
+def _run_data(run: Path | None) -> Path:
+    import yaml
+
+    path = Path(run or ".") / "config.yaml"
+    try:
+        return Path(yaml.safe_load(path.read_text())["data"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the shards folder (`data`) from {path} ({e}); pass --data SHARDS") from None
+
+
+def _model_title(predictor: Predictor) -> str:
+    model = (predictor.info.get("model") or {}).get("name", predictor.source.stem)
+    step = predictor.info.get("step")
+    return f"prediction: {model}" + (f" (step {step})" if step is not None else "")
+
+
+def side_by_side(image: np.ndarray, color: np.ndarray, left: str, right: str, predictor: Predictor) -> np.ndarray:
+    """(H, W, 3) image and colour mask -> one (H', 2W + gap, 3) uint8 picture with titles
+    above and a legend of the classes below."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = image.shape[:2]
+    size = max(12, h // 20)
+    font = ImageFont.load_default(size=size)
+    pad, line, width = 6, size + 8, 2 * w + 6
+    names, palette = predictor.label_set.classes, predictor.label_set.palette
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell = line + int(max(probe.textlength(n, font=font) for n in names)) + 2 * pad
+    per_row = max(1, width // cell)
+    rows = -(-len(names) // per_row)
+    canvas = Image.new("RGB", (width, line + h + rows * line + pad), "white")
+    canvas.paste(Image.fromarray(image), (0, line))
+    canvas.paste(Image.fromarray(color), (w + pad, line))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), left, fill="black", font=font)
+    draw.text((w + pad + 2, 2), right, fill="black", font=font)
+    for k, (name, rgb) in enumerate(zip(names, palette)):
+        x, y = (k % per_row) * cell + 2, line + h + pad + (k // per_row) * line
+        draw.rectangle((x, y, x + line - 8, y + line - 8), fill=tuple(rgb), outline="black")
+        draw.text((x + line - 4, y - 2), name, fill="black", font=font)
+    return np.asarray(canvas)
