@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "synth": (cfg.SynthConfig, "urbanseg.synth:synthesize"),
     "prepare": (cfg.PrepareConfig, "urbanseg.prepare:prepare"),
     "pack": (cfg.PackConfig, "urbanseg.records:pack"),
+    "models": (cfg.ModelsConfig, "urbanseg.models:list_models"),
     "train": (cfg.TrainConfig, "urbanseg.train:train"),
     "predict": (cfg.PredictConfig, "urbanseg.predict:predict"),
     "export": (cfg.ExportConfig, "urbanseg.export:export"),

@@ -288,3 +288,17 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check(self.run is not None or self.checkpoint is not None, "give --run runs/NAME or --checkpoint PATH")
         check(11 <= self.opset <= 20, f"--opset {self.opset}: the exporter supports opsets 11 to 20")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig:
+    """`urbanseg models`: list the model names with parameters, FLOPs and CPU latency."""
+
+    size: str = opt("512x256", "input size WIDTHxHEIGHT for FLOPs and latency", metavar="WxH")
+    measure: bool = opt(False, "re-measure CPU latency now (slow) instead of showing the figures "
+                               "measured by benchmarks/bench_models.py")
+    repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
+
+    def __post_init__(self) -> None:
+        parse_size(self.size)
+        check(self.repeats >= 1, f"--repeats {self.repeats} must be >= 1")
