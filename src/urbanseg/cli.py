@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "pack": (cfg.PackConfig, "urbanseg.records:pack"),
     "models": (cfg.ModelsConfig, "urbanseg.models:list_models"),
     "train": (cfg.TrainConfig, "urbanseg.train:train"),
+    "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluate:evaluate"),
     "predict": (cfg.PredictConfig, "urbanseg.predict:predict"),
     "export": (cfg.ExportConfig, "urbanseg.export:export"),
 }

@@ -302,3 +302,27 @@ class ModelsConfig:
     def __post_init__(self) -> None:
         parse_size(self.size)
         check(self.repeats >= 1, f"--repeats {self.repeats} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """`urbanseg evaluate`: score a run's checkpoint on a split; write report.md/.html, metrics.json, pictures."""
+
+    run: Path = opt(help="run folder (runs/NAME) from `urbanseg train`; the report goes to RUN/eval/SPLIT/")
+    split: str = opt("val", "split of the shards to evaluate")
+    checkpoint: str = opt("best", "best or last (in --run), or a checkpoint .pt path")
+    data: Path | None = opt(None, "shards folder (default: the run's `data` in config.yaml)")
+    full_res: bool = opt(False, "official protocol: upsample the predictions to the raw ground truth "
+                                "(gtFine, found via the shards' spec.json) and add the official Cityscapes scores")
+    batch_size: int = opt(4, "images per forward pass")
+    gallery: int = opt(4, "pictures of the best and of the worst K images by per-image mIoU (0: none)")
+    workers: int = opt(0, "data-loading worker processes (0: load in the main process)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda if available)")
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
+        check(self.gallery >= 0, f"--gallery {self.gallery} must be >= 0")
+        check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+        check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
