@@ -143,10 +143,16 @@ class PrepareConfig:
     source: Literal["labelIds", "color"] = opt("labelIds", "annotation to read: *_labelIds.png or the RGB *_color.png")
     splits: list[str] = opt(["train", "val", "test"], "splits to prepare (those missing on disk are skipped)")
     workers: int = opt(0, "worker processes (0: one per core)")
+    overwrite: bool = opt(False, "redo every pair; also allows new settings for an --out prepared with others "
+                          "(its images/, labels/ and manifest.json are deleted first)")
 
     def __post_init__(self) -> None:
         parse_size(self.size)
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+        check(len(self.splits) >= 1, "--splits needs at least one split name, e.g. --splits train val")
+        check(len(set(self.splits)) == len(self.splits), f"--splits {' '.join(self.splits)} repeats a split")
+        bad = [s for s in self.splits if not s or s.startswith(".") or "/" in s or "\\" in s]
+        check(not bad, f"--splits {bad[0]!r} is not a folder name like train, val or test" if bad else "")
 
 
 @dataclasses.dataclass(frozen=True)
