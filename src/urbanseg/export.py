@@ -81,6 +81,10 @@ def export_onnx(
 
     w, h = input_size
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+    if dynamic:
+        # Trace at a size that is not a multiple of any stride, so that the model's
+        # "pad to the stride" branch is recorded (with its shape arithmetic) in the graph.
+        w, h = w + 1, h + 1
     dummy = torch.full((1, 3, h, w), 128.0)
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which
