@@ -219,3 +219,199 @@ def test_all_reduce_sums_over_processes():
     expected = [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
     assert dict(results) == {0: expected, 1: expected}
     assert ConfusionMatrix(3).all_reduce().matrix.sum() == 0  # not initialised: no-op
+
+
+# ------------------------------------------------------- official Cityscapes scores
+
+INSTANCE_LABELS = [24, 25, 26, 27, 29, 30, 32, 33]  # person .. bicycle, caravan/trailer (unscored)
+STUFF_LABELS = [i for i in range(34) if not ID_TO_LABEL[i].hasInstances]
+
+
+def make_scene(rng: np.random.Generator, height: int, width: int, block: int = 32):
+    """A synthetic Cityscapes ground truth and a prediction derived from it.
+
+    Returns (gt label ids uint8, gt instance ids int32, predicted label ids uint8), all
+    (H, W). Stuff is blocky regions of every non-instance label (scored or not);
+    instances are rectangles of very different sizes (so the iIoU weights matter), with
+    a crowd region that has no instance id. The prediction shifts the ground truth
+    (boundary errors), overwrites random blocks with random ids (unscored ones too),
+    turns some cars into trucks (a category hit but a class miss) and predicts bus where
+    there is none; train appears nowhere (NaN in the official scores).
+    """
+    coarse = rng.choice(STUFF_LABELS, (height // block + 1, width // block + 1))
+    gt = np.repeat(np.repeat(coarse, block, 0), block, 1)[:height, :width].astype(np.uint8)
+    inst = gt.astype(np.int32)
+    for k in range(int(rng.integers(15, 40))):
+        label = int(rng.choice(INSTANCE_LABELS))
+        h, w = (int(v) for v in rng.integers(4, [height // 3, width // 4]))
+        y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+        gt[y : y + h, x : x + w] = label
+        inst[y : y + h, x : x + w] = label * 1000 + k
+    gt[:8, : width // 5], inst[:8, : width // 5] = 24, 24  # a crowd of persons: no instance id
+    pred = np.roll(gt, (3, -5), (0, 1))
+    for _ in range(int(rng.integers(20, 60))):
+        y, x = int(rng.integers(0, height - 16)), int(rng.integers(0, width - 16))
+        pred[y : y + 16, x : x + 16] = rng.choice([i for i in range(34) if i not in (28, 31)])
+    cars = np.unique(inst[(inst // 1000) == 26])
+    pred[np.isin(inst, cars[::3]) & (pred == 26)] = 27
+    pred[-10:, -30:] = 28
+    return gt, inst, pred
+
+
+class _Numpy24Shim:
+    """numpy as the official script expects it: `np.in1d` was removed in numpy 2.4."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def in1d(a, b, invert=False):
+        return np.isin(np.ravel(a), b, invert=invert)
+
+
+def _write_scenes(folder: Path, scenes, preds):
+    """PNG files in the official layout; returns (prediction files, gt labelIds files)."""
+    from PIL import Image
+
+    pred_files, gt_files = [], []
+    for i, ((gt, inst, _), pred) in enumerate(zip(scenes, preds)):
+        stem = folder / f"city_000000_{i:06d}"
+        Image.fromarray(gt).save(f"{stem}_gtFine_labelIds.png")
+        Image.fromarray(inst.astype(np.uint16)).save(f"{stem}_gtFine_instanceIds.png")  # 16-bit, as gtFine
+        Image.fromarray(pred).save(f"{stem}_pred.png")
+        pred_files.append(f"{stem}_pred.png")
+        gt_files.append(f"{stem}_gtFine_labelIds.png")
+    return pred_files, gt_files
+
+
+def _official(monkeypatch, pred_files, gt_files) -> dict:
+    """evalPixelLevelSemanticLabeling on the files: its pure-Python path, numpy shimmed."""
+    mod = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    monkeypatch.setattr(mod, "np", _Numpy24Shim())  # restored by monkeypatch after the test
+    monkeypatch.setattr(mod, "CSUPPORT", False)
+    args = copy.copy(mod.args)
+    args.quiet, args.JSONOutput, args.evalInstLevelScore = True, False, True
+    return mod.evaluateImgLists(pred_files, gt_files, args)
+
+
+def _assert_equal_scores(ours: dict, theirs: dict, names) -> None:
+    for name in names:
+        t = theirs[name]
+        assert (ours[name] is None) == math.isnan(t), name
+        if ours[name] is not None:
+            assert abs(ours[name] - t) <= 1e-9, (name, ours[name], t)
+
+
+def _compare(ours: dict, theirs: dict, levels) -> None:
+    pairs = {
+        "classes": [("class_iou", "classScores", "mean_class_iou", "averageScoreClasses"),
+                    ("class_iiou", "classInstScores", "mean_class_iiou", "averageScoreInstClasses")],
+        "categories": [("category_iou", "categoryScores", "mean_category_iou", "averageScoreCategories"),
+                       ("category_iiou", "categoryInstScores", "mean_category_iiou", "averageScoreInstCategories")],
+    }
+    for level in levels:
+        for key, official_key, mean_key, official_mean in pairs[level]:
+            _assert_equal_scores(ours[key], theirs[official_key], ours[key])
+            # every score the official script does not leave NaN is in ours
+            assert {k for k, v in theirs[official_key].items() if not math.isnan(v)} <= set(ours[key])
+            assert abs(ours[mean_key] - theirs[official_mean]) <= 1e-9
+    assert ours["pixels"] == int(np.asarray(theirs["confMatrix"]).sum())
+
+
+def test_avg_class_size_equals_official_script():
+    mod = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    assert ce.AVG_CLASS_SIZE == mod.args.avgClassSize
+
+
+def test_official_scores_equal_cityscapesscripts(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    scenes = [make_scene(rng, h, w) for h, w in ((1024, 2048), (512, 1024), (300, 400))]
+    preds = [s[2] for s in scenes]
+    theirs = _official(monkeypatch, *_write_scenes(tmp_path, scenes, preds))
+    evaluator = ce.OfficialEvaluator()
+    for name in sorted(p.name for p in tmp_path.glob("*_labelIds.png")):
+        gt, inst = ce.read_ground_truth(tmp_path / name)
+        pred = np.asarray(__import__("PIL.Image").Image.open(tmp_path / name.replace("gtFine_labelIds", "pred")))
+        evaluator.update(pred, gt, inst, name=name)
+    ours = evaluator.compute()
+    _compare(ours, theirs, ("classes", "categories"))
+    np.testing.assert_array_equal(evaluator.confusion, np.asarray(theirs["confMatrix"]))
+    # The scenes make every kind of value appear: NaN (train), 0 (bus: fp only), in between.
+    assert ours["class_iou"]["train"] is None and ours["class_iou"]["bus"] == 0.0
+    assert 0 < ours["mean_class_iiou"] < ours["mean_class_iou"] < 1
+    assert ours["category_iiou"]["vehicle"] > ours["class_iiou"]["car"]  # car -> truck hits the category
+
+
+@pytest.mark.parametrize("name", ["classes19", "categories8", "categories7"])
+def test_label_set_predictions_equal_cityscapesscripts(tmp_path, monkeypatch, name):
+    """A model's class indices, mapped by label_ids_for_classes, scored at the levels
+    the label set supports, equal the official script on the mapped PNGs."""
+    label_set = get_label_set(name)
+    rng = np.random.default_rng(1)
+    scenes = [make_scene(rng, 256, 512, block=16) for _ in range(3)]
+    classes = [label_set.labels_from_ids(s[2]) for s in scenes]  # 255 where a label is ignored
+    lut = ce.label_ids_for_classes(label_set)
+    theirs = _official(monkeypatch, *_write_scenes(tmp_path, scenes, [lut[c] for c in classes]))
+    evaluator = ce.OfficialEvaluator(label_set)
+    for (gt, inst, _), c in zip(scenes, classes):
+        evaluator.update_classes(c, gt, inst)
+    ours = evaluator.compute()
+    _compare(ours, theirs, evaluator.levels)
+    assert ("class_iou" in ours) == (name == "classes19")
+    assert list(ours["category_iou"]) == list(CATEGORIES[1:])
+
+
+def test_label_ids_for_classes_and_levels():
+    c19 = ce.label_ids_for_classes(get_label_set("classes19"))
+    for label in ID_TO_LABEL.values():
+        if 0 <= label.trainId < 255:
+            assert c19[label.trainId] == label.id
+    assert c19[19] == c19[255] == 0  # no class: unlabeled, a miss
+    c8 = ce.label_ids_for_classes(get_label_set("categories8"))
+    assert [ID_TO_LABEL[int(i)].name for i in c8[:8]] == [
+        "unlabeled", "road", "building", "pole", "vegetation", "sky", "person", "car"]
+    c7 = ce.label_ids_for_classes(get_label_set("categories7"))
+    assert c7[:7].tolist() == c8[1:8].tolist()
+    assert ce.official_levels(get_label_set("classes19")) == ("classes", "categories")
+    assert ce.official_levels(get_label_set("categories8")) == ("categories",)
+    colour_only = get_label_set("classes19").__class__(
+        "mine", ("a",), ((0, 0, 0),), None, (((0, 0, 0), 0),))
+    with pytest.raises(UserError, match="colours only"):
+        ce.label_ids_for_classes(colour_only)
+
+
+def test_official_evaluator_errors_and_merge(tmp_path):
+    rng = np.random.default_rng(2)
+    gt, inst, pred = make_scene(rng, 64, 96, block=8)
+    ev = ce.OfficialEvaluator()
+    with pytest.raises(ValueError, match=r"predicted label ids in a.png holds ids \[40\]"):
+        ev.update(np.where(pred == pred[0, 0], 40, pred), gt, inst, name="a.png")
+    with pytest.raises(ValueError, match="upsample the prediction"):
+        ev.update(pred[:10], gt, inst)
+    bad = inst.copy()
+    bad[:2, :2] = 7001  # an "instance" of road
+    with pytest.raises(ValueError, match=r"labels without instances: \['road'\]"):
+        ev.update(pred, gt, bad)
+    with pytest.raises(UserError, match="missing_gtFine_instanceIds.png"):
+        from PIL import Image
+
+        Image.fromarray(gt).save(tmp_path / "missing_gtFine_labelIds.png")
+        ce.read_ground_truth(tmp_path / "missing_gtFine_labelIds.png")
+    assert ev.images == 0 and ev.confusion.sum() == 0  # rejected images add nothing
+    halves = ce.OfficialEvaluator(), ce.OfficialEvaluator()
+    for i in range(4):
+        g, n, p = make_scene(rng, 64, 96, block=8)
+        ev.update(p, g, n)
+        halves[i % 2].update(p, g, n)
+    merged, single = _flat(halves[0].merge(halves[1]).compute()), _flat(ev.compute())
+    assert merged.keys() == single.keys() and single["images"] == 4
+    for key, value in single.items():
+        assert merged[key] == pytest.approx(value, abs=1e-12), key
+
+
+def _flat(scores: dict) -> dict:
+    """{"class_iou": {"road": x}} -> {"class_iou/road": x}."""
+    out = {}
+    for key, value in scores.items():
+        out.update({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return out

@@ -189,16 +189,20 @@ class OfficialEvaluator:
         _check_ids(gt, "ground-truth label ids", name)
         _check_ids(pred, "predicted label ids", name)
         code = gt.astype(np.int32) * NUM_IDS + pred
-        self.confusion += np.bincount(code.ravel(), minlength=NUM_IDS * NUM_IDS).reshape(NUM_IDS, NUM_IDS)
-        self._add_instances(pred, inst, name)
+        confusion = np.bincount(code.ravel(), minlength=NUM_IDS * NUM_IDS).reshape(NUM_IDS, NUM_IDS)
+        sums = self._instance_sums(pred, inst, name)  # may raise: add nothing before it passed
+        self.confusion += confusion
+        for key, value in sums.items():
+            setattr(self, key, getattr(self, key) + value)
         self.images += 1
 
-    def _add_instances(self, pred: np.ndarray, inst: np.ndarray, name: str) -> None:
-        """Instance-weighted hits and misses; one bincount over instance ids replaces the
-        official per-instance full-image masks."""
+    def _instance_sums(self, pred: np.ndarray, inst: np.ndarray, name: str) -> dict[str, np.ndarray]:
+        """Instance-weighted hits and misses of one image, per label id and category id.
+
+        One bincount over instance ids replaces the official per-instance full-image masks."""
         sel = inst > 1000  # the official threshold: ids <= 1000 are not instances
         if not sel.any():
-            return
+            return {}
         iid = inst[sel].astype(np.int64)
         label = iid // 1000
         if int(label.max()) >= NUM_IDS:
@@ -217,11 +221,13 @@ class OfficialEvaluator:
             raise ValueError(f"instance ids in {name or 'image'} belong to labels without instances: {bad}")
         s, h, ch = size[ids], hit[ids], cat_hit[ids]
         w = _AVG_SIZE[lab] / s.astype(np.float64)
-        self.class_tp_w += np.bincount(lab, weights=h * w, minlength=NUM_IDS)
-        self.class_fn_w += np.bincount(lab, weights=(s - h) * w, minlength=NUM_IDS)
-        cat = _CATEGORY[lab]
-        self.category_tp_w += np.bincount(cat, weights=ch * w, minlength=len(CATEGORIES))
-        self.category_fn_w += np.bincount(cat, weights=(s - ch) * w, minlength=len(CATEGORIES))
+        cat, k = _CATEGORY[lab], len(CATEGORIES)
+        return {
+            "class_tp_w": np.bincount(lab, weights=h * w, minlength=NUM_IDS),
+            "class_fn_w": np.bincount(lab, weights=(s - h) * w, minlength=NUM_IDS),
+            "category_tp_w": np.bincount(cat, weights=ch * w, minlength=k),
+            "category_fn_w": np.bincount(cat, weights=(s - ch) * w, minlength=k),
+        }
 
     def merge(self, other: OfficialEvaluator) -> OfficialEvaluator:
         """Add another evaluator's sums (e.g. from a worker process) into this one."""
