@@ -26,6 +26,7 @@ import numpy as np
 
 from urbanseg.errors import UserError
 from urbanseg.labels import LabelSet
+from urbanseg.prepare import resize_image  # the training images' resize: same model input
 
 Mode = Literal["resize", "native", "tile"]
 ONNX_META_KEY = "urbanseg"
@@ -190,18 +191,6 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot decode {path} as an image ({e}); is it a corrupt or non-image file?") from None
 
 
-def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size[1], size[0], 3) uint8: area averaging down, bilinear up,
-    the same interpolation `urbanseg prepare` uses for the training images."""
-    import cv2
-
-    w, h = size
-    if rgb.shape[1] == w and rgb.shape[0] == h:
-        return rgb
-    down = w < rgb.shape[1] or h < rgb.shape[0]
-    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
-
-
 def upsample_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(C, h, w) float32 -> (H, W, C) float32 at size (W, H), bilinear with half-pixel
     centres (equal to torch's interpolate(mode="bilinear", align_corners=False))."""
@@ -331,17 +320,9 @@ def overlay(rgb: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarra
 
 
 def cityscapes_id_lut(label_set: LabelSet) -> np.ndarray:
-    """(256,) uint8 table class index -> Cityscapes label id, for the official test server.
-
-    The class -> id choice lives in `urbanseg.metrics.label_ids_for_classes` (the official
-    evaluation maps ids back to classes, so both directions must agree)."""
-    if not label_set.from_cityscapes:
-        raise UserError(
-            f"--cityscapes-ids needs a label set derived from Cityscapes label ids; {label_set.name!r} defines colours only"
-        )
+    """(256,) uint8 table class index -> Cityscapes label id, for the official test server:
+    the mapping the official evaluation (`urbanseg.metrics`) reads back. UserError for a
+    colour-only label set."""
     from urbanseg.metrics import label_ids_for_classes
 
-    ids = np.asarray(label_ids_for_classes(label_set), dtype=np.int64)
-    lut = np.zeros(256, np.uint8)  # 0 = "unlabeled": what the server expects for unknown
-    lut[: len(ids)] = ids & 0xFF
-    return lut
+    return label_ids_for_classes(label_set)
