@@ -233,10 +233,7 @@ def make_scene(rng: np.random.Generator, height: int, width: int, block: int = 3
     Returns (gt label ids uint8, gt instance ids int32, predicted label ids uint8), all
     (H, W). Stuff is blocky regions of every non-instance label (scored or not);
     instances are rectangles of very different sizes (so the iIoU weights matter), with
-    a crowd region that has no instance id. The prediction shifts the ground truth
-    (boundary errors), overwrites random blocks with random ids (unscored ones too),
-    turns some cars into trucks (a category hit but a class miss) and predicts bus where
-    there is none; train appears nowhere (NaN in the official scores).
+    a crowd region that has no instance id.
     """
     coarse = rng.choice(STUFF_LABELS, (height // block + 1, width // block + 1))
     gt = np.repeat(np.repeat(coarse, block, 0), block, 1)[:height, :width].astype(np.uint8)
@@ -248,6 +245,15 @@ def make_scene(rng: np.random.Generator, height: int, width: int, block: int = 3
         gt[y : y + h, x : x + w] = label
         inst[y : y + h, x : x + w] = label * 1000 + k
     gt[:8, : width // 5], inst[:8, : width // 5] = 24, 24  # a crowd of persons: no instance id
+    return gt, inst, corrupt_prediction(rng, gt, inst)
+
+
+def corrupt_prediction(rng: np.random.Generator, gt: np.ndarray, inst: np.ndarray) -> np.ndarray:
+    """A prediction of label ids from the ground truth: shifted (boundary errors), random
+    blocks overwritten with random ids (unscored ones too), a third of the cars turned
+    into trucks (a category hit but a class miss), bus predicted where there is none
+    (IoU 0), train nowhere (NaN if the ground truth has none either)."""
+    height, width = gt.shape
     pred = np.roll(gt, (3, -5), (0, 1))
     for _ in range(int(rng.integers(20, 60))):
         y, x = int(rng.integers(0, height - 16)), int(rng.integers(0, width - 16))
@@ -255,7 +261,7 @@ def make_scene(rng: np.random.Generator, height: int, width: int, block: int = 3
     cars = np.unique(inst[(inst // 1000) == 26])
     pred[np.isin(inst, cars[::3]) & (pred == 26)] = 27
     pred[-10:, -30:] = 28
-    return gt, inst, pred
+    return pred
 
 
 class _Numpy24Shim:
