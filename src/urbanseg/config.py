@@ -304,10 +304,12 @@ class ModelsConfig:
     measure: bool = opt(False, "re-measure CPU latency now (slow) instead of showing the figures "
                                "measured by benchmarks/bench_models.py")
     repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
+    threads: int = opt(1, "CPU threads per model with --measure")
 
     def __post_init__(self) -> None:
         parse_size(self.size)
         check(self.repeats >= 1, f"--repeats {self.repeats} must be >= 1")
+        check(self.threads >= 1, f"--threads {self.threads} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

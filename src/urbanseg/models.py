@@ -13,7 +13,7 @@ latency figures measured by `benchmarks/bench_models.py` (stored in model_figure
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import statistics
 import time
@@ -289,40 +289,76 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
     model.encoder.load_state_dict({k: best.get(k, v) for k, v in target.items()})
 
 
-def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
-    """FLOPs of one (1, 3, H, W) forward pass, size = (W, H), as counted by
-    torch.utils.flop_counter (2 per multiply-add; convolutions and matmuls only).
-    Runs on the meta device: no compute, no memory."""
+def model_stats(name: str, size: tuple[int, int], num_classes: int = 8) -> tuple[int, int]:
+    """(parameters, FLOPs) of model `name` for one (1, 3, H, W) forward pass at size (W, H).
+
+    FLOPs as counted by torch.utils.flop_counter (2 per multiply-add; convolutions and
+    matmuls only). The pass runs on the meta device: shapes only, no compute."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    meta = copy.deepcopy(model).to("meta").eval()
+    model = create_model(name, num_classes).to("meta").eval()
+    params = sum(p.numel() for p in model.parameters())
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta(torch.empty(1, 3, size[1], size[0], device="meta"))
-    return counter.get_total_flops()
+        model(torch.empty(1, 3, size[1], size[0], device="meta"))
+    return params, counter.get_total_flops()
 
 
 def measure_latency(names: Iterable[str], size: tuple[int, int], *, repeats: int = 5, warmup: int = 1,
-                    desc: str = "latency") -> dict[str, float]:
-    """Median CPU latency in ms of a batch-1 forward pass at size (W, H) per model.
+                    threads: int = 1, desc: str = "latency") -> dict[str, float]:
+    """Median CPU latency in ms of a batch-1 forward pass at size (W, H) per model, with
+    `threads` intra-op threads (1 by default: on a shared machine, multi-threaded
+    small models spend most of their time waiting at thread barriers for a core).
 
-    The models are timed round-robin (one pass of each per round), so a slow spell on
-    a shared machine hits them all alike and their ratios stay fair."""
+    Each model lives in its own process (a big model's freed buffers otherwise slow
+    the next small model down many times over through the allocator), and the models
+    are timed round-robin, one pass each per round, so a slow spell on a shared
+    machine hits them all alike and their ratios stay fair."""
+    import multiprocessing
+
     from tqdm import tqdm
 
     names = list(names)
-    x = torch.randint(0, 256, (1, 3, size[1], size[0]), dtype=torch.uint8).float()
-    models = {n: create_model(n, 8).eval() for n in names}
+    ctx = multiprocessing.get_context("spawn")
+    workers: dict[str, tuple[Any, Any]] = {}
     times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode(), tqdm(total=(warmup + repeats) * len(names), desc=desc, dynamic_ncols=True) as bar:
-        for r in range(warmup + repeats):
-            for n in names:
-                start = time.perf_counter()
-                models[n](x)
-                if r >= warmup:
-                    times[n].append((time.perf_counter() - start) * 1000)
-                bar.update()
+    try:
+        for n in names:
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=_latency_worker, args=(n, size, threads, child), daemon=True)
+            proc.start()
+            workers[n] = (proc, conn)
+        with tqdm(total=(warmup + repeats) * len(names), desc=desc, dynamic_ncols=True) as bar:
+            for r in range(warmup + repeats):
+                for n in names:
+                    workers[n][1].send(True)
+                    try:
+                        ms = workers[n][1].recv()
+                    except EOFError:
+                        raise RuntimeError(f"the latency worker for {n} died (out of memory at {size}?)") from None
+                    if r >= warmup:
+                        times[n].append(ms)
+                    bar.update()
+    finally:
+        for proc, conn in workers.values():
+            with contextlib.suppress(OSError):
+                conn.send(False)
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _latency_worker(name: str, size: tuple[int, int], threads: int, conn: Any) -> None:
+    """Build `name`, then time one forward pass per request until told to stop."""
+    torch.set_num_threads(threads)
+    model = create_model(name, 8).eval()
+    x = torch.randint(0, 256, (1, 3, size[1], size[0]), dtype=torch.uint8).float()
+    with torch.inference_mode():
+        while conn.recv():
+            start = time.perf_counter()
+            model(x)
+            conn.send((time.perf_counter() - start) * 1000)
 
 
 def load_figures() -> dict[str, Any] | None:
@@ -340,14 +376,12 @@ def list_models(config: Any) -> int:
     size = parse_size(config.size)
     key = f"{size[0]}x{size[1]}"
     figures = load_figures() or {"models": {}}
-    live = measure_latency(MODELS, size, repeats=config.repeats) if config.measure else None
+    live = measure_latency(MODELS, size, repeats=config.repeats, threads=config.threads) if config.measure else None
     base = "unet-original"
     rows = ["| model | params (M) | GFLOPs @ %s | CPU ms @ %s | x faster than %s | description |" % (key, key, base),
             "|-|-|-|-|-|-|"]
     for name, builder in MODELS.items():
-        model = create_model(name, 8)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        gflops = count_flops(model, size) / 1e9
+        params, flops = model_stats(name, size)
         if live is not None:
             ms, speedup = live[name], live[base] / live[name]
         else:
@@ -356,10 +390,10 @@ def list_models(config: Any) -> int:
         ms_text = "-" if ms is None else f"{ms:.0f}"
         speed_text = "-" if speedup is None else f"{speedup:.1f}"
         mark = " (default)" if name == DEFAULT_MODEL else ""
-        rows.append(f"| {name}{mark} | {params:.2f} | {gflops:.2f} | {ms_text} | {speed_text} | {builder.description} |")
+        rows.append(f"| {name}{mark} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {ms_text} | {speed_text} | {builder.description} |")
     print("\n".join(rows))
     if live is not None:
-        print(f"\nlatency measured now: batch 1, median of {config.repeats} runs, {torch.get_num_threads()} threads")
+        print(f"\nlatency measured now: batch 1, median of {config.repeats} runs, {config.threads} thread(s)")
     elif figures.get("measured"):
         print(f"\nlatency from benchmarks/bench_models.py, measured {figures['measured']} on {figures['machine']}; "
               f"re-measure here with --measure")
