@@ -1,0 +1,193 @@
+"""`urbanseg synth`: a synthetic Cityscapes, written in the exact Cityscapes layout.
+
+    <out>/leftImg8bit/<split>/<city>/<city>_<seq:06d>_000019_leftImg8bit.png    RGB photo
+    <out>/gtFine/<split>/<city>/<stem>_gtFine_labelIds.png     uint8 label ids
+    <out>/gtFine/<split>/<city>/<stem>_gtFine_color.png        RGBA official label colours
+    <out>/gtFine/<split>/<city>/<stem>_gtFine_instanceIds.png  16-bit: id*1000+k or plain id
+    <out>/gtFine/<split>/<city>/<stem>_gtFine_polygons.json    imgHeight, imgWidth, objects
+    <out>/synth_config.yaml                                    the flags that made it
+
+Scene i of a split is drawn from its own random stream seeded by (seed, split, i), so
+the bytes do not depend on --workers and a larger --train extends a smaller run. The
+label images are the JSON polygons rasterised in order as cityscapesscripts'
+json2labelImg / json2instanceImg do (license plates, id -1, are listed but not drawn).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from urbanseg import config as cfg
+from urbanseg.config import SynthConfig
+from urbanseg.errors import UserError
+from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
+from urbanseg.util import atomic_write_bytes, default_workers, progress_map
+
+SPLITS = ("train", "val", "test")
+# Fake city names: a few per split, so the folder structure looks like Cityscapes'.
+CITIES = {"train": ("synthburg", "pixelstadt", "rasterdam"), "val": ("valhausen", "meshingen"), "test": ("testfurt",)}
+FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet
+MAX_ATTEMPTS = 8  # a scene missing one of the 8 categories (e.g. all people occluded) is redrawn
+CONFIG_NAME = "synth_config.yaml"
+
+
+def stem(split: str, index: int) -> tuple[str, str]:
+    """(city, stem) of scene `index` of `split`, e.g. ("synthburg", "synthburg_000000_000019")."""
+    cities = CITIES[split]
+    city = cities[index % len(cities)]
+    return city, f"{city}_{index // len(cities):06d}_{FRAME:06d}"
+
+
+def scene_paths(out: Path, split: str, index: int) -> dict[str, Path]:
+    city, name = stem(split, index)
+    gt = out / "gtFine" / split / city / f"{name}_gtFine_"
+    return {
+        "image": out / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png",
+        "labelIds": Path(f"{gt}labelIds.png"),
+        "color": Path(f"{gt}color.png"),
+        "instanceIds": Path(f"{gt}instanceIds.png"),
+        "polygons": Path(f"{gt}polygons.json"),
+    }
+
+
+def _label_values(names: list[str]) -> tuple[list[int], list[int]]:
+    """Label id and instance id per object, in drawing order, as json2labelImg and
+    json2instanceImg compute them ("cargroup" -> car without instance; -1 -> not drawn)."""
+    counts: dict[str, int] = {}
+    ids, instances = [], []
+    for name in names:
+        group = name not in NAME_TO_LABEL and name.endswith("group")
+        label = NAME_TO_LABEL[name[: -len("group")] if group else name]
+        ids.append(label.id)
+        inst = label.id
+        if label.hasInstances and not group:
+            inst = label.id * 1000 + counts.get(label.name, 0)
+            counts[label.name] = counts.get(label.name, 0) + 1
+        instances.append(inst)
+    return ids, instances
+
+
+def generate(seed: int, split: str, index: int, width: int, height: int) -> dict:
+    """One scene: {"image": (H, W, 3) uint8, "labelIds": (H, W) uint8, "instanceIds": (H, W)
+    uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
+    pixel counts}. Deterministic in its arguments."""
+    from urbanseg.synth_render import clip_polygon, draw_polygons, render
+    from urbanseg.synth_scene import compose
+
+    for attempt in range(MAX_ATTEMPTS):
+        key = [seed % 2**63, zlib.crc32(split.encode()), index, attempt]
+        rng = np.random.default_rng(np.random.SeedSequence(key))
+        scene = compose(rng, width, height)
+        shapes, polys = [], []
+        for shape in scene.shapes:
+            poly = clip_polygon(shape.polygon, width, height)
+            if poly is not None:
+                shapes.append(shape)
+                polys.append(poly)
+        ids, instances = _label_values([s.label for s in shapes])
+        drawn = [k for k, i in enumerate(ids) if i >= 0]
+        label_ids = draw_polygons((width, height), [polys[k] for k in drawn], [ids[k] for k in drawn], "L")
+        cat_of_id = np.zeros(256, np.int64)
+        for label in LABELS:
+            cat_of_id[label.id & 0xFF] = label.categoryId
+        categories = np.bincount(cat_of_id[label_ids].ravel(), minlength=len(CATEGORIES))
+        if (categories > 0).all():
+            break
+    instance_ids = draw_polygons((width, height), [polys[k] for k in drawn], [instances[k] for k in drawn], "I")
+    palette = np.zeros((256, 4), np.uint8)
+    palette[:, 3] = 255
+    for label in LABELS:
+        if label.id >= 0:
+            palette[label.id, :3] = label.color
+    objects = [{"label": s.label, "polygon": p.tolist()} for s, p in zip(shapes, polys)]
+    return {
+        "image": render(scene, shapes, polys, rng),
+        "labelIds": label_ids,
+        "instanceIds": instance_ids.astype(np.uint16),
+        "color": palette[label_ids],
+        "polygons": {"imgHeight": height, "imgWidth": width, "objects": objects},
+        "categories": categories,
+    }
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write; an identical existing file is left untouched (mtime kept)."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
+
+
+def _make_one(job: tuple[Path, int, str, int, int, int]) -> np.ndarray:
+    """Generate and write scene `index` of `split`; returns its (8,) category pixel counts.
+    The photo is written first and the polygons last, each file atomically."""
+    out, seed, split, index, width, height = job
+    scene = generate(seed, split, index, width, height)
+    paths = scene_paths(out, split, index)
+    for key in ("image", "labelIds", "color", "instanceIds"):
+        _write(paths[key], _png(scene[key]))
+    _write(paths["polygons"], json.dumps(scene["polygons"], separators=(",", ":")).encode() + b"\n")
+    return scene["categories"]
+
+
+def _check_output(config: SynthConfig, planned: set[Path]) -> None:
+    """Refuse to mix into a folder holding something else: a non-empty folder must hold
+    a synth run with the same --seed and --size (then it is completed or extended) and
+    no scene files beyond the planned ones."""
+    import yaml
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    saved = out / CONFIG_NAME
+    if not saved.is_file():
+        raise UserError(f"--out {out} is not empty and holds no {CONFIG_NAME}: it was not written by "
+                        "`urbanseg synth`; choose a new or empty folder")
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read {saved}: {e}; delete the folder or choose another --out") from None
+    if (old.get("seed"), old.get("size")) != (config.seed, config.size):
+        raise UserError(f"--out {out} holds a synthetic dataset made with --seed {old.get('seed')} --size "
+                        f"{old.get('size')}, not --seed {config.seed} --size {config.size}; rerun with those "
+                        "flags to complete or extend it, or choose a new folder")
+    existing = {p for d in ("leftImg8bit", "gtFine") for p in (out / d).rglob("*") if p.is_file()}
+    extra = sorted(existing - planned)
+    if extra:
+        raise UserError(f"--out {out} holds {len(extra)} scene file(s) this run would not write (e.g. {extra[0]}), "
+                        "from a run with more scenes; give the same --train/--val/--test as before, or a new folder")
+
+
+def synthesize(config: SynthConfig) -> None:
+    """Write the dataset described by `config` (see the module docstring)."""
+    width, height = cfg.parse_size(config.size)
+    out = Path(config.out)
+    counts = {"train": config.train, "val": config.val, "test": config.test}
+    jobs = [(out, config.seed, split, i, width, height) for split in SPLITS for i in range(counts[split])]
+    planned = {p for _, _, split, i, _, _ in jobs for p in scene_paths(out, split, i).values()}
+    _check_output(config, planned)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
+    workers = config.workers or default_workers()
+    results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
+    print(f"wrote {len(jobs)} scenes to {out}")
+    for split in SPLITS:
+        rows = [r for r, job in zip(results, jobs) if job[2] == split]
+        if rows:
+            total = np.sum(rows, axis=0)
+            shares = ", ".join(f"{c} {100 * n / total.sum():.1f}%" for c, n in zip(CATEGORIES, total))
+            print(f"  {split}: {len(rows)} scenes; pixel shares: {shares}")
