@@ -85,7 +85,7 @@ def test_ohem_keeps_the_hardest_fraction_when_few_are_below_threshold():
     nll = -np.log(p_true)
     keep = int(np.ceil(0.25 * valid.sum()))
     ref = np.sort(nll)[::-1][:keep].mean()  # lowest true-class probability = highest loss
-    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
     loss.backward()
     # pixels that were not mined get no gradient
     assert (logits.grad.abs().sum(1) > 0).sum() == keep

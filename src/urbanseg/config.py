@@ -221,7 +221,8 @@ class TrainConfig:
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be > 0")
         check(self.new_head <= (self.init is not None), "--new-head only applies with --init CHECKPOINT")
-        check(not (self.resume and self.init is not None), "--resume continues a run; --init starts a new one: pick one")
+        check(not (self.init is not None and self.encoder_weights), "--init and --encoder-weights both set the "
+              "starting weights: pick one")
         check(0 < self.ohem_thresh <= 1 and 0 <= self.ohem_min_kept <= 1, "--ohem-thresh must be in (0, 1] "
               "and --ohem-min-kept in [0, 1]")
         for flag, value in (("--warmup", self.warmup), ("--clip-grad", self.clip_grad), ("--val-every", self.val_every),

@@ -136,8 +136,6 @@ class SegmentationLoss(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        from segmentation_models_pytorch import losses as smp_losses
-
         self.kind, self.ohem, self.ignore_index = kind, ohem, ignore_index
         self.ohem_thresh, self.ohem_min_kept = ohem_thresh, ohem_min_kept
         # a buffer so .to(device) moves it and state_dict records it
@@ -145,8 +143,12 @@ class SegmentationLoss(nn.Module):
         if kind == "ce":
             self.region = None
         elif kind == "ce+dice":
+            from segmentation_models_pytorch import losses as smp_losses  # imports timm: only when used
+
             self.region = smp_losses.DiceLoss("multiclass", ignore_index=ignore_index, from_logits=True)
         elif kind == "ce+lovasz":
+            from segmentation_models_pytorch import losses as smp_losses
+
             self.region = smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index)
         else:
             raise ValueError(f"unknown loss {kind!r}; use ce, ce+dice or ce+lovasz")
