@@ -261,12 +261,12 @@ def _model_title(predictor: Predictor) -> str:
 
 
 def side_by_side(image: np.ndarray, color: np.ndarray, left: str, right: str, predictor: Predictor) -> np.ndarray:
-    """(H, W, 3) image and colour mask -> one (H', 2W + gap, 3) uint8 picture with titles
-    above and a legend of the classes below."""
+    """(H, W, 3) image and colour mask -> one (H', 2W + 6, 3) uint8 picture with titles
+    above each half and a legend of the class colours below."""
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = image.shape[:2]
-    size = max(12, h // 20)
+    size = int(np.clip(h // 16, 10, 28))
     font = ImageFont.load_default(size=size)
     pad, line, width = 6, size + 8, 2 * w + 6
     names, palette = predictor.label_set.classes, predictor.label_set.palette
@@ -278,10 +278,19 @@ def side_by_side(image: np.ndarray, color: np.ndarray, left: str, right: str, pr
     canvas.paste(Image.fromarray(image), (0, line))
     canvas.paste(Image.fromarray(color), (w + pad, line))
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, 2), left, fill="black", font=font)
-    draw.text((w + pad + 2, 2), right, fill="black", font=font)
+    for x, text in ((0, left), (w + pad, right)):
+        draw.text((x + 2, 2), _fit(draw, text, font, w - 4), fill="black", font=font)
     for k, (name, rgb) in enumerate(zip(names, palette)):
         x, y = (k % per_row) * cell + 2, line + h + pad + (k // per_row) * line
         draw.rectangle((x, y, x + line - 8, y + line - 8), fill=tuple(rgb), outline="black")
         draw.text((x + line - 4, y - 2), name, fill="black", font=font)
     return np.asarray(canvas)
+
+
+def _fit(draw: Any, text: str, font: Any, width: int) -> str:
+    """`text`, cut with an ellipsis so that it is at most `width` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
