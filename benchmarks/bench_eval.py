@@ -9,8 +9,9 @@ PNG files, in the same run, with the figures checked equal (1e-9).
 With --data, the ground truth is a real Cityscapes layout (gtFine/<split>/<city>/
 *_gtFine_labelIds.png and *_gtFine_instanceIds.png) and the predictions are derived
 from it (shifted, with random blocks and car -> truck swaps) so that the scores are not
-trivial. Both sides read the same PNG files with PIL; "update only" is our time once the
-arrays are in memory. The official script needs a shim for numpy >= 2.4 (np.in1d).
+trivial. Both sides read the same PNG files (the official script with PIL, ours with
+OpenCV); "update only" is our time once the arrays are in memory. The two run image by
+image in turn so that the varying load of a shared machine hits both alike. The official script needs a shim for numpy >= 2.4 (np.in1d).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the scenes of the correctness test
 
-from test_metrics import _flat, corrupt_prediction, make_scene  # noqa: E402
+from test_metrics import _flat, corrupt_prediction, make_scene
 
-from urbanseg import cityscapes_eval as ce  # noqa: E402
+from urbanseg import cityscapes_eval as ce
 
 
 class _Numpy24Shim:
@@ -68,9 +69,10 @@ def make_files(folder: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_official(pairs: list[tuple[str, str]]) -> tuple[dict, list[float]]:
-    """evaluateImgLists' loop (evaluatePair per image, then its scoring functions),
-    timed per image; its printing and JSON export left out."""
+def run_both(pairs: list[tuple[str, str]]) -> tuple[dict, dict, dict[str, list[float]]]:
+    """Official evaluatePair and ours on each image in turn (interleaved, so a change in
+    the load of a shared machine hits both), then each side's scoring. Returns (official
+    scores, ours, per-image seconds: "official", "ours" (read + update), "update")."""
     import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as mod
 
     saved = mod.np, mod.CSUPPORT
@@ -78,15 +80,23 @@ def run_official(pairs: list[tuple[str, str]]) -> tuple[dict, list[float]]:
     try:
         args = copy.copy(mod.args)
         args.quiet, args.JSONOutput = True, False
-        conf, inst_stats, times = mod.generateMatrix(args), mod.generateInstanceStats(args), []
-        for pred, gt in pairs:
+        conf, inst_stats = mod.generateMatrix(args), mod.generateInstanceStats(args)
+        evaluator, times = ce.OfficialEvaluator(), {"official": [], "ours": [], "update": []}
+        for pred_path, gt_path in pairs:
             t0 = time.perf_counter()
-            mod.evaluatePair(pred, gt, conf, inst_stats, {}, args)
-            times.append(time.perf_counter() - t0)
-        result = score_official(mod, conf, inst_stats, args)
+            mod.evaluatePair(pred_path, gt_path, conf, inst_stats, {}, args)
+            t1 = time.perf_counter()
+            gt, inst = ce.read_ground_truth(gt_path)
+            pred = ce._read_single_channel(Path(pred_path))
+            t2 = time.perf_counter()
+            evaluator.update(pred, gt, inst, name=pred_path)
+            t3 = time.perf_counter()
+            times["official"].append(t1 - t0)
+            times["ours"].append(t3 - t1)
+            times["update"].append(t3 - t2)
+        return score_official(mod, conf, inst_stats, args), evaluator.compute(), times
     finally:
         mod.np, mod.CSUPPORT = saved
-    return result, times
 
 
 def score_official(mod, conf, inst_stats, args) -> dict:
@@ -95,25 +105,16 @@ def score_official(mod, conf, inst_stats, args) -> dict:
     inst = {mod.id2label[l].name: mod.getInstanceIouScoreForLabel(l, conf, inst_stats, args) for l in args.evalLabels}
     cats = {c: mod.getIouScoreForCategory(c, conf, args) for c in mod.category2labels}
     cat_inst = {c: mod.getInstanceIouScoreForCategory(c, conf, inst_stats, args) for c in mod.category2labels}
-    return {"class_iou": classes, "class_iiou": inst, "category_iou": cats, "category_iiou": cat_inst,
-            "mean_class_iou": mod.getScoreAverage(classes, args), "mean_class_iiou": mod.getScoreAverage(inst, args),
-            "mean_category_iou": mod.getScoreAverage(cats, args),
-            "mean_category_iiou": mod.getScoreAverage(cat_inst, args)}
-
-
-def run_ours(pairs: list[tuple[str, str]]) -> tuple[dict, list[float], list[float]]:
-    evaluator, total, update = ce.OfficialEvaluator(), [], []
-    for pred_path, gt_path in pairs:
-        t0 = time.perf_counter()
-        gt, inst = ce.read_ground_truth(gt_path)
-        with Image.open(pred_path) as im:
-            pred = np.asarray(im)
-        t1 = time.perf_counter()
-        evaluator.update(pred, gt, inst, name=pred_path)
-        t2 = time.perf_counter()
-        total.append(t2 - t0)
-        update.append(t2 - t1)
-    return evaluator.compute(), total, update
+    return {
+        "class_iou": classes,
+        "class_iiou": inst,
+        "category_iou": cats,
+        "category_iiou": cat_inst,
+        "mean_class_iou": mod.getScoreAverage(classes, args),
+        "mean_class_iiou": mod.getScoreAverage(inst, args),
+        "mean_category_iou": mod.getScoreAverage(cats, args),
+        "mean_category_iiou": mod.getScoreAverage(cat_inst, args),
+    }
 
 
 def max_difference(ours: dict, theirs: dict) -> float:
@@ -140,24 +141,30 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pairs = make_files(Path(tmp), args)
-        theirs, t_official = run_official(pairs)
-        ours, t_ours, t_update = run_ours(pairs)
+        theirs, ours, times = run_both(pairs)
         h, w = np.asarray(Image.open(pairs[0][1])).shape
     diff = max_difference(ours, theirs)
-    per = {k: 1000 * float(np.median(v)) for k, v in
-           (("official", t_official), ("ours", t_ours), ("update", t_update))}
+    per = {k: 1000 * float(np.median(v)) for k, v in times.items()}
     source = args.data or "synthetic scenes"
     print(f"\n{len(pairs)} images {w}x{h} from {source}; median ms per image (read PNGs + evaluate)\n")
     print("| implementation | ms / image | ratio to official |")
     print("|-|-|-|")
     print(f"| cityscapesscripts evalPixelLevelSemanticLabeling (Python path) | {per['official']:.1f} | 1.00 |")
-    print(f"| urbanseg OfficialEvaluator (read + update) | {per['ours']:.1f} | {per['official'] / per['ours']:.2f}x faster |")
-    print(f"| urbanseg OfficialEvaluator (update only, arrays in memory) | {per['update']:.1f} | "
-          f"{per['official'] / per['update']:.2f}x faster |")
-    print(f"\nlargest |difference| over all class/category IoU and iIoU scores and means: {diff:.2e} "
-          f"({'equal to 1e-9' if diff <= 1e-9 else 'NOT EQUAL'})")
-    print(f"mean class IoU {ours['mean_class_iou']:.4f}, class iIoU {ours['mean_class_iiou']:.4f}, "
-          f"category IoU {ours['mean_category_iou']:.4f}, category iIoU {ours['mean_category_iiou']:.4f}")
+    print(
+        f"| urbanseg OfficialEvaluator (read + update) | {per['ours']:.1f} | {per['official'] / per['ours']:.2f}x faster |"
+    )
+    print(
+        f"| urbanseg OfficialEvaluator (update only, arrays in memory) | {per['update']:.1f} | "
+        f"{per['official'] / per['update']:.2f}x faster |"
+    )
+    print(
+        f"\nlargest |difference| over all class/category IoU and iIoU scores and means: {diff:.2e} "
+        f"({'equal to 1e-9' if diff <= 1e-9 else 'NOT EQUAL'})"
+    )
+    print(
+        f"mean class IoU {ours['mean_class_iou']:.4f}, class iIoU {ours['mean_class_iiou']:.4f}, "
+        f"category IoU {ours['mean_category_iou']:.4f}, category iIoU {ours['mean_category_iiou']:.4f}"
+    )
     if diff > 1e-9:
         sys.exit(1)
 

@@ -68,8 +68,10 @@ def test_format_table_layout_and_na_footnote():
         "| human | n/a | n/a | n/a | n/a |",
         "| average | 0.3833 | 0.4722 | 0.5000 | 0.4762 |",
         "",
-        "Averages over the 3 classes that are not n/a; n/a = absent from both ground truth and prediction: "
-        "human. Scores are dataset-level (pixel counts summed over all images).",
+        (
+            "Averages over the 3 classes that are not n/a; n/a = absent from both ground truth and prediction: "
+            "human. Scores are dataset-level (pixel counts summed over all images)."
+        ),
     ]
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         format_table(_hand_matrix("numpy").compute(), ["a", "b", "c"])
@@ -94,8 +96,8 @@ def _slow_reference(preds, gts, c, ignore=255):
     for k in range(c):
         fp, fn = pred_n[k] - tp[k], gt_n[k] - tp[k]
         if tp[k] + fp + fn == 0:
-            for key in out:
-                out[key].append(None)
+            for values in out.values():
+                values.append(None)
             continue
         out["iou"].append(tp[k] / (tp[k] + fp + fn))
         out["precision"].append(tp[k] / (tp[k] + fp) if tp[k] + fp else 0.0)
@@ -421,3 +423,22 @@ def _flat(scores: dict) -> dict:
     for key, value in scores.items():
         out.update({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
     return out
+
+
+def test_read_ground_truth_matches_pil_for_gray_16bit_and_palette(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    gt, inst, _ = make_scene(rng, 40, 60, block=8)
+    palette = Image.fromarray(gt, mode="L").convert("P")  # same indices, stored with a palette
+    palette.putpalette([v for i in range(256) for v in (i, 255 - i, 7)])
+    palette.save(tmp_path / "a_gtFine_labelIds.png")
+    Image.fromarray(inst.astype(np.uint16)).save(tmp_path / "a_gtFine_instanceIds.png")
+    ids, instances = ce.read_ground_truth(tmp_path / "a_gtFine_labelIds.png")
+    assert ids.dtype == np.uint8 and instances.dtype == np.int32
+    np.testing.assert_array_equal(ids, np.asarray(Image.open(tmp_path / "a_gtFine_labelIds.png")))
+    np.testing.assert_array_equal(ids, gt)
+    np.testing.assert_array_equal(instances, inst)
+    Image.fromarray(np.dstack([gt] * 3)).save(tmp_path / "b_gtFine_labelIds.png")
+    with pytest.raises(UserError, match=r"shape \(40, 60, 3\); expected one channel"):
+        ce.read_ground_truth(tmp_path / "b_gtFine_labelIds.png")

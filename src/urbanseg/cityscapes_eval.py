@@ -115,19 +115,31 @@ def read_ground_truth(label_ids_path: Path | str) -> tuple[np.ndarray, np.ndarra
     """Read ``*_gtFine_labelIds.png`` and its sibling ``*_gtFine_instanceIds.png``.
 
     Returns (label ids (H, W) uint8, instance ids (H, W) int32)."""
-    from PIL import Image
-
     path = Path(label_ids_path)
     inst_path = path.with_name(path.name.replace("labelIds", "instanceIds"))
-    arrays = []
-    for p in (path, inst_path):
+    label_ids, instance_ids = (_read_single_channel(p) for p in (path, inst_path))
+    return label_ids.astype(np.uint8, copy=False), instance_ids.astype(np.int32, copy=False)
+
+
+def _read_single_channel(path: Path) -> np.ndarray:
+    """An 8- or 16-bit single-channel PNG as stored (palette images give their indices)."""
+    hint = "it needs *_gtFine_labelIds.png and *_gtFine_instanceIds.png side by side"
+    if not path.is_file():
+        raise UserError(f"cannot read Cityscapes ground truth {path}: no such file; {hint}")
+    import cv2
+
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # decodes PNG ~1.7x faster than PIL
+    if array is None or array.ndim != 2:
+        from PIL import Image  # a palette PNG: PIL gives the stored indices, as the official script reads it
+
         try:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im))
+            with Image.open(path) as im:
+                array = np.asarray(im)
         except OSError as e:
-            raise UserError(f"cannot read Cityscapes ground truth {p}: {e}; it needs *_gtFine_labelIds.png "
-                            "and *_gtFine_instanceIds.png side by side") from None
-    return arrays[0].astype(np.uint8, copy=False), arrays[1].astype(np.int32, copy=False)
+            raise UserError(f"cannot read Cityscapes ground truth {path}: {e}; {hint}") from None
+    if array.ndim != 2:
+        raise UserError(f"Cityscapes ground truth {path} has shape {array.shape}; expected one channel of ids")
+    return array
 
 
 def _check_ids(ids: np.ndarray, what: str, name: str) -> None:
@@ -169,7 +181,9 @@ class OfficialEvaluator:
         self.category_fn_w = np.zeros(len(CATEGORIES))
         self.images = 0
 
-    def update_classes(self, pred: np.ndarray, gt_ids: np.ndarray, gt_instance_ids: np.ndarray, *, name: str = "") -> None:
+    def update_classes(
+        self, pred: np.ndarray, gt_ids: np.ndarray, gt_instance_ids: np.ndarray, *, name: str = ""
+    ) -> None:
         """Like `update`, with pred as (H, W) class indices of the evaluator's label set."""
         if self._lut is None:
             raise ValueError("update_classes needs OfficialEvaluator(label_set=...)")

@@ -218,7 +218,9 @@ class ConfusionMatrix:
         counts = self.counts
         s = scores_from_counts(counts)
         present = s["present"]
-        per_class = {k: [float(v) if ok else None for v, ok in zip(s[k], present)] for k in ("iou", "precision", "recall", "f1")}
+        per_class = {
+            k: [float(v) if ok else None for v, ok in zip(s[k], present)] for k in ("iou", "precision", "recall", "f1")
+        }
         total = int(s["total"])
         return {
             "num_classes": self.num_classes,
@@ -246,7 +248,9 @@ def image_scores(pred: Any, target: Any, num_classes: int, ignore_index: int = I
     if not (_is_tensor(target) or isinstance(target, np.ndarray)):
         target = np.asarray(target)
     if target.ndim != 3:
-        raise ValueError(f"image_scores needs a batch shaped (N, H, W), got {tuple(target.shape)}; wrap one image as x[None]")
+        raise ValueError(
+            f"image_scores needs a batch shaped (N, H, W), got {tuple(target.shape)}; wrap one image as x[None]"
+        )
     counts = pair_counts(pred, target, num_classes, ignore_index, batch=True)
     _check_target(counts, target, num_classes, ignore_index)
     counts = counts.cpu().numpy() if _is_tensor(counts) else counts
