@@ -414,3 +414,32 @@ def test_render_matches_fixture_files(raw_master):
     objects = json.loads(polygons.read_text())["objects"]
     color = polygons.with_name(polygons.name.replace("polygons.json", "color.png"))
     assert np.array_equal(np.asarray(render(objects, *RAW_SIZE, "color")), np.asarray(Image.open(color)))
+
+
+def test_overwrite_with_bad_input_deletes_nothing(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prepare(raw, out, "--size", "32x16") == 0
+    before = mtimes(out)
+    _, _, _, image, ids, _ = next(raw_pairs(raw))
+    Image.open(image).resize((60, 30)).save(image)
+    assert prepare(raw, out, "--size", "16x8", "--overwrite") == 2
+    assert "is 60x30 but" in _err(capsys)
+    assert mtimes(out) == before  # the checks come before the old outputs are deleted
+
+
+def test_synth_then_prepare_end_to_end(tmp_path):
+    """`urbanseg synth` output goes through prepare; both sources agree, labels equal the
+    official table applied to PIL's nearest resize of synth's labelIds."""
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--train", "2", "--val", "1", "--size", "128x64",
+                 "--workers", "1"]) == 0
+    for source in ("labelIds", "color"):
+        assert prepare(tmp_path / "raw", tmp_path / source, "--size", "64x32", "--source", source) == 0
+    labels = [{k: v for k, v in pngs(tmp_path / s).items() if k.startswith("labels")} for s in ("labelIds", "color")]
+    assert labels[0] == labels[1] and len(labels[0]) == 3
+    lut = official_lut("categories8")
+    for split, city, stem, _, ids_path, _ in raw_pairs(tmp_path / "raw"):
+        expected = lut[np.asarray(Image.open(ids_path).resize((64, 32), Image.NEAREST))]
+        got = np.asarray(Image.open(tmp_path / "labelIds" / "labels" / split / city / f"{stem}.png"))
+        np.testing.assert_array_equal(got, expected)
+    manifest = json.loads((tmp_path / "labelIds" / "manifest.json").read_text())
+    assert {s: e["count"] for s, e in manifest["splits"].items()} == {"train": 2, "val": 1}

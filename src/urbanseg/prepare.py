@@ -60,6 +60,8 @@ class Job:
     size: tuple[int, int]
     source: str
     label_set: LabelSet
+    # In worker processes OpenCV's own threads only compete with the other workers.
+    single_threaded: bool = False
 
 
 class Outcome(NamedTuple):
@@ -172,6 +174,10 @@ def _existing_counts(pair: Pair, job: Job) -> np.ndarray | None:
 
 def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
     """Prepare one pair, or keep its outputs when they are newer than both inputs."""
+    if job.single_threaded:
+        import cv2
+
+        cv2.setNumThreads(1)
     if not redo and _is_up_to_date(pair):
         counts = _existing_counts(pair, job)
         if counts is not None:
@@ -294,9 +300,9 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(parts)
 
 
-def _claim_out(out: Path, settings: dict, overwrite: bool) -> dict | None:
-    """Check that `out` may be written with `settings`; returns its previous manifest
-    when that stays valid. Raises UserError (writing nothing) otherwise."""
+def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None, bool]:
+    """Check, writing nothing, that `out` may take outputs made with `settings`.
+    Returns (its previous manifest if still valid, whether its old outputs must be wiped)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
     state = out / STATE_FILE
@@ -304,7 +310,7 @@ def _claim_out(out: Path, settings: dict, overwrite: bool) -> dict | None:
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"--out {out} is not empty and was not written by `urbanseg prepare` (no {STATE_FILE}); "
                             "give a new or empty folder")
-        return None
+        return None, False
     try:
         old = json.loads(state.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -314,16 +320,19 @@ def _claim_out(out: Path, settings: dict, overwrite: bool) -> dict | None:
             raise UserError(f"--out {out} was prepared with {_differences(old, settings)}; mixing settings in one "
                             "folder is refused: prepare into another --out, or add --overwrite to delete its "
                             "images/, labels/ and manifest.json and redo everything")
-        for leftover in (out / MANIFEST, out / "images", out / "labels"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            elif leftover.exists():
-                leftover.unlink()
-        return None
+        return None, True
     try:
-        return json.loads((out / MANIFEST).read_text())
+        return json.loads((out / MANIFEST).read_text()), False
     except (OSError, json.JSONDecodeError):
-        return None  # an interrupted run: its finished pairs are kept and skipped
+        return None, False  # an interrupted run: its finished pairs are kept and skipped
+
+
+def _wipe(out: Path) -> None:
+    """Delete the outputs of other settings (only after every check has passed)."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for kind in ("images", "labels"):
+        if (out / kind).is_dir():
+            shutil.rmtree(out / kind)
 
 
 def _stale_files(out: Path, split: str, pairs: list[Pair]) -> list[Path]:
@@ -365,15 +374,9 @@ def _report_errors(errors: list[str], total: int, written: int) -> UserError:
                      f"{MANIFEST}; the {written} pairs written are kept and skipped next time):\n  {shown}")
 
 
-def prepare(config: PrepareConfig) -> None:
-    """`urbanseg prepare`: resize every raw pair of the requested splits into config.out."""
-    from urbanseg import __version__
-
-    size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
-    label_set = get_label_set(config.labels)
-    if config.source == "labelIds" and not label_set.from_cityscapes:
-        raise UserError(f"label set {label_set.name!r} from {config.labels} defines colours only, not Cityscapes "
-                        "label ids: add --source color to read the *_gtFine_color.png annotations")
+def _find_splits(config: PrepareConfig, data: Path, out: Path) -> dict[str, list[Pair]]:
+    """{split: pairs} of the requested splits that exist; UserError listing every pairing
+    problem of every split."""
     _check_data(data)
     splits: dict[str, list[Pair]] = {}
     problems: list[str] = []
@@ -390,26 +393,43 @@ def prepare(config: PrepareConfig) -> None:
     if not splits:
         raise UserError(f"none of the splits {list(config.splits)} exist under {data}/leftImg8bit/; "
                         f"it holds {sorted(p.name for p in (data / 'leftImg8bit').iterdir())}: choose them with --splits")
-    settings = _settings(size, config.source, label_set)
-    previous = _claim_out(out, settings, config.overwrite)
-    every = [pair for pairs in splits.values() for pair in pairs]
-    todo = every if config.overwrite else [p for p in every if not _is_up_to_date(p)]
-    workers = config.workers or util.default_workers()
-    # Header reads are ~0.1 ms: worker processes only pay off for a large dataset.
-    checks = util.progress_map(functools.partial(_header_problem, source=config.source), todo,
+    return splits
+
+
+def _check_headers(todo: list[Pair], total: int, source: str, workers: int) -> None:
+    # Header reads take ~0.1 ms: worker processes only pay off for a large dataset.
+    checks = util.progress_map(functools.partial(_header_problem, source=source), todo,
                                workers=workers if len(todo) > 500 else 1, desc="check") if todo else []
     bad = [c for c in checks if c]
     if bad:
-        raise _report_errors(bad, len(every), 0)
+        raise _report_errors(bad, total, 0)
 
-    # Checks passed: from here on files are written.
+
+def prepare(config: PrepareConfig) -> None:
+    """`urbanseg prepare`: resize every raw pair of the requested splits into config.out."""
+    size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
+    label_set = get_label_set(config.labels)
+    if config.source == "labelIds" and not label_set.from_cityscapes:
+        raise UserError(f"label set {label_set.name!r} from {config.labels} defines colours only, not Cityscapes "
+                        "label ids: add --source color to read the *_gtFine_color.png annotations")
+    splits = _find_splits(config, data, out)
+    settings = _settings(size, config.source, label_set)
+    previous, wipe = _claim_out(out, settings, config.overwrite)
+    every = [pair for pairs in splits.values() for pair in pairs]
+    todo = every if config.overwrite else [p for p in every if not _is_up_to_date(p)]
+    workers = config.workers or util.default_workers()
+    _check_headers(todo, len(every), config.source, workers)
+
+    # Every check passed: from here on files are written. No manifest while they change.
+    if wipe:
+        _wipe(out)
     stale = [f for split, pairs in splits.items() for f in _stale_files(out, split, pairs)]
     if todo or stale:
         (out / MANIFEST).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     _write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
-    _write_if_changed_config(config, out)
-    job = Job(size, config.source, label_set)
+    _save_config(config, out)
+    job = Job(size, config.source, label_set, single_threaded=workers > 1 and len(every) > 1)
     outcomes = util.progress_map(functools.partial(process_pair, job=job, redo=config.overwrite), every,
                                  workers=workers, desc="prepare")
     errors = [o.error for o in outcomes if o.error]
@@ -417,19 +437,23 @@ def prepare(config: PrepareConfig) -> None:
     if errors:
         raise _report_errors(errors, len(every), written)
     _remove(stale)
-    manifest = {
-        "format_version": FORMAT_VERSION, "urbanseg_version": __version__, "label_set": label_set.to_dict(),
-        "size": list(size), "source": config.source, "data": str(data.resolve()),
-        "splits": {**(previous or {}).get("splits", {}), **{
-            split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
-            for split, pairs in splits.items()}},
-    }
-    _write_if_changed(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    entries = {split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
+               for split, pairs in splits.items()}
+    _write_manifest(out, settings, str(data.resolve()), {**(previous or {}).get("splits", {}), **entries})
     counts = ", ".join(f"{s} {len(p)}" for s, p in splits.items())
     print(f"prepared {len(every)} pairs into {out} ({written} written, {len(every) - written} up to date): {counts}")
 
 
-def _write_if_changed_config(config: PrepareConfig, out: Path) -> None:
+def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]) -> None:
+    from urbanseg import __version__
+
+    manifest = {"format_version": FORMAT_VERSION, "urbanseg_version": __version__, "label_set": settings["label_set"],
+                "size": settings["size"], "source": settings["source"], "data": data, "splits": splits}
+    _write_if_changed(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _save_config(config: PrepareConfig, out: Path) -> None:
+    """prepare_config.yaml: the resolved command of the latest run (kept if identical)."""
     import yaml
 
     path = out / "prepare_config.yaml"

@@ -1,0 +1,119 @@
+"""`urbanseg prepare` speed at Cityscapes size (2048x1024 -> 512x256), measured side by
+side in one run:
+
+1. per-image steps: decoding (OpenCV vs PIL), anti-aliased resizing (cv2.INTER_AREA vs
+   PIL's reduce, BOX and LANCZOS), label mapping order (lookup at full size then
+   nearest resize, vs nearest resize then lookup) and the colour lookup;
+2. the whole command with --workers 1 and --workers 2 (fresh output folders), and a
+   re-run where every pair is up to date.
+
+    python benchmarks/bench_prepare.py                       # 12 synthetic scenes
+    python benchmarks/bench_prepare.py --images 24 --repeat 5
+    python benchmarks/bench_prepare.py --data /path/to/cityscapes   # real files, train split
+
+Synthetic scenes come from tests/cityscapes_fixture.py (official renderer for the
+annotations, images of ~2.8 MB; Cityscapes' are ~2.2 MB, so decoding is a little slower
+here than on the real data). The machine may be shared: compare ratios, not times
+across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cityscapes_fixture import write_raw_cityscapes  # noqa: E402
+
+from urbanseg.config import PrepareConfig  # noqa: E402
+from urbanseg.labels import get_label_set  # noqa: E402
+from urbanseg.prepare import prepare, resize_labels  # noqa: E402
+
+
+def best_ms(fn, repeat: int) -> float:
+    """Best of `repeat` timings of fn() in milliseconds (the least disturbed run)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1000
+
+
+def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) -> list[tuple[str, float]]:
+    import cv2
+    from PIL import Image
+
+    size = (512, 256)
+    rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1].copy()
+    pil = Image.fromarray(rgb)
+    ids = np.asarray(Image.open(ids_path))
+    colors = cv2.imread(str(color_path), cv2.IMREAD_COLOR)[..., ::-1]
+    ls = get_label_set("categories8")
+    lut = ls.id_lut()
+    return [
+        ("decode image: cv2.imread (used)", best_ms(lambda: cv2.imread(str(image_path), cv2.IMREAD_COLOR), repeat)),
+        ("decode image: PIL open + RGB array", best_ms(lambda: np.asarray(Image.open(image_path).convert("RGB")), repeat)),
+        ("resize image: cv2 INTER_AREA (used)", best_ms(lambda: cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), repeat)),
+        ("resize image: PIL reduce(4)", best_ms(lambda: pil.reduce(4), repeat)),
+        ("resize image: PIL BOX", best_ms(lambda: pil.resize(size, Image.BOX), repeat)),
+        ("resize image: PIL LANCZOS", best_ms(lambda: pil.resize(size, Image.LANCZOS), repeat)),
+        ("labelIds: lookup full + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
+        ("labelIds: nearest + lookup (unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
+        ("color: lookup full + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_colors(colors), size), repeat)),
+    ]
+
+
+def run_prepare(data: Path, out: Path, workers: int, splits: list[str]) -> float:
+    start = time.perf_counter()
+    prepare(PrepareConfig(data=data, out=out, workers=workers, splits=splits))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=12, help="synthetic 2048x1024 scenes")
+    parser.add_argument("--repeat", type=int, default=3, help="timings per step (the best is kept)")
+    parser.add_argument("--data", type=Path, help="a real Cityscapes folder instead (its train split)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = args.data or tmp / "raw"
+        if args.data is None:
+            print(f"writing {args.images} synthetic 2048x1024 scenes ...", file=sys.stderr)
+            write_raw_cityscapes(data, {"train": args.images}, size=(2048, 1024), noise=2.0)
+        first = sorted((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png"))[0]
+        gt = data / "gtFine/train" / first.parent.name / first.name.replace("leftImg8bit.png", "gtFine_")
+        steps = step_table(first, Path(f"{gt}labelIds.png"), Path(f"{gt}color.png"), args.repeat)
+        count = len(list((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png")))
+        runs = {}
+        for attempt in range(2):  # alternate, keep each one's best: fairer on a shared machine
+            for workers in (1, 2):
+                out = tmp / f"out{workers}"
+                shutil.rmtree(out, ignore_errors=True)
+                runs[workers] = min(runs.get(workers, 1e9), run_prepare(data, out, workers, ["train"]))
+        rerun = run_prepare(data, tmp / "out1", 1, ["train"])
+
+    base = steps[0][1]
+    print(f"\n| step (one {first.name[:-len('_leftImg8bit.png')]}, 2048x1024 -> 512x256) | ms | x decode (cv2) |")
+    print("|-|-|-|")
+    for name, ms in steps:
+        print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
+    print(f"\n| urbanseg prepare, {count} pairs | images/s | ratio to 1 worker |")
+    print("|-|-|-|")
+    for workers, seconds in runs.items():
+        print(f"| --workers {workers} | {count / seconds:.1f} | {runs[1] / seconds:.2f} |")
+    print(f"| re-run, all up to date (1 worker) | {count / rerun:.1f} | {runs[1] / rerun:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
