@@ -1,0 +1,441 @@
+"""`urbanseg evaluate`: score a run's checkpoint on one split of its shards and write the
+report into ``RUN/eval/SPLIT/`` (report.md, report.html, metrics.json, per_image.csv,
+confusion.png, gallery/).
+
+Two protocols:
+
+- default: at the prepared size, against the labels stored in the shards (fast; the
+  figures training reports);
+- ``--full-res``: the official one. Logits are upsampled bilinearly to the raw ground
+  truth's size (``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``, found through the
+  shards' spec.json: ``data``, or ``prepared`` -> manifest.json ``data``) and scored there;
+  for label sets derived from Cityscapes also the official class/category IoU and iIoU
+  (`urbanseg.cityscapes_eval`).
+
+Scores are dataset-level (`urbanseg.metrics.ConfusionMatrix`); per-image mIoU ranks the
+images for the gallery of best and worst examples.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from urbanseg.config import EvaluateConfig
+from urbanseg.errors import UserError
+from urbanseg.labels import LabelSet
+
+
+def evaluate(cfg: EvaluateConfig) -> int:
+    """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
+    checkpoint, shards, split or raw ground truth, or a label-set mismatch."""
+    import torch
+
+    from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from urbanseg.data import ShardDataset
+    from urbanseg.inference import resolve_checkpoint
+    from urbanseg.metrics import format_table
+    from urbanseg.report import write_report
+
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist; train one with `urbanseg train --data SHARDS --run {run}`")
+    ckpt_path = resolve_checkpoint(run, cfg.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    device = torch.device(_device(cfg.device))
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    label_set = LabelSet.from_dict(ckpt["label_set"])
+    shards = Path(cfg.data) if cfg.data is not None else _run_data(run)
+    dataset = ShardDataset(shards, cfg.split)
+    _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / cfg.split)
+    raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
+    print(f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {cfg.split} images from {shards} "
+          f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}")
+    start = time.perf_counter()
+    state = run_evaluation(model, dataset, label_set, device=device, batch_size=cfg.batch_size,
+                           workers=cfg.workers, gallery=cfg.gallery, raw=raw)
+    seconds = time.perf_counter() - start
+    result = state.confusion.compute()
+    official = state.official.compute() if state.official is not None else None
+    out = run / "eval" / cfg.split
+    info = _info(cfg, ckpt, ckpt_path, shards, dataset, device, seconds, state)
+    title = f"Evaluation of {run.name} on {cfg.split}" + (" (full resolution)" if raw else "")
+    paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
+                         header=_header(info), per_image=state.per_image, picks=state.picks(), info=info,
+                         official=official)
+    print(format_table(result, label_set.classes))
+    print(f"pixel accuracy {_fmt(result['pixel_accuracy'])}, mean accuracy {_fmt(result['mean_accuracy'])}"
+          + (f", official mean category IoU {_fmt(official.get('mean_category_iou'))}" if official else ""))
+    print(f"{len(dataset)} images in {seconds:.1f} s; report: {paths['html']} (open it in a browser), "
+          f"{paths['markdown']}; every figure in {paths['metrics']}")
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return name
+
+
+def _run_data(run: Path) -> Path:
+    """The shards folder the run was trained on (`data` in RUN/config.yaml)."""
+    import yaml
+
+    path = run / "config.yaml"
+    try:
+        return Path(yaml.safe_load(path.read_text())["data"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the shards folder (`data`) from {path} ({type(e).__name__}: {e}); "
+                        "pass --data SHARDS") from None
+
+
+def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:
+    if tuple(model_set.classes) != tuple(data_set.classes):
+        raise UserError(
+            f"checkpoint {ckpt} predicts {model_set.num_classes} classes of label set {model_set.name!r} "
+            f"{list(model_set.classes)}, but {split_dir} is labelled with {data_set.name!r} {list(data_set.classes)}; "
+            "evaluate on shards prepared with the same --labels"
+        )
+
+
+# --------------------------------------------------------------------------- raw ground truth
+
+
+@dataclass(frozen=True)
+class RawTruth:
+    """The raw dataset's ground truth for one split: stem -> *_gtFine_labelIds.png (or
+    *_gtFine_color.png for a colour-only label set)."""
+
+    root: Path
+    files: dict[str, Path]
+    kind: str  # "labelIds" or "color"
+
+    def path_for(self, name: str) -> Path:
+        stem = _stem(name)
+        if stem not in self.files:
+            raise UserError(f"no *_gtFine_{self.kind}.png for image {name!r} under {self.root / 'gtFine'}; "
+                            "--full-res needs the raw dataset the shards were prepared from")
+        return self.files[stem]
+
+
+def _stem(name: str) -> str:
+    """A record name ("<stem>", "<city>/<stem>" or with "_leftImg8bit") -> the bare Cityscapes stem."""
+    return Path(str(name)).name.removesuffix("_leftImg8bit")
+
+
+def raw_data_root(spec: dict[str, Any], split_dir: Path) -> Path:
+    """The raw dataset folder behind the shards: spec.json `data`, else spec.json
+    `prepared` -> manifest.json `data`. UserError naming each place looked at."""
+    data = spec.get("data")
+    manifest = Path(str(spec.get("prepared", ""))) / "manifest.json"
+    if not data and spec.get("prepared"):
+        try:
+            data = json.loads(manifest.read_text()).get("data")
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--full-res: cannot read {manifest} (named by {split_dir / 'spec.json'}) to find the raw "
+                            f"dataset: {e}; it needs the prepared folder, or shards packed with a newer urbanseg") from None
+    if not data:
+        raise UserError(f"--full-res: neither {split_dir / 'spec.json'} nor {manifest} names the raw dataset (`data`); "
+                        "evaluate at the prepared size (drop --full-res)")
+    root = Path(data)
+    if not (root / "gtFine").is_dir():
+        raise UserError(f"--full-res needs the raw dataset's ground truth, but {root / 'gtFine'} does not exist (the "
+                        f"shards were prepared from {root}); restore it there or drop --full-res")
+    return root
+
+
+def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSet) -> RawTruth:
+    """Index the raw split's ground-truth files and check every image of the split has one."""
+    root = raw_data_root(dataset.spec, shards / split)
+    kind = "labelIds" if label_set.from_cityscapes else "color"
+    suffix = f"_gtFine_{kind}.png"
+    files = {p.name[: -len(suffix)]: p for p in (root / "gtFine" / split).glob(f"*/*{suffix}")}
+    if not files:
+        raise UserError(f"--full-res: no *{suffix} files under {root / 'gtFine' / split}; "
+                        "restore the raw dataset's gtFine folder or drop --full-res")
+    stems = _manifest_stems(dataset.spec, split)
+    missing = [s for s in stems if _stem(s) not in files]
+    if missing:
+        raise UserError(f"--full-res: {len(missing)} of the {len(stems)} {split} images have no *{suffix} under "
+                        f"{root / 'gtFine' / split}, e.g. {missing[:3]}; restore the raw dataset or drop --full-res")
+    return RawTruth(root, files, kind)
+
+
+def _manifest_stems(spec: dict[str, Any], split: str) -> list[str]:
+    """The split's stems from the prepared manifest, to check the raw files up front;
+    [] when the manifest is gone (each image is then checked as it is read)."""
+    try:
+        manifest = json.loads((Path(str(spec.get("prepared", ""))) / "manifest.json").read_text())
+        return [str(s) for s in manifest["splits"][split]["stems"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+
+
+class FullResDataset:
+    """Shard items plus their raw ground truth: "gt" (H, W) uint8 class indices at the raw
+    size, and for Cityscapes-derived label sets "gt_ids" (H, W) uint8 label ids and
+    "gt_inst" (H, W) int32 instance ids (for the official scores). Reading happens in the
+    DataLoader's workers."""
+
+    def __init__(self, dataset: Any, raw: RawTruth, label_set: LabelSet) -> None:
+        self.dataset, self.raw, self.label_set = dataset, raw, label_set
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from urbanseg.cityscapes_eval import read_ground_truth
+
+        item = dict(self.dataset[index])
+        path = self.raw.path_for(item["name"])
+        try:
+            if self.raw.kind == "labelIds":
+                item["gt_ids"], item["gt_inst"] = read_ground_truth(path)
+                item["gt"] = self.label_set.labels_from_ids(item["gt_ids"])
+            else:
+                from PIL import Image
+
+                with Image.open(path) as im:
+                    item["gt"] = self.label_set.labels_from_colors(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot use ground truth {path}: {e}") from None
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the equal-size shard tensors; keep names and raw ground truth (sizes may differ) as lists."""
+    import torch
+
+    batch = {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
+             "name": [str(it["name"]) for it in items]}
+    for key in ("gt", "gt_ids", "gt_inst"):
+        if key in items[0]:
+            batch[key] = [it[key] for it in items]
+    return batch
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class EvalState:
+    """What one pass over a split accumulates: the confusion matrix, the official
+    evaluator (full resolution, Cityscapes label sets), per-image scores, and the best
+    and worst `k` images kept as pictures (min-heaps; memory stays at 2k images)."""
+
+    confusion: Any
+    official: Any
+    k_best: int
+    k_worst: int
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    best: list[tuple] = field(default_factory=list)
+    worst: list[tuple] = field(default_factory=list)
+
+    def offer(self, row: dict[str, Any], make_pick: Any) -> None:
+        """Record an image's scores; keep its arrays (from `make_pick()`, called at most
+        once) if it ranks among the best or worst. Ties go to the earlier image."""
+        index = len(self.per_image)
+        self.per_image.append(row)
+        if row["miou"] is None:  # no scored pixel: nothing to rank
+            return
+        pick = None
+        for heap, key, k in ((self.best, row["miou"], self.k_best), (self.worst, -row["miou"], self.k_worst)):
+            entry = (key, -index)
+            if k and (len(heap) < k or entry > heap[0][:2]):
+                pick = pick or make_pick()
+                heapq.heappush(heap, (*entry, pick))
+                if len(heap) > k:
+                    heapq.heappop(heap)
+
+    def picks(self) -> dict[str, list[dict[str, Any]]]:
+        """{"best": highest mIoU first, "worst": lowest first}, no image in both."""
+        best = [e[2] for e in sorted(self.best, reverse=True)]
+        names = {p["name"] for p in best}
+        worst = [e[2] for e in sorted(self.worst, reverse=True) if e[2]["name"] not in names]
+        return {"best": best, "worst": worst}
+
+
+def run_evaluation(
+    model: Any,
+    dataset: Any,
+    label_set: LabelSet,
+    *,
+    device: Any,
+    batch_size: int = 4,
+    workers: int = 0,
+    gallery: int = 4,
+    raw: RawTruth | None = None,
+) -> EvalState:
+    """One pass of `model` over `dataset` (ShardDataset items); with `raw`, logits are
+    upsampled bilinearly (align_corners=False) to each raw ground truth and scored there.
+
+    model: takes (N, 3, H, W) float32 0..255 and returns (N, C, H, W) logits."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from urbanseg.metrics import ConfusionMatrix
+
+    official = None
+    if raw is not None and raw.kind == "labelIds":
+        from urbanseg.cityscapes_eval import OfficialEvaluator
+
+        official = OfficialEvaluator(label_set)
+    n = len(dataset)
+    state = EvalState(ConfusionMatrix(label_set.num_classes, label_set.ignore_index), official,
+                      k_best=min(gallery, math.ceil(n / 2)), k_worst=min(gallery, n // 2))
+    source = FullResDataset(dataset, raw, label_set) if raw is not None else dataset
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
+            logits = model(batch["image"].to(device).float())
+            if raw is None:
+                _score_batch(state, batch, logits, label_set)
+            else:
+                _score_full_res(state, batch, logits, label_set)
+    return state
+
+
+def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
+    """At the prepared size: one confusion update and one per-image bincount per batch."""
+    from urbanseg.metrics import image_scores
+
+    pred = logits.argmax(1)
+    label = batch["label"].to(pred.device)
+    state.confusion.update(pred, label)
+    rows = image_scores(pred, label, label_set.num_classes, label_set.ignore_index)
+    for i, (name, row) in enumerate(zip(batch["name"], rows)):
+        def make_pick(i: int = i, name: str = name, row: dict = row) -> dict[str, Any]:
+            return {"name": name, "miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"],
+                    "image": batch["image"][i].permute(1, 2, 0).numpy().copy(),
+                    "label": label[i].cpu().numpy().astype(np.uint8), "pred": pred[i].cpu().numpy().astype(np.uint8)}
+
+        state.offer({"name": name, **row}, make_pick)
+
+
+def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
+    """Per image (raw sizes may differ): upsample the logits, argmax, score at full size."""
+    import torch.nn.functional as F
+
+    from urbanseg.metrics import image_scores
+
+    for i, name in enumerate(batch["name"]):
+        gt = batch["gt"][i]
+        up = F.interpolate(logits[i : i + 1].float(), size=gt.shape, mode="bilinear", align_corners=False)
+        pred = up.argmax(1)[0].to("cpu").numpy().astype(np.uint8)
+        state.confusion.update(pred, gt)
+        if state.official is not None:
+            state.official.update_classes(pred, batch["gt_ids"][i], batch["gt_inst"][i], name=name)
+        row = image_scores(pred[None], gt[None], label_set.num_classes, label_set.ignore_index)[0]
+
+        def make_pick(i: int = i, name: str = name, row: dict = row, gt: np.ndarray = gt, pred: np.ndarray = pred):
+            import cv2
+
+            image = batch["image"][i].permute(1, 2, 0).numpy()
+            shown = cv2.resize(image, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
+            return {"name": name, "miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"], "image": shown,
+                    "label": gt, "pred": pred}
+
+        state.offer({"name": name, **row}, make_pick)
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Hardware and versions for the report header: CPU model and cores, GPU name."""
+    import os
+    import sys
+
+    import torch
+
+    from urbanseg import __version__
+    from urbanseg.util import default_workers
+
+    gpu = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else None
+    return {"cpu": _cpu_name(), "cpu_cores": default_workers(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "gpu": gpu, "urbanseg": __version__, "torch": torch.__version__,
+            "python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform(),
+            "host": os.uname().nodename if hasattr(os, "uname") else platform.node()}
+
+
+def _info(cfg: EvaluateConfig, ckpt: dict, ckpt_path: Path, shards: Path, dataset: Any, device: Any,
+          seconds: float, state: EvalState) -> dict[str, Any]:
+    """Everything metrics.json records about how the figures were made."""
+    from datetime import datetime
+
+    spec = dataset.spec
+    return {
+        "format_version": 1,
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "split": cfg.split,
+        "protocol": "full-res" if cfg.full_res else "prepared",
+        "prepared_size": [spec.get("width"), spec.get("height")],
+        "num_images": len(state.per_image),
+        "seconds": round(seconds, 3),
+        "label_set": dataset.label_set.name,
+        "data": {"shards": str(shards), "raw": raw_data_root(spec, shards / cfg.split).as_posix() if cfg.full_res else None},
+        "checkpoint": {"path": str(ckpt_path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+                       "model": ckpt.get("model"), "input_size": ckpt.get("input_size"),
+                       "metrics_at_save": ckpt.get("metrics")},
+        "environment": environment(device),
+        "training_config": ckpt.get("config"),
+    }
+
+
+_TRAINING_KEYS = ("epochs", "iters", "batch_size", "crop", "optimizer", "lr", "schedule", "loss", "class_weights",
+                  "augment", "seed")
+
+
+def _header(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the report header, from `_info`."""
+    ck, env = info["checkpoint"], info["environment"]
+    model = ck.get("model") or {}
+    kwargs = ", ".join(f"{k}={v}" for k, v in (model.get("kwargs") or {}).items())
+    at_save = (ck.get("metrics_at_save") or {}).get("miou")
+    train = info.get("training_config") or {}
+    summary = ", ".join(f"{k}={train[k]}" for k in _TRAINING_KEYS if train.get(k) is not None)
+    w, h = info["prepared_size"]
+    n, s = info["num_images"], info["seconds"]
+    protocol = (f"full resolution: logits upsampled bilinearly to the raw ground truth in {info['data']['raw']}"
+                if info["protocol"] == "full-res" else f"prepared size {w}x{h}, against the labels in the shards")
+    hardware = f"{env['cpu']} ({env['cpu_cores']} cores), device {env['device']}" + (
+        f" ({env['gpu']})" if env["gpu"] else "")
+    return [
+        ("date", info["date"]),
+        ("checkpoint", f"{ck['path']} (step {ck.get('step')}, epoch {ck.get('epoch')}"
+                       + (f", validation mIoU when saved {at_save:.4f}" if isinstance(at_save, float) else "") + ")"),
+        ("model", f"{model.get('name', '?')}" + (f" ({kwargs})" if kwargs else "")),
+        ("training", summary or "config not recorded in the checkpoint"),
+        ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
+        ("protocol", protocol),
+        ("hardware", hardware),
+        ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),
+        ("time", f"{s:.1f} s ({1000 * s / max(n, 1):.0f} ms per image, data loading included)"),
+    ]
