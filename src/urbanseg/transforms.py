@@ -9,7 +9,8 @@ state, so an augmented batch is the same whatever the number of workers and afte
 Masks are resized with nearest neighbour (NEAREST_EXACT: pixel centres, consistent with the
 image's bilinear sampling), padded with the ignore index and never leave uint8, so their
 values stay in the original set plus 255. Geometry uses torchvision's functional ops on
-tensors; the hue shift uses OpenCV's HSV conversion (about 10x faster than
+tensors (imported at module level so forked DataLoader workers inherit them instead of each
+paying torchvision's import); the hue shift uses OpenCV's HSV conversion (about 10x faster than
 torchvision's `adjust_hue` at 512x256, see benchmarks/bench_loader.py).
 """
 
@@ -18,8 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
+from torchvision.transforms import InterpolationMode
 
 from urbanseg.config import check, parse_size
 
@@ -113,9 +117,6 @@ def _place(size: int, crop: int, u: float) -> int:
 def resize_pair(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize image (3, H, W) uint8 bilinear with anti-aliasing and label (H, W) uint8
     nearest to `size` = (width, height)."""
-    import torchvision.transforms.v2.functional as F
-    from torchvision.transforms import InterpolationMode
-
     width, height = size
     if (height, width) == tuple(label.shape):
         return image, label
@@ -143,8 +144,6 @@ def jitter(image: torch.Tensor, *, brightness: float = 1.0, contrast: float = 1.
            hue: float = 0.0, order: list[int] | None = None) -> torch.Tensor:
     """Colour jitter of a uint8 (3, H, W) RGB image, as torchvision's ColorJitter: factors of
     1 and a hue of 0 leave it unchanged; `order` permutes [brightness, contrast, saturation, hue]."""
-    import torchvision.transforms.v2.functional as F
-
     ops = [
         (brightness != 1.0, lambda x: F.adjust_brightness(x, brightness)),
         (contrast != 1.0, lambda x: F.adjust_contrast(x, contrast)),
@@ -161,8 +160,6 @@ def jitter(image: torch.Tensor, *, brightness: float = 1.0, contrast: float = 1.
 def shift_hue(image: torch.Tensor, hue: float) -> torch.Tensor:
     """Rotate the hue of a uint8 (3, H, W) RGB image by `hue` turns (-0.5..0.5) via OpenCV's
     full-range 8-bit HSV (hue 0..255 wraps modulo 256)."""
-    import cv2
-
     hsv = cv2.cvtColor(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2HSV_FULL)
     hsv[..., 0] += np.uint8(round(hue * 256) % 256)  # uint8 arithmetic wraps: a rotation
     rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)

@@ -1,0 +1,207 @@
+"""PyTorch datasets over TFRecord shards, an exact epoch sampler and the loader.
+
+Random access goes through the `.index` files, and both CRCs of every record are checked
+on every read. Data order and augmentation are functions of (seed, epoch, index) only:
+`EpochSampler` yields `(index, sample_seed)` keys, `ShardDataset` seeds a fresh
+`torch.Generator` from `sample_seed` for the transform, so batches are identical with any
+number of workers and resuming at sample `start` of an epoch yields the tail of the
+uninterrupted epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from urbanseg import records
+from urbanseg.errors import UserError
+from urbanseg.labels import LabelSet
+
+Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample's augmentation (numpy's SeedSequence hash)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _decode_png(data: bytes, flags: int) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
+class ShardDataset(Dataset):
+    """One split of a shard folder (`<root>/<split>/` written by `urbanseg pack`).
+
+    `dataset[i]` (or `dataset[(i, sample_seed)]`, as `EpochSampler` yields) returns
+    {"image": uint8 tensor (3, H, W) RGB, "label": int64 tensor (H, W) class indices with
+    255 = ignore, "name": source stem str, "id": int record id == i}. `transform(image,
+    label uint8 (H, W), generator)` runs before the label becomes int64; a plain index gets
+    the generator of sample_seed(0, 0, i).
+
+    `.spec` is the split's spec.json, `.label_set` its LabelSet. File descriptors are opened
+    lazily per process, so the dataset is safe to use in forked DataLoader workers.
+    """
+
+    def __init__(self, root: Path | str, split: str, transform: Transform | None = None) -> None:
+        self.root, self.split, self.transform = Path(root), split, transform
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            have = sorted(p.parent.name for p in self.root.glob("*/spec.json"))
+            raise UserError(f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
+                            f"run `urbanseg pack --out {self.root}` with that split prepared")
+        self.spec = records.load_spec(split_dir)
+        self.label_set = LabelSet.from_dict(self.spec["label_set"])
+        self.paths = [split_dir / s["file"] for s in self.spec["shards"]]
+        shard, offset, length = [], [], []
+        for k, (path, info) in enumerate(zip(self.paths, self.spec["shards"])):
+            if not path.is_file():
+                raise UserError(f"shard {path} listed in {split_dir / 'spec.json'} is missing; re-run `urbanseg pack`")
+            index = records.read_index(path)
+            if len(index) != info["records"]:
+                raise UserError(f"{records.index_path(path)} lists {len(index)} records, spec.json {info['records']}; "
+                                f"rebuild it with urbanseg.records.build_index({str(path)!r}) or re-run `urbanseg pack`")
+            shard.append(np.full(len(index), k, np.int64))
+            offset.append(index[:, 0])
+            length.append(index[:, 1])
+        self._shard = np.concatenate(shard) if shard else np.zeros(0, np.int64)
+        self._offset = np.concatenate(offset) if offset else np.zeros(0, np.int64)
+        self._length = np.concatenate(length) if length else np.zeros(0, np.int64)
+        self._first = np.concatenate([[0], np.cumsum([s["records"] for s in self.spec["shards"]])])
+        if len(self._shard) != self.spec["data_length"]:
+            raise UserError(f"{split_dir / 'spec.json'}: data_length {self.spec['data_length']} but the shards "
+                            f"hold {len(self._shard)} records; re-run `urbanseg pack`")
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Descriptors are per process: a pickled copy (spawned worker) opens its own.
+        return {**self.__dict__, "_fds": {}, "_pid": -1}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", -1) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # first use in this process (e.g. a forked worker)
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def read_example(self, index: int) -> dict[str, list]:
+        """The decoded features of record `index` (CRCs checked), id checked against `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records in {self.root / self.split}")
+        k = int(self._shard[index])
+        local = index - int(self._first[k])
+        data = records.read_record(self._fd(k), int(self._offset[index]), int(self._length[index]),
+                                   record=local, name=self.paths[k])
+        example = records.decode_example(data)
+        if example.get("id") != [index]:
+            raise records.CorruptRecordError(f"{self.paths[k]}: record {local} has id {example.get('id')}, expected "
+                                             f"[{index}]: the shards and spec.json disagree; re-run `urbanseg pack`")
+        return example
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), None)
+        index = index + len(self) if index < 0 else index
+        example = self.read_example(index)
+        image, label = self._decode(example, index)
+        if self.transform is not None:
+            generator = torch.Generator().manual_seed(sample_seed(0, 0, index) if seed is None else seed)
+            image, label = self.transform(image, label, generator)
+        return {"image": image, "label": label.long(), "name": example["name"][0].decode(), "id": index}
+
+    def _decode(self, example: dict[str, list], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = int(self._shard[index])
+        where = f"{self.paths[k]}: record {index - int(self._first[k])}"
+        image = _decode_png(example["image_data"][0], cv2.IMREAD_COLOR_RGB)
+        label = _decode_png(example["label_data"][0], cv2.IMREAD_UNCHANGED)
+        if image is None or label is None or label.ndim != 2 or label.dtype != np.uint8:
+            raise records.CorruptRecordError(f"{where}: image_data or label_data is not a PNG of the expected kind "
+                                             "(RGB image, 8-bit single-channel label); re-run `urbanseg pack`")
+        if image.shape[:2] != label.shape or label.shape != (self.spec["height"], self.spec["width"]):
+            raise records.CorruptRecordError(f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
+                                             f"{label.shape[1]}x{label.shape[0]}, spec.json {self.spec['width']}x"
+                                             f"{self.spec['height']}; re-run `urbanseg pack`")
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+
+
+class EpochSampler(Sampler):
+    """This rank's share of an epoch, as `(index, sample_seed)` keys for ShardDataset.
+
+    The epoch order is a permutation of range(size) from (seed, epoch) (or range(size)
+    when shuffle=False); rank r takes order[r::world_size], so the ranks together cover
+    every index exactly once (no padding, no dropping: ranks may differ by one sample).
+    `set_epoch(epoch, start)` selects the epoch and skips the first `start` samples of this
+    rank's order (resume mid-epoch); call it before every epoch (start resets to 0 only
+    through it).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if size < 0 or seed < 0 or world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"EpochSampler: need size >= 0, seed >= 0 and 0 <= rank < world_size, got size={size} "
+                            f"seed={seed} rank={rank} world_size={world_size}")
+        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if epoch < 0 or not 0 <= start <= len(self.order(epoch)):
+            raise UserError(f"EpochSampler.set_epoch: epoch {epoch} must be >= 0 and start {start} within this "
+                            f"rank's {len(self.order(max(epoch, 0)))} samples")
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices for `epoch` (default: the current one), int64 (n,), before `start`."""
+        epoch = self.epoch if epoch is None else epoch
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
+        return perm[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.order()[self.start:].tolist():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size)) - self.start
+
+
+def _init_worker(worker_id: int) -> None:
+    cv2.setNumThreads(1)  # one thread per worker: the workers are the parallelism
+
+
+def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, workers: int = 2, seed: int = 0,
+                 epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
+                 augment: dict[str, Any] | bool | None = None, drop_last: bool = False,
+                 pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader over `<root>/<split>` yielding {"image": uint8 (N, 3, H, W), "label":
+    int64 (N, H, W), "name": list[str], "id": int64 (N,)}.
+
+    train=True shuffles (per seed and epoch) and augments (`augment`: None/True -> the
+    `transforms.Augment` defaults, a dict -> Augment(**augment), False -> none);
+    train=False keeps file order and never augments. `start` is the number of this rank's
+    samples of `epoch` already consumed. For the next epoch call
+    `loader.sampler.set_epoch(epoch + 1)` before iterating again (workers persist).
+    """
+    from urbanseg.transforms import Augment, TrainTransform
+
+    transform = None
+    if train and augment is not False:
+        transform = TrainTransform(Augment(**augment) if isinstance(augment, dict) else Augment())
+    dataset = ShardDataset(root, split, transform)
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size)
+    sampler.set_epoch(epoch, start)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      persistent_workers=workers > 0, worker_init_fn=_init_worker,
+                      prefetch_factor=2 if workers > 0 else None)
