@@ -156,6 +156,7 @@ def test_image_scores_match_one_matrix_per_image_and_handle_empty_images():
     assert scores[2] == {"miou": None, "pixel_accuracy": None, "pixels": 0}
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         image_scores(pred[0], gt[0], 5)
+    assert image_scores(pred[:0], gt[:0], 5) == []
 
 
 def test_bad_ground_truth_and_shape_errors_name_the_values():

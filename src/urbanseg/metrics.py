@@ -251,6 +251,8 @@ def image_scores(pred: Any, target: Any, num_classes: int, ignore_index: int = I
         raise ValueError(
             f"image_scores needs a batch shaped (N, H, W), got {tuple(target.shape)}; wrap one image as x[None]"
         )
+    if target.shape[0] == 0:
+        return []
     counts = pair_counts(pred, target, num_classes, ignore_index, batch=True)
     _check_target(counts, target, num_classes, ignore_index)
     counts = counts.cpu().numpy() if _is_tensor(counts) else counts
