@@ -276,3 +276,18 @@ def test_size_mismatch_is_reported(tmp_path):
     cv2.imwrite(str(image), np.zeros((16, 30, 3), np.uint8))
     with pytest.raises(UserError, match=r"is 30x16 .* the manifest says 32x16"):
         records.pack(PackConfig(prepared=prepared, out=tmp_path / "s"))
+
+
+def test_synth_prepare_pack_end_to_end(tmp_path):
+    """The real upstream stages: `urbanseg synth` -> `prepare` -> `pack`, then verify."""
+    raw, prepared, out = tmp_path / "raw", tmp_path / "prepared", tmp_path / "shards"
+    assert main(["synth", "--out", str(raw), "--train", "3", "--val", "2", "--size", "256x128", "--workers", "1"]) == 0
+    assert main(["prepare", "--data", str(raw), "--out", str(prepared), "--size", "64x32", "--workers", "1"]) == 0
+    assert main(["pack", "--prepared", str(prepared), "--out", str(out), "--shards", "2"]) == 0
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    for split, n in (("train", 3), ("val", 2)):
+        spec = records.load_spec(out / split)
+        assert (spec["width"], spec["height"], spec["data_length"]) == (64, 32, n)
+        assert spec["pixel_counts"] == manifest["splits"][split]["pixel_counts"]
+        assert records.verify_shards(out / split, progress=False)["records"] == n
+    assert (out / "train").stat().st_mode & 0o755 == 0o755  # not left private like a temp folder

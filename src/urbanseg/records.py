@@ -302,7 +302,8 @@ def _load_manifest(prepared: Path) -> dict[str, Any]:
 
 def _split_pairs(prepared: Path, split: str, info: dict[str, Any]) -> list[tuple[str, Path, Path]]:
     """[(stem, image path, label path)] of a prepared split sorted by stem; UserError listing
-    the stems of the manifest whose files are missing. Stems may be "<stem>" or "<city>/<stem>"."""
+    the stems of the manifest whose files are missing. Entries come from the manifest's
+    "files" ("<city>/<stem>") when present, else its "stems" (looked up under the cities)."""
     images, labels = prepared / "images" / split, prepared / "labels" / split
     by_stem: dict[str, Path] = {}
     for p in sorted(images.glob("*/*.png")):
@@ -310,7 +311,7 @@ def _split_pairs(prepared: Path, split: str, info: dict[str, Any]) -> list[tuple
             raise UserError(f"stem {p.stem!r} appears in two cities: {by_stem[p.stem]} and {p}")
         by_stem[p.stem] = p.relative_to(images)
     pairs, missing = [], []
-    for stem in sorted(info["stems"], key=lambda s: Path(s).name):
+    for stem in sorted(info.get("files") or info["stems"], key=lambda s: Path(s).name):
         rel = Path(f"{stem}.png") if "/" in stem else by_stem.get(stem)
         if rel is None or not (images / rel).is_file() or not (labels / rel).is_file():
             missing.append(stem)
@@ -373,6 +374,16 @@ def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, in
     return shards
 
 
+def _make_readable(folder: Path) -> None:
+    """Give the folder and its files the umask's usual modes (mkdtemp/mkstemp make them
+    private, 0700/0600), so shards packed for a team are readable by it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def _swap_in(stage: Path, final: Path) -> None:
     """Replace the folder `final` by `stage` with two renames (the old one is then deleted)."""
     import shutil
@@ -417,7 +428,10 @@ def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: in
                          "width": "int64"},
             "shards": shard_list, "prepared": str(prepared.resolve()), "data": manifest.get("data"), "pack": config,
         }
-        atomic_write_text(stage / "spec.json", json.dumps(spec, indent=2) + "\n")
+        # one key per line, values compact: readable without a 300-line palette
+        atomic_write_text(stage / "spec.json", "{\n" + ",\n".join(
+            f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in spec.items()) + "\n}\n")
+        _make_readable(stage)
         _swap_in(stage, out / split)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
