@@ -353,7 +353,8 @@ def test_size_mismatch_and_wrong_mode_write_nothing(raw, tmp_path, capsys):
     _, _, _, image, ids, _ = next(raw_pairs(raw))
     Image.open(image).resize((60, 30)).save(image)
     assert prepare(raw, tmp_path / "out") == 2
-    assert f"{image} is 60x30 but {ids} is 64x32" in _err(capsys)
+    err = _err(capsys)
+    assert f"{image} is 60x30 but {ids} is 64x32" in err and "found before writing: nothing was written" in err
     assert not (tmp_path / "out").exists()
     Image.open(image).resize(RAW_SIZE).save(image)
     Image.open(ids).convert("RGB").save(ids)

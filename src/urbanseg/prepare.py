@@ -368,10 +368,12 @@ def _write_if_changed(path: Path, text: str) -> None:
         util.atomic_write_text(path, text)
 
 
-def _report_errors(errors: list[str], total: int, written: int) -> UserError:
+def _report_errors(errors: list[str], total: int, *, before_writing: bool) -> UserError:
     shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-    return UserError(f"{len(errors)} of {total} pairs could not be prepared (nothing written for them, no "
-                     f"{MANIFEST}; the {written} pairs written are kept and skipped next time):\n  {shown}")
+    state = ("found before writing: nothing was written" if before_writing else
+             f"nothing was written for them and there is no {MANIFEST}; the pairs that were prepared are kept "
+             "and skipped by the next run")
+    return UserError(f"{len(errors)} of {total} pairs cannot be prepared ({state}). Fix these and run again:\n  {shown}")
 
 
 def _find_splits(config: PrepareConfig, data: Path, out: Path) -> dict[str, list[Pair]]:
@@ -402,7 +404,7 @@ def _check_headers(todo: list[Pair], total: int, source: str, workers: int) -> N
                                workers=workers if len(todo) > 500 else 1, desc="check") if todo else []
     bad = [c for c in checks if c]
     if bad:
-        raise _report_errors(bad, total, 0)
+        raise _report_errors(bad, total, before_writing=True)
 
 
 def prepare(config: PrepareConfig) -> None:
@@ -435,7 +437,7 @@ def prepare(config: PrepareConfig) -> None:
     errors = [o.error for o in outcomes if o.error]
     written = sum(o.written for o in outcomes)
     if errors:
-        raise _report_errors(errors, len(every), written)
+        raise _report_errors(errors, len(every), before_writing=False)
     _remove(stale)
     entries = {split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
                for split, pairs in splits.items()}
