@@ -328,14 +328,12 @@ def measure_latency(names: Iterable[str], size: tuple[int, int], *, repeats: int
             proc = ctx.Process(target=_latency_worker, args=(n, size, threads, child), daemon=True)
             proc.start()
             workers[n] = (proc, conn)
+            _receive(conn, n, size)  # started one after another: imports are heavy on a small machine
         with tqdm(total=(warmup + repeats) * len(names), desc=desc, dynamic_ncols=True) as bar:
             for r in range(warmup + repeats):
                 for n in names:
                     workers[n][1].send(True)
-                    try:
-                        ms = workers[n][1].recv()
-                    except EOFError:
-                        raise RuntimeError(f"the latency worker for {n} died (out of memory at {size}?)") from None
+                    ms = _receive(workers[n][1], n, size)
                     if r >= warmup:
                         times[n].append(ms)
                     bar.update()
@@ -349,11 +347,19 @@ def measure_latency(names: Iterable[str], size: tuple[int, int], *, repeats: int
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def _receive(conn: Any, name: str, size: tuple[int, int]) -> Any:
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError(f"the latency worker for {name} at {size} died (out of memory?)") from None
+
+
 def _latency_worker(name: str, size: tuple[int, int], threads: int, conn: Any) -> None:
     """Build `name`, then time one forward pass per request until told to stop."""
     torch.set_num_threads(threads)
     model = create_model(name, 8).eval()
     x = torch.randint(0, 256, (1, 3, size[1], size[0]), dtype=torch.uint8).float()
+    conn.send(None)  # ready
     with torch.inference_mode():
         while conn.recv():
             start = time.perf_counter()
