@@ -66,14 +66,17 @@ def evaluate(cfg: EvaluateConfig) -> int:
     result = state.confusion.compute()
     official = state.official.compute() if state.official is not None else None
     out = run / "eval" / cfg.split
-    info = _info(cfg, ckpt, ckpt_path, shards, dataset, device, seconds, state)
+    info = _info(cfg, ckpt, ckpt_path, shards, dataset, device, seconds, state, raw)
     title = f"Evaluation of {run.name} on {cfg.split}" + (" (full resolution)" if raw else "")
     paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
                          header=_header(info), per_image=state.per_image, picks=state.picks(), info=info,
                          official=official)
     print(format_table(result, label_set.classes))
-    print(f"pixel accuracy {_fmt(result['pixel_accuracy'])}, mean accuracy {_fmt(result['mean_accuracy'])}"
-          + (f", official mean category IoU {_fmt(official.get('mean_category_iou'))}" if official else ""))
+    summary = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
+    for key in ("mean_class_iou", "mean_category_iou"):
+        if official and key in official:
+            summary.append(f"official {key.replace('_', ' ')} {_fmt(official[key])}")
+    print(", ".join(summary))
     print(f"{len(dataset)} images in {seconds:.1f} s; report: {paths['html']} (open it in a browser), "
           f"{paths['markdown']}; every figure in {paths['metrics']}")
     return 0
@@ -370,7 +373,6 @@ def _cpu_name() -> str:
 
 def environment(device: Any) -> dict[str, Any]:
     """Hardware and versions for the report header: CPU model and cores, GPU name."""
-    import os
     import sys
 
     import torch
@@ -381,12 +383,11 @@ def environment(device: Any) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else None
     return {"cpu": _cpu_name(), "cpu_cores": default_workers(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "gpu": gpu, "urbanseg": __version__, "torch": torch.__version__,
-            "python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform(),
-            "host": os.uname().nodename if hasattr(os, "uname") else platform.node()}
+            "python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform()}
 
 
 def _info(cfg: EvaluateConfig, ckpt: dict, ckpt_path: Path, shards: Path, dataset: Any, device: Any,
-          seconds: float, state: EvalState) -> dict[str, Any]:
+          seconds: float, state: EvalState, raw: RawTruth | None) -> dict[str, Any]:
     """Everything metrics.json records about how the figures were made."""
     from datetime import datetime
 
@@ -400,7 +401,7 @@ def _info(cfg: EvaluateConfig, ckpt: dict, ckpt_path: Path, shards: Path, datase
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
         "label_set": dataset.label_set.name,
-        "data": {"shards": str(shards), "raw": raw_data_root(spec, shards / cfg.split).as_posix() if cfg.full_res else None},
+        "data": {"shards": str(shards), "raw": raw.root.as_posix() if raw else None},
         "checkpoint": {"path": str(ckpt_path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
                        "model": ckpt.get("model"), "input_size": ckpt.get("input_size"),
                        "metrics_at_save": ckpt.get("metrics")},
