@@ -9,6 +9,8 @@ from urbanseg.cli import main
 from urbanseg.export import export_onnx, probe_picture
 from urbanseg.models import DEFAULT_MODEL, MODELS, create_model
 
+from test_predict import SIZE, diversify_head, make_checkpoint
+
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -22,11 +24,12 @@ FAMILIES = [n if n in (DEFAULT_MODEL, "unet-original") else pytest.param(n, mark
 def test_every_model_exports_with_dynamic_size_and_agrees(name, tmp_path):
     torch.manual_seed(0)
     kwargs = {"base_channels": 4} if name == "unet-original" else {}
-    model = create_model(name, 8, **kwargs).eval()
+    model = diversify_head(create_model(name, 8, **kwargs).eval())
     path = tmp_path / "m.onnx"
     export_onnx(model, path, (64, 32), opset=18, dynamic=True, metadata={"k": 1})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # The export size, a larger multiple of 32 and sizes that need padding to the stride.
+    seen = set()
     for k, (w, h) in enumerate([(64, 32), (128, 96), (83, 45), (50, 70)]):
         x = np.concatenate([probe_picture(w, h, seed=k), probe_picture(w, h, seed=k + 10)])
         with torch.inference_mode():
@@ -34,12 +37,12 @@ def test_every_model_exports_with_dynamic_size_and_agrees(name, tmp_path):
         got = session.run(None, {"image": x})[0]
         assert got.shape == ref.shape == (2, 8, h, w)
         assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.999
+        seen.update(np.unique(ref.argmax(1)).tolist())
         assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert len(seen) >= 3  # several classes predicted: the agreement means something
 
 
 def test_cli_export_metadata_and_fixed_size(tmp_path):
-    from test_predict import SIZE, make_checkpoint
-
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt")
     assert main(["export", "--run", str(tmp_path / "run")]) == 0
     proto = onnx.load(str(tmp_path / "run" / "best.onnx"))
