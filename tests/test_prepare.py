@@ -444,3 +444,27 @@ def test_synth_then_prepare_end_to_end(tmp_path):
         np.testing.assert_array_equal(got, expected)
     manifest = json.loads((tmp_path / "labelIds" / "manifest.json").read_text())
     assert {s: e["count"] for s, e in manifest["splits"].items()} == {"train": 2, "val": 1}
+
+
+def test_repeated_calls_with_worker_processes_do_not_hang(tmp_path):
+    """prepare() with forked workers from a process whose OpenCV thread pool has been busy
+    (a user's script, or an earlier in-process run): a worker that touches the inherited
+    pool (cv2.setNumThreads) waits forever, so the run is given a timeout."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import cv2, numpy as np
+from cityscapes_fixture import write_raw_cityscapes
+from urbanseg.cli import main
+root = Path({str(tmp_path)!r})
+write_raw_cityscapes(root / "raw", {{"train": 4}}, size=(128, 64))
+big = np.random.default_rng(0).integers(0, 256, (1024, 2048, 3), dtype=np.uint8)
+for _ in range(6):
+    for _ in range(5):
+        cv2.resize(big, (512, 256), interpolation=cv2.INTER_AREA)
+    assert main(["prepare", "--data", str(root / "raw"), "--out", str(root / "out"), "--workers", "2",
+                 "--overwrite", "--splits", "train"]) == 0
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -60,8 +60,6 @@ class Job:
     size: tuple[int, int]
     source: str
     label_set: LabelSet
-    # In worker processes OpenCV's own threads only compete with the other workers.
-    single_threaded: bool = False
 
 
 class Outcome(NamedTuple):
@@ -174,10 +172,8 @@ def _existing_counts(pair: Pair, job: Job) -> np.ndarray | None:
 
 def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
     """Prepare one pair, or keep its outputs when they are newer than both inputs."""
-    if job.single_threaded:
-        import cv2
-
-        cv2.setNumThreads(1)
+    # No cv2.setNumThreads(1) here: in a forked worker it waits forever on the parent's
+    # thread-pool state (seen in gdb: pthread_cond_destroy). OpenCV itself copes with fork.
     if not redo and _is_up_to_date(pair):
         counts = _existing_counts(pair, job)
         if counts is not None:
@@ -431,7 +427,7 @@ def prepare(config: PrepareConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
     _save_config(config, out)
-    job = Job(size, config.source, label_set, single_threaded=workers > 1 and len(every) > 1)
+    job = Job(size, config.source, label_set)
     outcomes = util.progress_map(functools.partial(process_pair, job=job, redo=config.overwrite), every,
                                  workers=workers, desc="prepare")
     errors = [o.error for o in outcomes if o.error]
