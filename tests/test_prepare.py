@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -466,5 +467,12 @@ for _ in range(6):
     assert main(["prepare", "--data", str(root / "raw"), "--out", str(root / "out"), "--workers", "2",
                  "--overwrite", "--splits", "train"]) == 0
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung workers too, not only their parent
+        proc.communicate()
+        pytest.fail("prepare with --workers 2 hung")
+    assert proc.returncode == 0, err[-2000:]
