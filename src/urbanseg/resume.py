@@ -136,46 +136,41 @@ class LoopState:
 
 
 def payload(t: Any, st: LoopState, *, with_train_state: bool) -> dict[str, Any]:
-    """A self-describing checkpoint (see the contract in urbanseg.checkpoint). Collective
-    under torchrun: every process must call it (RNG states are gathered on rank 0)."""
-    from urbanseg import __version__
-    rngs = dist_.gather_to_main(rng_state()) if with_train_state else None
-    spec = t.train_set.spec
-    out = {
-        "format_version": getattr(checkpoint_api(), "FORMAT_VERSION", 1),
-        "urbanseg_version": __version__,
-        "model": t.raw.model_args,
-        "model_state": t.raw.state_dict(),
-        "label_set": t.label_set.to_dict(),
-        "input_size": [int(spec["width"]), int(spec["height"])],
-        "normalization": {"mean": t.raw.mean.flatten().tolist(), "std": t.raw.std.flatten().tolist()},
-        "config": config_dict(t.config),
-        "step": st.step,
-        "epoch": st.epoch,
-        "metrics": dict(st.last_val or {}),
-    }
+    """A self-describing checkpoint (`urbanseg.checkpoint.build_payload`), with the full
+    training state for last.pt. Collective under torchrun: every process must call it
+    (each one's RNG states are gathered on rank 0)."""
+    from urbanseg.checkpoint import build_payload
+
+    train_state = None
     if with_train_state:
-        out["train_state"] = {
+        train_state = {
             "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(), "rng": rngs, "world_size": t.info.world_size,
+            "scaler": t.scaler.state_dict(), "rng": dist_.gather_to_main(rng_state()),
+            "world_size": t.info.world_size,
             **{k: v for k, v in dataclasses.asdict(st).items() if k != "last_val"},
             "samples_in_epoch": st.step_in_epoch * t.config.batch_size,
         }
-    return out
+    spec = t.train_set.spec
+    return build_payload(t.raw, label_set=t.label_set, input_size=[spec["width"], spec["height"]],
+                         config=config_dict(t.config), step=st.step, epoch=st.epoch, metrics=st.last_val or {},
+                         train_state=train_state)
 
 
 def save(t: Any, st: LoopState, name: str, *, with_train_state: bool = True) -> None:
+    from urbanseg.checkpoint import save_checkpoint
+
     data = payload(t, st, with_train_state=with_train_state)
     if t.info.is_main:
-        checkpoint_api().save_checkpoint(t.config.run / name, data)
+        save_checkpoint(t.config.run / name, data)
 
 
 def restore(t: Any, path: Path) -> LoopState:
     """Load last.pt into the trainer (weights, optimizer, scheduler, scaler, RNG) and
     return the loop position it was saved at."""
+    from urbanseg.checkpoint import load_checkpoint
     from urbanseg.labels import LabelSet
 
-    ckpt = checkpoint_api().load_checkpoint(path, map_location=t.device)
+    ckpt = load_checkpoint(path, map_location=t.device)
     if LabelSet.from_dict(ckpt["label_set"]).classes != t.label_set.classes:
         raise UserError(f"--resume: {path} was trained on classes {ckpt['label_set'].get('classes')}, but "
                         f"{t.config.data} holds {list(t.label_set.classes)}; resume with the run's own data")
@@ -194,29 +189,3 @@ def restore(t: Any, path: Path) -> LoopState:
     fields = {f.name for f in dataclasses.fields(LoopState)}
     return LoopState(**{k: v for k, v in ts.items() if k in fields}, last_val=ckpt.get("metrics") or None)
 
-
-def checkpoint_api() -> Any:
-    """urbanseg.checkpoint, or an INTERIM stand-in while that module is being written (DELETE)."""
-    try:
-        from urbanseg import checkpoint
-
-        return checkpoint
-    except ImportError:
-        return _InterimCheckpoint
-
-
-class _InterimCheckpoint:  # INTERIM: delete when urbanseg/checkpoint.py lands
-    FORMAT_VERSION = 1
-
-    @staticmethod
-    def save_checkpoint(path: Path, payload: dict) -> None:
-        from urbanseg.util import atomic_path
-
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-
-    @staticmethod
-    def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
-        if not Path(path).is_file():
-            raise UserError(f"checkpoint {path} not found")
-        return torch.load(path, map_location=map_location, weights_only=True)

@@ -72,7 +72,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise UserError(f"{config.run} already holds a training run; continue it with --resume, or choose a new --run")
     model, model_args = config.model, config.model_args
     if config.init is not None:
-        arch = rs.checkpoint_api().load_checkpoint(config.init)["model"]
+        from urbanseg.checkpoint import load_checkpoint
+
+        arch = load_checkpoint(config.init)["model"]
         kwargs = {k: v for k, v in arch["kwargs"].items() if k != "num_classes"}
         if model not in (None, arch["name"]):
             raise UserError(f"--model {model} but --init {config.init} holds a {arch['name']}; drop --model")
@@ -123,21 +125,23 @@ def build_model(config: TrainConfig, label_set: Any) -> nn.Module:
 
 
 def load_init_weights(model: nn.Module, path: Path, label_set: Any, new_head: bool) -> None:
+    """--init: every weight of checkpoint `path`; the head too unless the class count
+    differs or `new_head`. The same count with other class names needs `new_head`."""
+    from urbanseg.checkpoint import load_checkpoint, load_pretrained
     from urbanseg.labels import LabelSet
 
-    ckpt = rs.checkpoint_api().load_checkpoint(path)
+    ckpt = load_checkpoint(path)
     old = LabelSet.from_dict(ckpt["label_set"]).classes
     if old != label_set.classes and len(old) == len(label_set.classes) and not new_head:
         raise UserError(f"--init {path} was trained on classes {list(old)}, the data has {list(label_set.classes)}: "
                         f"same count, different classes. Pass --new-head to fine-tune with a new head")
-    state = ckpt["model_state"]
-    if new_head or len(old) != len(label_set.classes):
-        state = {k: v for k, v in state.items() if not k.startswith(model.head_prefixes)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(model.head_prefixes)]
-    if missing or unexpected:
-        raise UserError(f"--init {path} does not fit {model.model_args}: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+    if new_head:
+        ckpt = {**ckpt, "model_state": {k: v for k, v in ckpt["model_state"].items()
+                                        if not k.startswith(model.head_prefixes)}}
+    report = load_pretrained(model, ckpt)
+    if report.skipped:
+        print(f"--init {path}: new {label_set.num_classes}-class head, {len(report.loaded)} tensors loaded",
+              file=sys.stderr)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -397,6 +401,8 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
 
     t = setup(config, info, device)
     last = config.run / "last.pt"
+    if info.is_main and config.resume:
+        remove_stale_temporaries(config.run)
     st = restore(t, last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
         cfg.save(config, config.run / "config.yaml")
@@ -417,6 +423,13 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
     if info.is_main:
         report(t, st, reason)
     return EXIT_INTERRUPTED if reason == "interrupted" else 0
+
+
+def remove_stale_temporaries(run: Path) -> None:
+    """Temporary files of writes a killed process never renamed (util.atomic_path names)."""
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):
+        for tmp in run.glob(f".{name}.*.tmp*"):
+            tmp.unlink(missing_ok=True)
 
 
 def report(t: Trainer, st: LoopState, reason: str) -> None:

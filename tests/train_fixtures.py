@@ -1,0 +1,47 @@
+"""Tiny TFRecord shards and command lines shared by the training tests.
+
+The shards go through the real pipeline (`urbanseg synth` -> `prepare` -> `pack`) at 64x32;
+11 training images make a torchrun split over 2 processes uneven (6 + 5) on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from urbanseg.config import PackConfig, PrepareConfig, SynthConfig
+
+TINY_MODEL = ["--model", "unet-original", "--model-args", json.dumps({"base_channels": 4})]
+
+
+def make_shards(root: Path, *, train: int = 11, val: int = 5, labels: str = "categories8") -> Path:
+    """Synthetic scenes -> 64x32 prepared pairs -> 2 shards per split; returns the shard folder."""
+    from urbanseg.prepare import prepare
+    from urbanseg.records import pack
+    from urbanseg.synth import synthesize
+
+    raw, prepared, shards = root / "raw", root / f"prepared-{labels}", root / f"shards-{labels}"
+    if not raw.exists():
+        synthesize(SynthConfig(out=raw, train=train, val=val, size="128x64", seed=1, workers=1))
+    prepare(PrepareConfig(data=raw, out=prepared, labels=labels, size="64x32", splits=["train", "val"], workers=1))
+    pack(PackConfig(prepared=prepared, out=shards, shards=2, splits=["train", "val"]))
+    return shards
+
+
+def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
+    """`urbanseg train` arguments for a tiny, quick, deterministic CPU run."""
+    return ["train", "--data", str(shards), "--run", str(run), *TINY_MODEL, "--batch-size", "4",
+            "--workers", "0", "--deterministic", "--log-every", "1", *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    # one thread per process: the tests share 2 cores with everything else
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "urbanseg", *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env())
