@@ -128,24 +128,32 @@ def gallery_picture(
         ("image", _shrink(image, max_panel_width, nearest=False)),
         ("ground truth", _shrink(label_set.colorize(label, IGNORE_COLOR), max_panel_width, nearest=True)),
         ("prediction", _shrink(label_set.colorize(pred, IGNORE_COLOR), max_panel_width, nearest=True)),
-        ("errors (red: wrong, grey: ignored)", _shrink(error_map(image, label, pred, ignore), max_panel_width, True)),
+        ("errors", _shrink(error_map(image, label, pred, ignore), max_panel_width, nearest=True)),
     ]
     h, w = panels[0][1].shape[:2]
-    legend_rows = math.ceil((label_set.num_classes + 2) / 10)
-    fig = _figure(4 * w + 50, h + 70 + 22 * legend_rows)
-    top, bottom = 1 - 55 / fig.bbox.height, (14 + 22 * legend_rows) / fig.bbox.height
+    # Text scales with the panels so it stays legible when a browser fits the picture
+    # to its width; sizes in points, 1 pt = 100/72 px at dpi 100.
+    fs = float(np.clip(w / 40, 8, 14))
+    px = 100 / 72
+    names = [*label_set.classes, "wrong", "ignored"]
+    entry = 0.85 * fs * px * (0.6 * max(map(len, names)) + 3.5)  # a legend entry's width in px, roughly
+    ncol = int(np.clip((4 * w + 50) // entry, 1, 10))
+    legend_rows = math.ceil(len(names) / ncol)
+    head, foot = 2.9 * fs * px + 12, legend_rows * 1.9 * 0.85 * fs * px + 10
+    fig = _figure(4 * w + 50, h + head + foot)
+    top, bottom = 1 - head / fig.bbox.height, foot / fig.bbox.height
     for k, (name, panel) in enumerate(panels):
         ax = fig.add_axes((0.01 + k * 0.245, bottom, 0.235, top - bottom))
         ax.imshow(panel, interpolation="nearest")
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=fs)
         ax.set_axis_off()
-    fig.suptitle(title, fontsize=12, y=1 - 8 / fig.bbox.height, va="top")
+    fig.suptitle(title, fontsize=1.2 * fs, y=1 - 6 / fig.bbox.height, va="top")
     handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n)
                for n, c in zip(label_set.classes, label_set.palette)]
     handles += [Patch(facecolor=np.asarray(ERROR_COLOR) / 255, label="wrong"),
                 Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, label="ignored")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(10, len(handles)), fontsize=8, frameon=False,
-               handlelength=1.2, columnspacing=1.0)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=0.85 * fs, frameon=False,
+               handlelength=1.2, columnspacing=1.0, borderaxespad=0.3)
     _save_figure(fig, path)
 
 
