@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} {size_text}: torch {torch_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms", file=sys.stderr)
     import torch
 
-    print(f"\nCPU, batch 1, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"ratios to {REFERENCE} at the same size and runtime (lower is faster)\n")
+    import onnxruntime
+    import os
+
+    print(f"\nCPU, batch 1, torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
+          f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end; ratios to {REFERENCE} "
+          "at the same size and runtime (lower is faster)\n")
     print("| model | size | PyTorch ms | ONNX Runtime ms | PyTorch / unet-original | ORT / unet-original | ORT / PyTorch |")
     print("|-|-|-|-|-|-|-|")
     for name, size_text, t, o, rt, ro, ot in rows:

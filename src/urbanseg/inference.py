@@ -281,9 +281,11 @@ def segment_tiled(
     ys, xs = tile_starts(H, th, overlap), tile_starts(W, tw, overlap)
     out = np.empty((H, W), np.uint8)
     band: np.ndarray | None = None  # (th, W, C) sums for image rows [y, y + th)
+    bar = _window_bar(len(ys) * len(xs))
     for r, y in enumerate(ys):
         crops = [image[y : y + th, x : x + tw] for x in xs]
         logits = _window_logits(predictor, crops, batch_size)
+        bar.update(len(xs))
         if band is None:
             band = np.zeros((th, W, logits[0].shape[0]), np.float32)
         for x, lg in zip(xs, logits):
@@ -292,7 +294,15 @@ def segment_tiled(
         out[y : y + done] = _argmax(band[:done])
         band[: th - done] = band[done:].copy()
         band[th - done :] = 0.0
+    bar.close()
     return out
+
+
+def _window_bar(total: int) -> Any:
+    """A progress bar over the windows of one image, only when there are many of them."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="tiles", unit="win", leave=False, disable=total < 32)
 
 
 def _window_logits(predictor: Predictor, crops: list[np.ndarray], batch_size: int) -> list[np.ndarray]:

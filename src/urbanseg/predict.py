@@ -183,7 +183,6 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
         target = job.prefix.with_name(f"{job.prefix.name}_overlay.mp4")
-        frames_done = 0
         with atomic_path(target) as tmp:
             writer: Any = None
             with tqdm(total=total, desc=job.source.name, unit="frame") as bar:
@@ -199,7 +198,6 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
                     for frame, lab in zip(batch, _segment(cfg, predictor, batch)):
                         mixed = overlay(frame, predictor.label_set.colorize(lab), cfg.alpha)
                         writer.write(np.ascontiguousarray(mixed[..., ::-1]))
-                    frames_done += len(batch)
                     bar.update(len(batch))
             if writer is None:
                 raise ValueError(f"{job.source} has no readable frames")
