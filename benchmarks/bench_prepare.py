@@ -2,8 +2,8 @@
 side in one run:
 
 1. per-image steps: decoding (OpenCV vs PIL), anti-aliased resizing (cv2.INTER_AREA vs
-   PIL's reduce, BOX and LANCZOS), label mapping order (lookup at full size then
-   nearest resize, vs nearest resize then lookup) and the colour lookup;
+   PIL's reduce, BOX and LANCZOS), the label lookups (prepare's vs LabelSet's numpy
+   ones, and mapping after the resize, which would leave most pixels unchecked);
 2. the whole command with --workers 1 and --workers 2 (fresh output folders), and a
    re-run where every pair is up to date.
 
@@ -35,7 +35,7 @@ from cityscapes_fixture import write_raw_cityscapes  # noqa: E402
 
 from urbanseg.config import PrepareConfig  # noqa: E402
 from urbanseg.labels import get_label_set  # noqa: E402
-from urbanseg.prepare import prepare, resize_labels  # noqa: E402
+from urbanseg.prepare import classes_from_bgr, classes_from_ids, prepare, resize_labels  # noqa: E402
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -57,7 +57,7 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
     rgb = cv2.imread(str(image_path), cv2.IMREAD_COLOR)[..., ::-1].copy()
     pil = Image.fromarray(rgb)
     ids = np.asarray(Image.open(ids_path))
-    colors = cv2.imread(str(color_path), cv2.IMREAD_COLOR)[..., ::-1]
+    bgr = cv2.imread(str(color_path), cv2.IMREAD_COLOR)
     ls = get_label_set("categories8")
     lut = ls.id_lut()
     return [
@@ -67,9 +67,11 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
         ("resize image: PIL reduce(4)", best_ms(lambda: pil.reduce(4), repeat)),
         ("resize image: PIL BOX", best_ms(lambda: pil.resize(size, Image.BOX), repeat)),
         ("resize image: PIL LANCZOS", best_ms(lambda: pil.resize(size, Image.LANCZOS), repeat)),
-        ("labelIds: lookup full + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
-        ("labelIds: nearest + lookup (unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
-        ("color: lookup full + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_colors(colors), size), repeat)),
+        ("labelIds: cv2.LUT full size + nearest (used)", best_ms(lambda: resize_labels(classes_from_ids(ids, ls), size), repeat)),
+        ("labelIds: LabelSet.labels_from_ids full + nearest", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
+        ("labelIds: nearest + lookup (leaves pixels unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
+        ("color: BGRA-as-uint32 lookup + nearest (used)", best_ms(lambda: resize_labels(classes_from_bgr(bgr, ls), size), repeat)),
+        ("color: LabelSet.labels_from_colors + nearest", best_ms(lambda: resize_labels(ls.labels_from_colors(bgr[..., ::-1]), size), repeat)),
     ]
 
 
