@@ -76,7 +76,7 @@ class BadFile(ValueError):
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 for size (w, h), anti-aliased.
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 for size (w, h), anti-aliased (any channel order).
 
     cv2.INTER_AREA averages the source pixels under each output pixel when shrinking
     (measured as fast as PIL's reduce and ~10x faster than LANCZOS, see
@@ -202,16 +202,17 @@ def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
         if counts is not None:
             return Outcome(False, counts, None)
     try:
-        rgb = read_bgr(pair.image)[..., ::-1]
+        bgr = read_bgr(pair.image)
         classes = read_labels(pair.label, job.source, job.label_set)
-        if rgb.shape[:2] != classes.shape:
-            raise BadFile(f"{pair.image} is {rgb.shape[1]}x{rgb.shape[0]} but {pair.label} is "
+        if bgr.shape[:2] != classes.shape:
+            raise BadFile(f"{pair.image} is {bgr.shape[1]}x{bgr.shape[0]} but {pair.label} is "
                           f"{classes.shape[1]}x{classes.shape[0]}; an image and its annotation must match")
     except BadFile as e:
         return Outcome(False, None, str(e))
-    small = np.ascontiguousarray(resize_image(rgb, job.size))
+    small = np.ascontiguousarray(resize_image(bgr, job.size)[..., ::-1])  # BGR -> RGB at the small size
     labels = resize_labels(classes, job.size)
-    # Labels first: an image without its label is an incomplete pair, never mistaken for done.
+    # A pair counts as done only when both files exist and are newer than its inputs, so a
+    # run stopped between these two writes redoes the pair.
     util.save_png(pair.out_label, labels)
     util.save_png(pair.out_image, small)
     return Outcome(True, np.bincount(labels.ravel(), minlength=256), None)
