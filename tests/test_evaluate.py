@@ -54,6 +54,9 @@ def _predictions(run: Path, shards: Path, split: str = "val", full_res_raw: Path
         (ids_path,) = (full_res_raw / "gtFine" / split).glob(f"*/{item['name']}_gtFine_labelIds.png")
         ids = np.asarray(Image.open(ids_path))
         inst = np.asarray(Image.open(str(ids_path).replace("labelIds", "instanceIds")))
+        # Bilinear in channels-last layout, as evaluate does: NCHW differs by float rounding
+        # (~1e-6), enough to flip an argmax at a near-tie now and then.
+        logits = logits.contiguous(memory_format=torch.channels_last)
         up = F.interpolate(logits, size=ids.shape, mode="bilinear", align_corners=False)
         out.append((item["name"], up.argmax(1)[0].numpy(), LS.labels_from_ids(ids), ids, inst))
     return out

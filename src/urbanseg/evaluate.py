@@ -334,14 +334,18 @@ def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set
 
 def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
     """Per image (raw sizes may differ): upsample the logits, argmax, score at full size."""
+    import torch
     import torch.nn.functional as F
 
     from urbanseg.metrics import image_scores
 
+    # Channels-last: the argmax over classes then reads contiguous memory, ~6x faster at
+    # 2048x1024 on the CPU than over NCHW (logits differ from NCHW's by float rounding).
+    logits = logits.float().contiguous(memory_format=torch.channels_last)
     for i, name in enumerate(batch["name"]):
         gt = batch["gt"][i]
-        up = F.interpolate(logits[i : i + 1].float(), size=gt.shape, mode="bilinear", align_corners=False)
-        pred = up.argmax(1)[0].to("cpu").numpy().astype(np.uint8)
+        up = F.interpolate(logits[i : i + 1], size=gt.shape, mode="bilinear", align_corners=False)
+        pred = up.argmax(1)[0].to(device="cpu", dtype=torch.uint8).numpy()
         state.confusion.update(pred, gt)
         if state.official is not None:
             state.official.update_classes(pred, batch["gt_ids"][i], batch["gt_inst"][i], name=name)
