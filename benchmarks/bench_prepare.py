@@ -33,11 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cityscapes_fixture import write_raw_cityscapes  # noqa: E402
+from cityscapes_fixture import write_raw_cityscapes
 
-from urbanseg.config import PrepareConfig  # noqa: E402
-from urbanseg.labels import get_label_set  # noqa: E402
-from urbanseg.prepare import classes_from_bgr, classes_from_ids, prepare, resize_labels  # noqa: E402
+from urbanseg.config import PrepareConfig
+from urbanseg.labels import get_label_set
+from urbanseg.prepare import classes_from_bgr, classes_from_ids, prepare, resize_labels
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -102,7 +102,7 @@ def main() -> None:
         if args.data is None:
             print(f"writing {args.images} synthetic 2048x1024 scenes ...", file=sys.stderr)
             write_raw_cityscapes(data, {"train": args.images}, size=(2048, 1024), noise=2.0)
-        first = sorted((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png"))[0]
+        first = min((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png"))
         gt = data / "gtFine/train" / first.parent.name / first.name.replace("leftImg8bit.png", "gtFine_")
         steps = step_table(first, Path(f"{gt}labelIds.png"), Path(f"{gt}color.png"), args.repeat)
         count = len(list((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png")))

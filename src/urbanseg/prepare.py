@@ -30,7 +30,7 @@ import numpy as np
 from urbanseg import util
 from urbanseg.config import PrepareConfig, parse_size, save, to_dict
 from urbanseg.errors import UserError
-from urbanseg.labels import _UNKNOWN, LabelSet, get_label_set  # _UNKNOWN: the lookup tables' "no class"
+from urbanseg.labels import _UNKNOWN, LabelSet, get_label_set  # _UNKNOWN: the tables' "no class"
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = {"labelIds": "_gtFine_labelIds.png", "color": "_gtFine_color.png"}
@@ -284,8 +284,8 @@ def find_pairs(data: Path, out: Path, split: str, source: str) -> tuple[list[Pai
     suffix = LABEL_SUFFIX[source]
     images, labels = _names(image_dir, IMAGE_SUFFIX), _names(label_dir, suffix)
     if not images:
-        return [], [f"split {split!r} has no images: nothing matches {image_dir}/<city>/<stem>{IMAGE_SUFFIX}; "
-                    f"add the images or leave the split out with --splits"]
+        return [], [(f"split {split!r} has no images: nothing matches {image_dir}/<city>/<stem>{IMAGE_SUFFIX}; "
+                     "add the images or leave the split out with --splits")]
     problems = []
     if images.keys() - labels.keys():
         other = "color" if source == "labelIds" else "labelIds"
