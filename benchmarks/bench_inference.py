@@ -5,8 +5,8 @@ depend on the machine and its load; the ratios are what carries over).
     python benchmarks/bench_inference.py [--models NAME ...] [--sizes 512x256 ...] [--repeats 3]
 
 Batch 1, float32, random weights (latency does not depend on the values), 8 classes.
-Each figure is the median of `--repeats` timed runs after one warm-up run, except
-unet-original at 2048x1024 (very slow on a CPU): one timed run, no warm-up.
+Each figure is the median of `--repeats` timed runs after one warm-up run; above 1024x512,
+one timed run after a warm-up (unet-original, minutes on a CPU: no warm-up).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def measure(name: str, size: tuple[int, int], repeats: int, workdir: Path) -> tu
     torch.manual_seed(0)
     model = create_model(name, 8).eval()
     x = probe_picture(*size)
-    heavy = name == REFERENCE and size[0] * size[1] > 1024 * 512
-    reps, warm = (1, 0) if heavy else (repeats, 1)
+    large = size[0] * size[1] > 1024 * 512
+    # Large inputs: one timed run after a warm-up (none for unet-original, minutes on a CPU).
+    reps, warm = (1, int(name != REFERENCE)) if large else (repeats, 1)
     with torch.inference_mode():
         tensor = torch.from_numpy(x)
         torch_ms = timed(lambda: model(tensor), reps, warm)
