@@ -268,11 +268,29 @@ def test_other_settings_are_refused_unless_overwrite(raw_master, tmp_path, capsy
     err = capsys.readouterr().err
     assert "--size 32x16 (now 16x8)" in err and "--overwrite" in err
     assert prepare(raw_master, out, "--size", "32x16", "--labels", "classes19") == 2
-    assert "label set 'categories8' (now 'classes19')" in capsys.readouterr().err
+    assert "label set categories8 (now classes19)" in capsys.readouterr().err
     assert mtimes(out) == before
     assert prepare(raw_master, out, "--size", "16x8", "--overwrite") == 0
     assert json.loads((out / "manifest.json").read_text())["size"] == [16, 8]
     assert {Image.open(p).size for p in out.rglob("*.png")} == {(16, 8)}
+
+
+def test_other_data_folder_and_replaced_files_are_noticed(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert prepare(raw, out, "--size", "32x16") == 0
+    other = Path(shutil.copytree(raw, tmp_path / "other"))
+    assert prepare(other, out, "--size", "32x16") == 2
+    assert f"--data {raw.resolve()} (now {other.resolve()})" in _err(capsys)
+
+    split, city, stem, image, *_ = next(raw_pairs(raw))
+    output = out / f"images/{split}/{city}/{stem}.png"
+    before = output.read_bytes()
+    old = image.stat().st_mtime_ns - 10**12
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # new content, as from an archive:
+    os.utime(image, ns=(old, old))                                      # with an old modification time
+    assert prepare(raw, out, "--size", "32x16") == 0
+    assert output.read_bytes() != before
+    assert "(1 written, 7 up to date)" in capsys.readouterr().out
 
 
 def test_splits_prepared_separately_share_one_manifest(raw_master, tmp_path):

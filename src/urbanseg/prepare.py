@@ -9,8 +9,8 @@ Out: ``<out>/images/<split>/<city>/<stem>.png``  RGB uint8 (H, W, 3), anti-alias
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves
 only complete files, and a re-run skips the pairs whose outputs are newer than both
-inputs. The settings that change the outputs (size, source, label set) are recorded in
-``<out>/.urbanseg-prepare.json`` before the first write: a re-run with other settings is
+inputs. The settings that change the outputs (data folder, size, source, label set) are
+recorded in ``<out>/.urbanseg-prepare.json`` before the first write: a re-run with other settings is
 refused (mixing two settings in one folder would be silent corruption, and deleting a
 long preparation behind the user's back is worse) unless ``--overwrite`` is given.
 """
@@ -220,11 +220,14 @@ def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
 
 
 def _is_up_to_date(pair: Pair) -> bool:
+    """Both outputs exist and are newer than both inputs. An input's change time (ctime)
+    counts too: unzip and `cp -p` give new files an old mtime, never an old ctime."""
     try:
         done = min(pair.out_image.stat().st_mtime_ns, pair.out_label.stat().st_mtime_ns)
     except FileNotFoundError:
         return False
-    return done >= max(pair.image.stat().st_mtime_ns, pair.label.stat().st_mtime_ns)
+    inputs = [pair.image.stat(), pair.label.stat()]
+    return done >= max(max(st.st_mtime_ns, st.st_ctime_ns) for st in inputs)
 
 
 def _header_problem(pair: Pair, source: str) -> str | None:
@@ -304,21 +307,22 @@ def find_pairs(data: Path, out: Path, split: str, source: str) -> tuple[list[Pai
     return pairs, problems
 
 
-def _settings(size: tuple[int, int], source: str, label_set: LabelSet) -> dict[str, Any]:
-    return {"size": list(size), "source": source, "label_set": label_set.to_dict()}
+def _settings(data: Path, size: tuple[int, int], source: str, label_set: LabelSet) -> dict[str, Any]:
+    """Everything the outputs depend on besides the input files' contents."""
+    return {"data": str(data.resolve()), "size": list(size), "source": source, "label_set": label_set.to_dict()}
 
 
 def _differences(old: dict, new: dict) -> str:
-    parts = []
-    if old.get("size") != new["size"]:
-        parts.append(f"--size {'x'.join(map(str, old.get('size') or ['?']))} (now {'x'.join(map(str, new['size']))})")
-    if old.get("source") != new["source"]:
-        parts.append(f"--source {old.get('source')} (now {new['source']})")
-    if old.get("label_set") != new["label_set"]:
-        name = (old.get("label_set") or {}).get("name")
-        parts.append(f"label set {name!r} (now {new['label_set']['name']!r}" +
-                     (", same name, other content)" if name == new["label_set"]["name"] else ")"))
-    return ", ".join(parts)
+    def show(key: str, settings: dict) -> str:
+        value = settings.get(key)
+        if key == "size" and value:
+            return "x".join(map(str, value))
+        return (value or {}).get("name", "?") if key == "label_set" else str(value)
+
+    flags = {"data": "--data", "size": "--size", "source": "--source", "label_set": "label set"}
+    parts = [f"{flag} {show(k, old)} (now {show(k, new)}" + (", other content)" if show(k, old) == show(k, new) else ")")
+             for k, flag in flags.items() if old.get(k) != new[k]]
+    return ", ".join(parts) or "an older urbanseg's settings"
 
 
 def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None, bool]:
@@ -436,7 +440,7 @@ def prepare(config: PrepareConfig) -> None:
         raise UserError(f"label set {label_set.name!r} from {config.labels} defines colours only, not Cityscapes "
                         "label ids: add --source color to read the *_gtFine_color.png annotations")
     splits = _find_splits(config, data, out)
-    settings = _settings(size, config.source, label_set)
+    settings = _settings(data, size, config.source, label_set)
     previous, wipe = _claim_out(out, settings, config.overwrite)
     every = [pair for pairs in splits.values() for pair in pairs]
     todo = every if config.overwrite else [p for p in every if not _is_up_to_date(p)]
