@@ -13,6 +13,7 @@ from urbanseg.inference import (
     segment_tiled,
     tile_starts,
     to_rgb8,
+    upsample_argmax,
     upsample_logits,
 )
 from urbanseg.labels import get_label_set
@@ -96,13 +97,18 @@ def test_read_image_names_a_corrupt_file(tmp_path):
         read_image(bad)
 
 
-def test_upsample_logits_matches_torch_bilinear():
+@pytest.mark.parametrize("shape,size", [((5, 7, 9), (31, 20)), ((3, 16, 32), (64, 32)), ((4, 20, 30), (13, 9)),
+                                        ((2, 8, 8), (8, 40)), ((1, 6, 4), (30, 6))])
+def test_upsample_logits_matches_torch_bilinear(shape, size):
     torch = pytest.importorskip("torch")
-    logits = np.random.default_rng(1).normal(size=(5, 7, 9)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=(20, 31), mode="bilinear",
+    logits = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=(size[1], size[0]), mode="bilinear",
                                           align_corners=False)[0].permute(1, 2, 0).numpy()
-    assert np.abs(upsample_logits(logits, (31, 20)) - ref).max() < 1e-5
-    assert upsample_logits(logits[:1], (31, 20)).shape == (20, 31, 1)
+    assert upsample_logits(logits, size).shape == ref.shape
+    assert np.abs(upsample_logits(logits, size) - ref).max() < 1e-5
+    assert np.abs(upsample_logits(logits, size, (3, 5)) - ref[3:5]).max() < 1e-5
+    banded = upsample_argmax(logits, size, band=4)  # bands of 4 rows give the whole-image argmax
+    assert (banded == ref.argmax(-1)).mean() > 0.999
 
 
 def test_resize_mode_outputs_at_input_resolution_and_batches():

@@ -191,16 +191,42 @@ def read_image(path: Path) -> np.ndarray:
         raise ValueError(f"cannot decode {path} as an image ({e}); is it a corrupt or non-image file?") from None
 
 
-def upsample_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(C, h, w) float32 -> (H, W, C) float32 at size (W, H), bilinear with half-pixel
-    centres (equal to torch's interpolate(mode="bilinear", align_corners=False))."""
+def upsample_logits(logits: np.ndarray, size: tuple[int, int], rows: tuple[int, int] | None = None) -> np.ndarray:
+    """(C, h, w) float32 -> (H, W, C) float32 at size (W, H), or only output rows
+    [rows[0], rows[1]); bilinear with half-pixel centres, equal to torch's
+    interpolate(mode="bilinear", align_corners=False).
+
+    Separable: the vertical pass picks and blends two source rows per output row (so a
+    band of rows costs only that band), OpenCV does the horizontal pass."""
     import cv2
 
-    hwc = np.ascontiguousarray(logits.transpose(1, 2, 0))
-    if hwc.shape[1] == size[0] and hwc.shape[0] == size[1]:
-        return hwc
-    out = cv2.resize(hwc, size, interpolation=cv2.INTER_LINEAR)
-    return out[..., None] if out.ndim == 2 else out  # OpenCV drops a single channel axis
+    C, h, w = logits.shape
+    W, H = size
+    y0, y1 = rows or (0, H)
+    hwc = logits.transpose(1, 2, 0)
+    if h == H:
+        band = hwc[y0:y1]
+    else:
+        src = np.maximum((np.arange(y0, y1) + 0.5) * (h / H) - 0.5, 0.0)  # torch clamps at the top edge
+        i0 = np.minimum(src.astype(np.int64), h - 1)
+        i1 = np.minimum(i0 + 1, h - 1)
+        wy = (src - i0).astype(np.float32)[:, None, None]
+        band = hwc[i0] * (1.0 - wy) + hwc[i1] * wy
+    band = np.ascontiguousarray(band, dtype=np.float32)
+    if w != W:
+        band = cv2.resize(band, (W, y1 - y0), interpolation=cv2.INTER_LINEAR)
+        band = band[..., None] if band.ndim == 2 else band  # OpenCV drops a single channel axis
+    return band
+
+
+def upsample_argmax(logits: np.ndarray, size: tuple[int, int], band: int = 256) -> np.ndarray:
+    """(C, h, w) float32 logits -> (H, W) uint8 class indices at size (W, H), upsampling
+    `band` rows at a time: memory is band x W x C floats, not H x W x C."""
+    W, H = size
+    out = np.empty((H, W), np.uint8)
+    for y in range(0, H, band):
+        out[y : y + band] = _argmax(upsample_logits(logits, size, (y, min(H, y + band))))
+    return out
 
 
 def _to_batch(images: list[np.ndarray]) -> np.ndarray:
@@ -243,7 +269,7 @@ def segment(
         else:
             inputs = group
         logits = predictor.logits(_to_batch(inputs))
-        out.extend(_argmax(upsample_logits(lg, (im.shape[1], im.shape[0]))) for lg, im in zip(logits, group))
+        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group))
     return out
 
 
