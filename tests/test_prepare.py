@@ -463,8 +463,8 @@ def test_overwrite_with_bad_input_deletes_nothing(raw, tmp_path, capsys):
 
 
 def test_synth_then_prepare_end_to_end(tmp_path):
-    """`urbanseg synth` output goes through prepare; both sources agree, labels equal the
-    official table applied to PIL's nearest resize of synth's labelIds."""
+    """`urbanseg synth` output goes through prepare (both sources agree, labels equal the
+    official table applied to PIL's nearest resize of synth's labelIds) and then pack."""
     assert main(["synth", "--out", str(tmp_path / "raw"), "--train", "2", "--val", "1", "--size", "128x64",
                  "--workers", "1"]) == 0
     for source in ("labelIds", "color"):
@@ -478,6 +478,11 @@ def test_synth_then_prepare_end_to_end(tmp_path):
         np.testing.assert_array_equal(got, expected)
     manifest = json.loads((tmp_path / "labelIds" / "manifest.json").read_text())
     assert {s: e["count"] for s, e in manifest["splits"].items()} == {"train": 2, "val": 1}
+    # The next stage accepts the folder (the contract: manifest + images/ + labels/).
+    assert main(["pack", "--prepared", str(tmp_path / "labelIds"), "--out", str(tmp_path / "shards")]) == 0
+    spec = json.loads((tmp_path / "shards" / "train" / "spec.json").read_text())
+    assert (spec["width"], spec["height"], spec["data_length"]) == (64, 32, 2)
+    assert spec["pixel_counts"] == manifest["splits"]["train"]["pixel_counts"]
 
 
 def test_repeated_calls_with_worker_processes_do_not_hang(tmp_path):
