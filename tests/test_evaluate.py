@@ -137,6 +137,34 @@ def test_full_res_scores_at_raw_size_with_official_scores(tiny):
     assert len(list((out / "gallery").iterdir())) == 2  # stale pictures of the previous run are gone
 
 
+def test_full_res_with_a_colour_only_label_set_reads_gtfine_color(tiny, tmp_path):
+    """A label set defined by colours (labelmap.json) is scored against *_gtFine_color.png.
+    With the categories8 classes and colours, that equals the labelIds-based evaluation."""
+    from urbanseg.checkpoint import load_checkpoint, save_checkpoint
+
+    labelmap = {name: {"id": k, "colors": [list(c) for c, kk in LS.color_to_class if kk == k]}
+                for k, name in enumerate(LS.classes)}
+    (tmp_path / "colours.json").write_text(json.dumps(labelmap))
+    prepared, shards = tmp_path / "prepared", tmp_path / "shards"
+    assert main(["prepare", "--data", str(tiny["raw"]), "--out", str(prepared), "--size", "64x32", "--labels",
+                 str(tmp_path / "colours.json"), "--source", "color", "--splits", "val", "--workers", "1"]) == 0
+    assert main(["pack", "--prepared", str(prepared), "--out", str(shards), "--splits", "val"]) == 0
+    ckpt = load_checkpoint(tiny["run"] / "best.pt")
+    ckpt["label_set"] = json.loads((shards / "val" / "spec.json").read_text())["label_set"]
+    assert ckpt["label_set"]["id_to_class"] is None  # really colour-only
+    save_checkpoint(tmp_path / "colours.pt", ckpt)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["evaluate", "--run", str(run), "--checkpoint", str(tmp_path / "colours.pt"), "--data", str(shards),
+                 "--full-res", "--gallery", "0"]) == 0
+    colour = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert main(["evaluate", "--run", str(tiny["run"]), "--full-res", "--gallery", "0"]) == 0
+    ids = json.loads((tiny["run"] / "eval" / "val" / "metrics.json").read_text())
+    assert colour["official"] is None and ids["official"] is not None
+    assert colour["confusion_matrix"] == ids["confusion_matrix"] and colour["metrics"] == ids["metrics"]
+    assert not list((run / "eval" / "val" / "gallery").glob("*.png"))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (`make test` installs Debian's package)")
 def test_report_html_renders_with_every_image(tiny):
     run = tiny["run"]
