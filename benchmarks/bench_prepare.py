@@ -38,6 +38,7 @@ from cityscapes_fixture import write_raw_cityscapes
 from urbanseg.config import PrepareConfig
 from urbanseg.labels import get_label_set
 from urbanseg.prepare import classes_from_bgr, classes_from_ids, prepare, resize_labels
+from urbanseg.util import save_png
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -53,6 +54,12 @@ def best_ms(fn, repeat: int) -> float:
     return min(times) * 1000
 
 
+def write_outputs(image: np.ndarray, labels: np.ndarray) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_png(Path(tmp) / "image.png", image)
+        save_png(Path(tmp) / "label.png", labels)
+
+
 def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) -> list[tuple[str, float]]:
     import cv2
     from PIL import Image
@@ -64,6 +71,8 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
     bgr = cv2.imread(str(color_path), cv2.IMREAD_COLOR)
     ls = get_label_set("categories8")
     lut = ls.id_lut()
+    small = np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+    labels = resize_labels(classes_from_ids(ids, ls), size)
     return [
         ("decode image: cv2.imread (used)", best_ms(lambda: cv2.imread(str(image_path), cv2.IMREAD_COLOR), repeat)),
         ("decode image: PIL open + RGB array", best_ms(lambda: np.asarray(Image.open(image_path).convert("RGB")), repeat)),
@@ -76,6 +85,7 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
         ("labelIds: nearest + lookup (leaves pixels unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
         ("color: BGRA-as-uint32 lookup + nearest (used)", best_ms(lambda: resize_labels(classes_from_bgr(bgr, ls), size), repeat)),
         ("color: LabelSet.labels_from_colors + nearest", best_ms(lambda: resize_labels(ls.labels_from_colors(bgr[..., ::-1]), size), repeat)),
+        ("write outputs: image + label PNGs (util.save_png)", best_ms(lambda: write_outputs(small, labels), repeat)),
     ]
 
 
