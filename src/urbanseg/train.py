@@ -222,15 +222,20 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     loss = t.criterion(logits, labels)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
+    t.scaler.unscale_(t.optimizer)  # a no-op without fp16
+    grads = [p.grad for p in t.raw.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm(grads)  # (all-reduced by DDP already: the same on every process)
+    # with fp16, an inf gradient is routine: the scaler skips that step and lowers its scale
+    bad = ~torch.isfinite(loss.detach()) | (~torch.isfinite(norm) & ~torch.tensor(t.scaler.is_enabled()))
     # one small all-reduce carries the loss and both flags, so all processes agree
-    flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
+    flags = torch.stack([loss.detach().float(), bad.float().to(loss.device),
                          torch.tensor(float(stop_requested), device=loss.device)])
     flags = dist_.all_reduce_sum(flags).cpu()
     if flags[1] > 0:
-        raise NonFiniteLoss(f"the training loss is {float(loss):.4g} on at least one process")
+        raise NonFiniteLoss(f"the training loss is {loss.item():.4g} (gradient norm {norm.item():.4g}) "
+                            f"on at least one process")
     if t.config.clip_grad:
-        t.scaler.unscale_(t.optimizer)
-        nn.utils.clip_grad_norm_(t.raw.parameters(), t.config.clip_grad)
+        nn.utils.clip_grads_with_norm_(t.raw.parameters(), t.config.clip_grad, norm)
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.scheduler.step()
@@ -337,6 +342,10 @@ def after_step(t: Trainer, st: LoopState, log: RunLog, end_of_epoch: bool, stopp
     c = t.config
     last = st.step >= t.total_steps
     validated = (c.val_every and st.step % c.val_every == 0) or (not c.val_every and end_of_epoch) or last
+    if validated or stopping or (c.save_every and st.step % c.save_every == 0):
+        # a finite loss and gradient can still make a huge update: never save such weights
+        if not all(torch.isfinite(v).all() for v in t.raw.state_dict().values() if v.is_floating_point()):
+            raise NonFiniteLoss(f"the weights or batch-norm statistics overflowed to inf/NaN at step {st.step}")
     if validated:
         t.last_result = run_validation(t, st, log)
     early = bool(c.patience) and st.bad_validations >= c.patience
@@ -361,7 +370,10 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
             loader.sampler.set_epoch(st.epoch, st.step_in_epoch * t.local_batch)
             for batch in _iterate(loader):
                 lr = t.optimizer.param_groups[0]["lr"]
-                loss, stopping = train_step(t, batch, stop.requested)
+                try:
+                    loss, stopping = train_step(t, batch, stop.requested)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLoss(f"{e} at step {st.step + 1}") from None
                 st.step, st.step_in_epoch = st.step + 1, st.step_in_epoch + 1
                 if st.step_in_epoch >= t.steps_per_epoch:  # every process stops here: equal step counts
                     st.epoch, st.step_in_epoch, end_of_epoch = st.epoch + 1, 0, True
@@ -412,7 +424,7 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
             reason = fit(t, st, log, stop)
     except NonFiniteLoss as e:
         if info.is_main:
-            print(f"urbanseg train: error: {e} at step {st.step + 1}; training stopped without saving. "
+            print(f"urbanseg train: error: {e}; training stopped without saving. "
                   f"{last} keeps the last good state{'' if last.is_file() else ' (none was saved yet)'}. "
                   f"Try a lower --lr, --clip-grad 1.0 or --amp off", file=sys.stderr)
         return EXIT_DIVERGED

@@ -1,0 +1,271 @@
+"""`urbanseg train` end to end on tiny shards (64x32, a 4-channel U-Net), its errors, the
+Ctrl-C and NaN paths, and the pieces: schedules, resume rules, the run log."""
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_fixtures import make_shards, run_cli, subprocess_env, train_args
+
+from urbanseg.cli import main
+from urbanseg.config import TrainConfig
+from urbanseg.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
+from urbanseg.runlog import RunLog, read_metrics
+from urbanseg.train import augment_settings, build_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    """train() sets the thread count and deterministic mode for its process: undo it here."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """One finished run: 3 epochs of 2 steps, validated every epoch."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(train_args(shards, run, "--epochs", "3", "--lr", "0.01", deterministic=False)) == 0
+    return run
+
+
+def test_run_folder_tells_how_it_was_made(trained, shards):
+    assert {p.name for p in trained.iterdir()} >= {"config.yaml", "best.pt", "last.pt", "metrics.csv", "tb", "curves.png"}
+    config = load_run_config(trained)
+    assert config.model == "unet-original" and config.lr == 0.01 and config.epochs == 3 and config.data == shards
+    rows = read_metrics(trained / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows if r["split"] == "val"] == [2, 4, 6]  # one validation per epoch
+    assert all(0 <= float(r["miou"]) <= 1 for r in rows if r["split"] == "val")
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/miou")] == [2, 4, 6]
+    assert len(events.Scalars("train/loss")) == 6 and "val_iou/vehicle" in events.Tags()["scalars"]
+
+
+def test_checkpoints_are_self_describing_and_load_weights_only(trained):
+    from urbanseg.checkpoint import REQUIRED_KEYS, model_from_checkpoint
+
+    last = torch.load(trained / "last.pt", weights_only=True)
+    best = torch.load(trained / "best.pt", weights_only=True)
+    for ckpt in (last, best):
+        assert set(REQUIRED_KEYS) <= set(ckpt)
+        assert ckpt["model"] == {"name": "unet-original", "kwargs": {"num_classes": 8, "base_channels": 4}}
+        assert ckpt["input_size"] == [64, 32] and ckpt["label_set"]["name"] == "categories8"
+        assert ckpt["normalization"]["mean"] == pytest.approx([123.675, 116.28, 103.53])
+        assert ckpt["config"]["model"] == "unet-original"
+    ts = last["train_state"]
+    assert last["step"] == 6 and last["epoch"] == 3 and ts["step_in_epoch"] == 0
+    assert {"optimizer", "scheduler", "scaler", "rng", "best_miou", "best_step", "bad_validations"} <= set(ts)
+    assert "train_state" not in best and best["step"] == ts["best_step"]
+    assert best["metrics"]["miou"] == pytest.approx(ts["best_miou"])
+    model = model_from_checkpoint(best)
+    assert model(torch.zeros(1, 3, 32, 64)).shape == (1, 8, 32, 64)
+
+
+def test_it_learns(shards, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(shards, run, "--iters", "24", "--lr", "0.02", "--val-every", "24", "--no-augment",
+                           deterministic=False)) == 0
+    losses = [float(r["loss"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"]
+    assert sum(losses[-4:]) / 4 < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no-such-net"], "unknown model 'no-such-net'; valid names: unet-original"),
+    (["--batch-size", "12"], "--batch-size 12 is larger than the train split (11 images"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    (["--model-args", "[1]"], "--model-args '[1]' is not a JSON object"),
+    (["--epochs", "2", "--iters", "3"], "give --epochs or --iters, not both"),
+    (["--resume"], "config.yaml not found"),
+])
+def test_bad_input_exits_2_with_a_clear_message(shards, tmp_path, capsys, extra, message):
+    assert main(train_args(shards, tmp_path / "run", "--iters", "1", *extra, deterministic=False)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_missing_or_incomplete_shards_exit_2(shards, tmp_path, capsys):
+    assert main(train_args(tmp_path / "nothing", tmp_path / "run", deterministic=False)) == 2
+    assert "nothing/train/spec.json not found" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train").symlink_to(shards / "train")
+    assert main(train_args(partial, tmp_path / "run", deterministic=False)) == 2
+    assert "partial/val/spec.json not found" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_and_resume_keeps_the_config(trained, shards, capsys):
+    assert main(train_args(shards, trained, "--epochs", "3", deterministic=False)) == 2
+    assert "already holds a training run; continue it with --resume" in capsys.readouterr().err
+    assert main(train_args(shards, trained, "--resume", "--lr", "0.5", deterministic=False)) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (the run has 0.01)" in err and "--init" in err
+
+
+def test_merge_for_resume_takes_saved_values_and_allowed_overrides(trained, shards):
+    given = TrainConfig(data=shards, run=trained, resume=True, workers=5, lr=0.01, batch_size=4)
+    merged = merge_for_resume(given)
+    assert merged.workers == 5 and merged.resume and merged.epochs == 3 and merged.model == "unet-original"
+
+
+def test_init_with_other_classes_gets_a_new_head(trained, shards, tmp_path, capsys):
+    from urbanseg.checkpoint import load_checkpoint
+    from urbanseg.labels import get_label_set
+    from urbanseg.models import create_model
+    from urbanseg.train import load_init_weights
+
+    source = load_checkpoint(trained / "best.pt")["model_state"]
+    seven = get_label_set("categories7")
+    model = create_model("unet-original", 7, base_channels=4)
+    load_init_weights(model, trained / "best.pt", seven, new_head=False)
+    for k, v in model.state_dict().items():
+        if k.startswith(model.head_prefixes):
+            assert v.shape[0] == 7 and source[k].shape[0] == 8
+        else:
+            assert torch.equal(v, source[k]), k
+    # same count, other classes: an error unless --new-head
+    renamed = tmp_path / "renamed.pt"
+    ckpt = load_checkpoint(trained / "best.pt")
+    ckpt["label_set"]["classes"] = [c.upper() for c in ckpt["label_set"]["classes"]]
+    torch.save(ckpt, renamed)
+    assert main(train_args(shards, tmp_path / "run", "--init", str(renamed), "--model", "unet-original",
+                           "--iters", "1", deterministic=False)) == 2
+    assert "same count, different classes. Pass --new-head" in capsys.readouterr().err
+    eight = create_model("unet-original", 8, base_channels=4)
+    fresh_head = {k: v.clone() for k, v in eight.state_dict().items() if k.startswith(eight.head_prefixes)}
+    load_init_weights(eight, renamed, get_label_set("categories8"), new_head=True)
+    for k, v in eight.state_dict().items():
+        assert torch.equal(v, fresh_head[k] if k in fresh_head else source[k]), k
+
+
+def test_init_end_to_end_on_a_seven_class_dataset(trained, tmp_path, capsys):
+    shards7 = make_shards(tmp_path, train=4, val=2, labels="categories7")
+    run = tmp_path / "ft"
+    assert main(train_args(shards7, run, "--init", str(trained / "best.pt"), "--iters", "2",
+                           deterministic=False)) == 0
+    assert "new 7-class head" in capsys.readouterr().err
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["model"]["kwargs"] == {"num_classes": 7, "base_channels": 4}
+    assert ckpt["config"]["init"] == str(trained / "best.pt")
+
+
+def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(train_args(shards, run, "--iters", "20", "--optimizer", "sgd", "--lr", "1e12", "--save-every", "1",
+                           deterministic=False))
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "the training loss is nan" in err or "the training loss is inf" in err or "overflowed" in err
+    assert "keeps the last good state" in err and "Traceback" not in err
+    last = torch.load(run / "last.pt", weights_only=True)
+    failed_at = int(err.split(" at step ")[1].split(";")[0])
+    assert 1 <= last["step"] < failed_at
+    assert all(torch.isfinite(v).all() for v in last["model_state"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(shards, run, "--iters", "60", "--val-every", "1000")
+    proc = subprocess.Popen([sys.executable, "-m", "urbanseg", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    deadline = time.monotonic() + 120
+    while len(read_metrics(run / "metrics.csv")) < 3:  # a few steps in
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopping after this step and saving last.pt" in err and "Traceback" not in err
+    assert "training interrupted at step" in out and "--resume" in out
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 3 <= step < 60
+    rows = read_metrics(run / "metrics.csv")
+    assert int(rows[-1]["step"]) == step
+    result = run_cli([*args, "--resume"])
+    assert result.returncode == 0, result.stderr
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 60
+    assert [int(r["step"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"] == list(range(1, 61))
+
+
+def _factors(schedule, warmup, total=10):
+    config = TrainConfig(data="d", run="r", lr=1.0, schedule=schedule, warmup=warmup, weight_decay=0.1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    opt, sched = build_optimizer(model, config, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return opt, lrs
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    opt, poly = _factors("poly", 0)
+    assert poly == pytest.approx([(1 - s / 10) ** 0.9 for s in range(10)])
+    _, cosine = _factors("cosine", 0)
+    assert cosine == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)])
+    _, warm = _factors("poly", 4)
+    assert warm[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and warm[4] == 1.0 and warm[-1] < warm[5]
+    # weight decay on conv weights only, not on biases and norm parameters
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and [p.ndim for p in decay["params"]] == [4]
+    assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 3
+
+
+def test_augment_settings():
+    base = TrainConfig(data="d", run="r")
+    assert augment_settings(base) == {"crop": None}
+    assert augment_settings(TrainConfig(data="d", run="r", crop="32x16")) == {"crop": (32, 16)}
+    assert augment_settings(TrainConfig(data="d", run="r", augment=False)) is False
+    only_crop = augment_settings(TrainConfig(data="d", run="r", augment=False, crop="32x16"))
+    assert only_crop["crop"] == (32, 16) and only_crop["scale"] == (1.0, 1.0) and only_crop["flip"] == 0
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save({"rng": rng_state()}, tmp_path / "s.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_run_log_drops_rows_and_events_after_the_resumed_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = RunLog(tmp_path, enabled=True)
+    for step in range(1, 7):
+        log.train(step, 0, float(step), 0.1, 10.0)
+    log.close()
+    time.sleep(1.1)  # a new event file name (its name holds the second)
+    log = RunLog(tmp_path, enabled=True, resume_step=3)
+    for step in range(4, 6):
+        log.train(step, 0, 100.0 + step, 0.1, 10.0)
+    log.close()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "1"), ("2", "2"), ("3", "3"), ("4", "104"), ("5", "105")]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1), (2, 2), (3, 3), (4, 104), (5, 105)]
