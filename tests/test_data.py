@@ -2,12 +2,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_records import corrupt, pack_dir
 
 from urbanseg import records
 from urbanseg.data import EpochSampler, ShardDataset, build_loader, sample_seed
 from urbanseg.errors import UserError
-
-from test_records import corrupt, pack_dir
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +138,17 @@ def test_sampler_rejects_bad_arguments():
         EpochSampler(10, rank=2, world_size=2)
     with pytest.raises(UserError, match="start 6"):
         EpochSampler(10, world_size=2).set_epoch(0, start=6)
+
+
+def test_workers_start_after_opencv_used_its_thread_pool(shards):
+    """Regression: cv2.setNumThreads() in a forked worker hangs forever once the parent
+    has used OpenCV's thread pool; the loader must not touch it (a timeout turns a
+    hang into a failure)."""
+    image = np.random.default_rng(0).integers(0, 255, (512, 1024, 3), np.uint8)
+    for _ in range(3):
+        cv2.cvtColor(image, cv2.COLOR_RGB2HSV_FULL)
+        cv2.resize(image, (700, 350))
+    _, out = shards
+    loader = build_loader(out, "train", batch_size=4, train=True, workers=2)
+    loader.timeout = 60
+    assert sorted(i for b in loader for i in b["id"].tolist()) == list(range(11))

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from test_records import PALETTE, encode_label_as_image, label_image
 
 from urbanseg.errors import UserError
 from urbanseg.transforms import Augment, TrainTransform, eval_transform, jitter, shift_hue, window
-
-from test_records import PALETTE, encode_label_as_image, label_image
 
 NO_COLOUR = dict(brightness=0, contrast=0, saturation=0, hue=0)
 

@@ -176,10 +176,6 @@ class EpochSampler(Sampler):
         return len(range(self.rank, self.size, self.world_size)) - self.start
 
 
-def _init_worker(worker_id: int) -> None:
-    cv2.setNumThreads(1)  # one thread per worker: the workers are the parallelism
-
-
 def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, workers: int = 2, seed: int = 0,
                  epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
                  augment: dict[str, Any] | bool | None = None, drop_last: bool = False,
@@ -203,5 +199,5 @@ def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, 
     sampler.set_epoch(epoch, start)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      persistent_workers=workers > 0, worker_init_fn=_init_worker,
+                      persistent_workers=workers > 0,
                       prefetch_factor=2 if workers > 0 else None)

@@ -23,7 +23,7 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -292,11 +292,13 @@ def _load_manifest(prepared: Path) -> dict[str, Any]:
         raise UserError(f"prepared folder {prepared} not found; run `urbanseg prepare --out {prepared}` first")
     try:
         manifest = json.loads(path.read_text())
-        manifest["label_set"], manifest["size"], manifest["splits"]  # noqa: B018 - required keys
     except FileNotFoundError:
         raise UserError(f"{path} not found: {prepared} is not a prepared folder; run `urbanseg prepare`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a valid manifest ({type(e).__name__}: {e}); re-run `urbanseg prepare`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a valid manifest ({e}); re-run `urbanseg prepare`") from None
+    missing = [k for k in ("label_set", "size", "splits") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{path} is not a valid manifest (no {', '.join(missing)}); re-run `urbanseg prepare`")
     return manifest
 
 
