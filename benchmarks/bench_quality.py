@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from urbanseg.config import parse_size
+
 BASE = "unet-original"
 REQUIRED_SPEEDUP = 20.0
 
 
-def make_data(work: Path, train: int, val: int) -> Path:
+def make_data(work: Path, train: int, val: int, size: str) -> Path:
     from urbanseg.config import PackConfig, PrepareConfig, SynthConfig
     from urbanseg.prepare import prepare
     from urbanseg.records import pack
@@ -39,8 +41,9 @@ def make_data(work: Path, train: int, val: int) -> Path:
     shards = work / "shards"
     if (shards / "val" / "spec.json").is_file():
         return shards
-    synthesize(SynthConfig(out=work / "raw", train=train, val=val, size="1024x512", seed=0))
-    prepare(PrepareConfig(data=work / "raw", out=work / "prepared", size="512x256", splits=["train", "val"]))
+    w, h = parse_size(size)
+    synthesize(SynthConfig(out=work / "raw", train=train, val=val, size=f"{2 * w}x{2 * h}", seed=0))
+    prepare(PrepareConfig(data=work / "raw", out=work / "prepared", size=size, splits=["train", "val"]))
     pack(PackConfig(prepared=work / "prepared", out=shards, shards=4, splits=["train", "val"]))
     return shards
 
@@ -110,11 +113,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: every eligible model")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"), help="data and runs go here")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", default="512x256", help="training image size WxH (inference speed: 512x256)")
     parser.add_argument("--train", type=int, default=60, help="synthetic training scenes")
     parser.add_argument("--val", type=int, default=16, help="synthetic validation scenes")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    shards = make_data(args.work, args.train, args.val)
+    shards = make_data(args.work, args.train, args.val, args.size)
     others = [n for n in (args.models or MODELS) if n != BASE]
     fast = speedups(others)
     names = [BASE] + [n for n in others if args.models or fast[n] >= REQUIRED_SPEEDUP]
@@ -132,9 +136,10 @@ def main() -> None:
     classes = get_label_set("categories8").classes
     for name in names:
         print(f"\n### {name}\n\n{format_table(results[name], classes)}")
-    print(f"\nbudget {args.budget:.0f} CPU s per model (1 thread), batch {args.batch_size}, 512x256, "
+    print(f"\nbudget {args.budget:.0f} CPU s per model (1 thread), batch {args.batch_size}, {args.size}, "
           f"{args.train} train / {args.val} val synthetic scenes\n")
-    print("| model | inference x unet-original | CPU s/step | steps | train CPU s (incl. start-up, val) | wall s | val mIoU |")
+    print("| model | inference x unet-original | CPU s/step | steps | train CPU s (with start-up, val) | wall s "
+          "| val mIoU |")
     print("|-|-|-|-|-|-|-|")
     for name, speed, cost, iters, cpu, wall, miou in rows:
         mark = " (current default)" if name == DEFAULT_MODEL else ""

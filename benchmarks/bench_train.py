@@ -76,10 +76,10 @@ def main() -> None:
     print("|" + "-|" * (head.count("|") - 1))
     for n in names:
         mark = " (default)" if n == DEFAULT_MODEL else ""
-        row = f"| {n}{mark} | {ips[n, 'off']:.2f} | {ips[n, 'off'] / ips[BASE, 'off']:.1f} |"
+        row = f"| {n}{mark} | {ips[n, 'off']:.3g} | {ips[n, 'off'] / ips[BASE, 'off']:.1f} |"
         for a in args.amp:
             if a != "off":
-                row += f" {ips[n, a]:.2f} | {ips[n, a] / ips[n, 'off']:.2f} |"
+                row += f" {ips[n, a]:.3g} | {ips[n, a] / ips[n, 'off']:.2f} |"
         print(row)
 
 

@@ -42,7 +42,8 @@ def test_two_processes_match_one_process(tmp_path):
     for k, v in a["model_state"].items():
         # the same global batches; only the order of float additions differs
         torch.testing.assert_close(b["model_state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    rows = {r: [x for x in read_metrics(tmp_path / r / "metrics.csv") if x["split"] == "val"] for r in ("single", "ddp")}
+    rows = {r: [x for x in read_metrics(tmp_path / r / "metrics.csv") if x["split"] == "val"]
+            for r in ("single", "ddp")}
     assert [x["step"] for x in rows["ddp"]] == [x["step"] for x in rows["single"]] == ["2", "4"]
     for x, y in zip(rows["single"], rows["ddp"]):  # every val image scored once: the uneven 3 + 2 split
         assert float(x["miou"]) == pytest.approx(float(y["miou"]), abs=1e-3)

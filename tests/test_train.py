@@ -2,7 +2,6 @@
 Ctrl-C and NaN paths, and the pieces: schedules, resume rules, the run log."""
 
 import csv
-import json
 import math
 import signal
 import subprocess
@@ -43,7 +42,8 @@ def trained(shards, tmp_path_factory):
 
 
 def test_run_folder_tells_how_it_was_made(trained, shards):
-    assert {p.name for p in trained.iterdir()} >= {"config.yaml", "best.pt", "last.pt", "metrics.csv", "tb", "curves.png"}
+    expected = {"config.yaml", "best.pt", "last.pt", "metrics.csv", "tb", "curves.png"}
+    assert {p.name for p in trained.iterdir()} >= expected
     config = load_run_config(trained)
     assert config.model == "unet-original" and config.lr == 0.01 and config.epochs == 3 and config.data == shards
     rows = read_metrics(trained / "metrics.csv")
@@ -81,10 +81,10 @@ def test_checkpoints_are_self_describing_and_load_weights_only(trained):
 
 def test_it_learns(shards, tmp_path):
     run = tmp_path / "run"
-    assert main(train_args(shards, run, "--iters", "24", "--lr", "0.02", "--val-every", "24", "--no-augment",
+    assert main(train_args(shards, run, "--iters", "16", "--lr", "0.02", "--val-every", "16", "--no-augment",
                            deterministic=False)) == 0
     losses = [float(r["loss"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"]
-    assert sum(losses[-4:]) / 4 < 0.7 * losses[0]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.75 * losses[0]  # ~0.65 measured
 
 
 @pytest.mark.parametrize("extra, message", [

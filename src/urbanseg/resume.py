@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,33 @@ def restore(t: Any, path: Path) -> LoopState:
     fields = {f.name for f in dataclasses.fields(LoopState)}
     return LoopState(**{k: v for k, v in ts.items() if k in fields}, last_val=ckpt.get("metrics") or None)
 
+
+def remove_stale_temporaries(run: Path) -> None:
+    """Temporary files of writes a killed process never renamed (util.atomic_path names)."""
+    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):
+        for tmp in run.glob(f".{name}.*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+class StopSignal:
+    """First Ctrl-C (or SIGTERM, e.g. a cluster's pre-emption notice): finish the current
+    step, save last.pt and exit. A second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving last.pt (again to abort at once)", file=sys.stderr)

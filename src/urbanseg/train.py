@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from urbanseg import distributed as dist_
 from urbanseg import resume as rs
 from urbanseg.config import TrainConfig, parse_size
 from urbanseg.errors import UserError
-from urbanseg.resume import LoopState, restore, save
+from urbanseg.resume import LoopState, StopSignal, remove_stale_temporaries, restore, save
 from urbanseg.runlog import RunLog, plot_curves
 
 EXIT_DIVERGED = 3  # the loss became NaN/inf: not a usage error, but not a success either
@@ -166,8 +165,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """auto: fp16 on CUDA; off on the CPU, where bf16 autocast measured slower for training
-    (benchmarks/bench_train.py)."""
+    """auto: fp16 on CUDA; off on the CPU. bf16 autocast trains 1.3-2x faster on a CPU with
+    native bf16 (AVX512-BF16/AMX) for most models, but slower for some (MobileNetV3 encoders,
+    benchmarks/bench_train.py) and not at all on older CPUs, so it is opt-in: --amp bf16."""
     if config.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -298,30 +298,6 @@ def _iterate(loader):
 # --------------------------------------------------------------------------- the loop
 
 
-class StopSignal:
-    """First Ctrl-C (or SIGTERM, e.g. a cluster's pre-emption notice): finish the current
-    step, save last.pt and exit. A second one aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving last.pt (again to abort at once)", file=sys.stderr)
-
-
 def run_validation(t: Trainer, st: LoopState, log: RunLog) -> dict[str, Any]:
     """Validate, log, keep best.pt and the early-stopping counter up to date."""
     loss, result = validate(t)
@@ -435,13 +411,6 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
     if info.is_main:
         report(t, st, reason)
     return EXIT_INTERRUPTED if reason == "interrupted" else 0
-
-
-def remove_stale_temporaries(run: Path) -> None:
-    """Temporary files of writes a killed process never renamed (util.atomic_path names)."""
-    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):
-        for tmp in run.glob(f".{name}.*.tmp*"):
-            tmp.unlink(missing_ok=True)
 
 
 def report(t: Trainer, st: LoopState, reason: str) -> None:
