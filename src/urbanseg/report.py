@@ -366,8 +366,9 @@ def official_tables(official: dict[str, Any]) -> tuple[str, str]:
             f'<tr{" class=avg" if n == "average" else ""}><td>{html.escape(n)}</td>'
             + "".join('<td class="na">n/a</td>' if v == "n/a" else f"<td>{v}</td>" for v in (a, b)) + "</tr>"
             for n, a, b in rows)
-        parts.append(f"<h3>{plural}</h3><table><tr><th>{level}</th><th>IoU</th><th>iIoU</th></tr>{body}</table>")
-    return "\n".join(md), "\n".join(parts)
+        parts.append(f"<div><h3>{plural}</h3><table><tr><th>{level}</th><th>IoU</th><th>iIoU</th></tr>{body}</table></div>")
+    # The class and category tables side by side: both fit the page width.
+    return "\n".join(md), parts[0] + parts[1] + '<div class="cards">' + "".join(parts[2:]) + "</div>"
 
 
 # --------------------------------------------------------------------------- all files
