@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluate:evaluate"),
     "predict": (cfg.PredictConfig, "urbanseg.predict:predict"),
     "export": (cfg.ExportConfig, "urbanseg.export:export"),
+    "demo": (cfg.DemoConfig, "urbanseg.demo:demo"),
 }
 
 

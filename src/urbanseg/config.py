@@ -306,6 +306,7 @@ class ModelsConfig:
                                "measured by benchmarks/bench_models.py")
     repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
     threads: int = opt(1, "CPU threads per model with --measure")
+    only: list[str] = opt([], "show only these models (default: all)")
 
     def __post_init__(self) -> None:
         parse_size(self.size)
@@ -335,3 +336,19 @@ class EvaluateConfig:
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`urbanseg demo`: the whole pipeline on synthetic data, from scenes to a report."""
+
+    out: Path = opt(Path("runs/demo"), "demo folder: data/, prepared/, shards/ and run/ go here", short="-o")
+    quick: bool = opt(False, "a smaller dataset, smaller images and a shorter training (under 2 minutes)")
+    model: str | None = opt(None, "architecture to train (default: urbanseg's default model)")
+    iters: int | None = opt(None, "training steps (default: 500, or 60 with --quick)")
+    seed: int = opt(0, "seed for the scenes, the weights and the data order")
+    workers: int = opt(0, "worker processes for synth and prepare (0: one per core)")
+
+    def __post_init__(self) -> None:
+        check(self.iters is None or self.iters >= 1, f"--iters {self.iters} must be >= 1")
+        check(self.workers >= 0, f"--workers {self.workers} must be >= 0")

@@ -1,0 +1,118 @@
+"""`urbanseg demo`: every stage once, on synthetic scenes, calling the same functions as
+the commands (synth -> prepare -> pack -> train -> evaluate -> predict), then says what
+was made and what to open.
+
+Sizes are chosen so the full demo takes a few minutes on a 2-core laptop CPU and
+`--quick` well under two; the folder is the demo's own and is reused on a rerun (scenes
+and prepared pairs are kept when up to date, the training run starts again).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from urbanseg import config as cfg
+from urbanseg.errors import UserError
+
+MARKER = ".urbanseg-demo"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big the demo is: scenes per split, scene size, training size and steps."""
+
+    train: int
+    val: int
+    scene_size: str
+    size: str
+    iters: int
+    batch_size: int
+    gallery: int
+    pictures: int
+
+
+FULL = Plan(train=96, val=24, scene_size="1024x512", size="512x256", iters=500, batch_size=8, gallery=3, pictures=8)
+QUICK = Plan(train=24, val=8, scene_size="512x256", size="256x128", iters=60, batch_size=8, gallery=2, pictures=4)
+
+
+def _claim(out: Path) -> None:
+    """The demo writes only into a new folder or one it made before."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"{out} exists and was not made by `urbanseg demo`; give another --out or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `urbanseg demo`; safe to delete\n")
+    # A previous demo's run would be continued instead of trained anew: start it again.
+    shutil.rmtree(out / "run", ignore_errors=True)
+
+
+def _stage(number: int, title: str, what: str) -> float:
+    print(f"\n== [{number}/6] {title}: {what}", flush=True)
+    return time.perf_counter()
+
+
+def _done(start: float) -> None:
+    print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def demo(config: cfg.DemoConfig) -> int:
+    """Entry point of `urbanseg demo`; returns 0 when every stage succeeded."""
+    from urbanseg.evaluate import evaluate
+    from urbanseg.prepare import prepare
+    from urbanseg.predict import predict
+    from urbanseg.records import pack
+    from urbanseg.synth import synthesize
+    from urbanseg.train import train
+
+    plan = QUICK if config.quick else FULL
+    iters = config.iters or plan.iters
+    out = Path(config.out)
+    data, prepared, shards, run = out / "data", out / "prepared", out / "shards", out / "run"
+    _claim(out)
+    begin = time.perf_counter()
+
+    t = _stage(1, "synth", f"{plan.train} training and {plan.val} validation street scenes at {plan.scene_size}, "
+                           f"in Cityscapes layout, into {data}")
+    synthesize(cfg.SynthConfig(out=data, train=plan.train, val=plan.val, test=0, size=plan.scene_size,
+                               seed=config.seed, workers=config.workers))
+    _done(t)
+    t = _stage(2, "prepare", f"resize to {plan.size}, labelIds -> the 8 categories (void, flat, construction, "
+                             f"object, nature, sky, human, vehicle), into {prepared}")
+    prepare(cfg.PrepareConfig(data=data, out=prepared, size=plan.size, splits=["train", "val"],
+                              workers=config.workers))
+    _done(t)
+    t = _stage(3, "pack", f"image/label pairs -> sharded TFRecord files with spec.json, into {shards}")
+    pack(cfg.PackConfig(prepared=prepared, out=shards, shards=2, splits=["train", "val"]))
+    _done(t)
+    t = _stage(4, "train", f"{config.model or 'the default model'} for {iters} steps of {plan.batch_size} "
+                           f"augmented images, validating as it goes, into {run}")
+    code = train(cfg.TrainConfig(data=shards, run=run, model=config.model, iters=iters, batch_size=plan.batch_size,
+                                 seed=config.seed, val_every=max(iters // 4, 1), workers=1))
+    if code != 0:
+        raise UserError(f"training stopped early (exit code {code}); see the messages above")
+    _done(t)
+    t = _stage(5, "evaluate", "the best checkpoint on the validation split at full resolution: per-class IoU, "
+                              "precision, recall, F1, the official Cityscapes category scores, pictures")
+    evaluate(cfg.EvaluateConfig(run=run, split="val", full_res=True, gallery=plan.gallery))
+    _done(t)
+    t = _stage(6, "predict", f"{plan.pictures} validation pictures, original | prediction, as the original project")
+    predict(cfg.PredictConfig(run=run, split="val", num=plan.pictures))
+    _done(t)
+    _summary(run, time.perf_counter() - begin)
+    return 0
+
+
+def _summary(run: Path, seconds: float) -> None:
+    report = run / "eval" / "val"
+    print(f"\nDemo finished in {seconds / 60:.1f} min. Open next:")
+    for path, what in (
+        (report / "report.html", "the evaluation report in a browser: table, confusion matrix, best/worst pictures"),
+        (report / "report.md", "the same table as Markdown (the original project's layout)"),
+        (run / "predict" / "val", "original | prediction pictures"),
+        (run / "curves.png", "training loss and validation mIoU over steps"),
+        (run / "tb", "TensorBoard logs: tensorboard --logdir " + str(run / "tb")),
+    ):
+        print(f"  {path}  -- {what}")
+    print("On real Cityscapes, run the same stages by hand: see the README.")
