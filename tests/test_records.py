@@ -155,6 +155,7 @@ def tensorflow_run(tmp_path_factory):
     return out, tf_file, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # TensorFlow's import alone takes 5-30 s on a shared CPU
 def test_tensorflow_reads_our_shards(tensorflow_run):
     import hashlib
 
@@ -168,6 +169,7 @@ def test_tensorflow_reads_our_shards(tensorflow_run):
     assert result["rows"] == ours and [r[0] for r in ours] == list(range(7))
 
 
+@pytest.mark.slow  # TensorFlow's import alone takes 5-30 s on a shared CPU
 def test_we_read_tensorflows_tfrecord_file(tensorflow_run):
     _, tf_file, _ = tensorflow_run
     got = [records.decode_example(d) for d in records.iter_records(tf_file)]
@@ -178,6 +180,7 @@ def test_we_read_tensorflows_tfrecord_file(tensorflow_run):
         records.read_record(tf_file, int(index[2, 0]), int(index[2, 1]))
 
 
+@pytest.mark.slow  # TensorFlow's import alone takes 5-30 s on a shared CPU
 def test_our_example_bytes_equal_tensorflows_serialization(tensorflow_run):
     assert tensorflow_run[2]["example"] == records.encode_example(EXAMPLE).hex()
 

@@ -65,8 +65,9 @@ class ShardDataset(Dataset):
                 raise UserError(f"shard {path} listed in {split_dir / 'spec.json'} is missing; re-run `urbanseg pack`")
             index = records.read_index(path)
             if len(index) != info["records"]:
-                raise UserError(f"{records.index_path(path)} lists {len(index)} records, spec.json {info['records']}; "
-                                f"rebuild it with urbanseg.records.build_index({str(path)!r}) or re-run `urbanseg pack`")
+                raise UserError(f"{records.index_path(path)} lists {len(index)} records, spec.json "
+                                f"{info['records']}; rebuild it with urbanseg.records.build_index({str(path)!r}) "
+                                "or re-run `urbanseg pack`")
             shard.append(np.full(len(index), k, np.int64))
             offset.append(index[:, 0])
             length.append(index[:, 1])
@@ -165,8 +166,9 @@ class EpochSampler(Sampler):
     def order(self, epoch: int | None = None) -> np.ndarray:
         """This rank's indices for `epoch` (default: the current one), int64 (n,), before `start`."""
         epoch = self.epoch if epoch is None else epoch
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.size) if self.shuffle else np.arange(self.size)
-        return perm[self.rank::self.world_size]
+        if not self.shuffle:
+            return np.arange(self.rank, self.size, self.world_size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for index in self.order()[self.start:].tolist():

@@ -70,7 +70,9 @@ def example_class() -> type:
     def message(name: str, *fields: tuple[str, int, int, int, str]) -> descriptor_pb2.DescriptorProto:
         msg = fdp.message_type.add(name=name)
         for fname, number, ftype, label, type_name in fields:
-            msg.field.add(name=fname, number=number, type=ftype, label=label, **({"type_name": type_name} if type_name else {}))
+            field = msg.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                field.type_name = type_name
         return msg
 
     rep, opt = F.LABEL_REPEATED, F.LABEL_OPTIONAL

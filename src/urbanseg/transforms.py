@@ -68,7 +68,8 @@ class Augment:
         for name in ("brightness", "contrast", "saturation"):
             check(0 <= getattr(self, name) < 1, f"augment {name} {getattr(self, name)} must be in [0, 1)")
         check(0 <= self.hue <= 0.5, f"augment hue {self.hue} must be in [0, 0.5]")
-        check(len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill), f"augment fill {self.fill}: use RGB 0..255")
+        check(len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill),
+              f"augment fill {self.fill}: use an RGB triple of 0..255")
         check(0 <= self.ignore_index <= 255, f"augment ignore_index {self.ignore_index} must fit in uint8")
 
 
