@@ -37,7 +37,11 @@ def train_state(model):
             "numpy_rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"])}, "position": [3, 17]}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# One model per library always (ours, torchvision, smp); the other families under `slow`.
+QUICK = ("unet-original", "lraspp-mobilenetv3", "fpn-mobilenetv3")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_round_trip_of_every_model(name, tmp_path):
     label_set = get_label_set("categories8")
     model = make(name, label_set)

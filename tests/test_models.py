@@ -169,7 +169,15 @@ def test_models_command_lists_every_model(capsys):
     for name in MODELS:
         assert f"| {name}" in out
     assert f"{DEFAULT_MODEL} (default)" in out
+    assert "no latency figures for 64x32" in out
     assert main(["models", "--repeats", "0"]) == 2
+    assert main(["models", "--only", "unet-huge"]) == 2
+    assert "valid names: unet-original" in capsys.readouterr().err
+    assert main(["models", "--only", DEFAULT_MODEL]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {DEFAULT_MODEL}"))
+    assert row.split("|")[5].strip() == f"{load_figures()['models'][DEFAULT_MODEL]['512x256']['speedup']:.1f}"
+    assert "measured 20" in out and "| unet-original" not in out
 
 
 def test_shipped_figures_cover_every_model_and_meet_the_bound():
@@ -184,8 +192,9 @@ def test_shipped_figures_cover_every_model_and_meet_the_bound():
 
 @pytest.mark.slow
 def test_models_command_measures_live(capsys):
-    assert main(["models", "--size", "64x32", "--measure", "--repeats", "1"]) == 0
+    """Live timing in worker processes, the baseline timed alongside (not shown)."""
+    assert main(["models", "--size", "64x32", "--measure", "--repeats", "2", "--only", DEFAULT_MODEL]) == 0
     out = capsys.readouterr().out
-    assert "latency measured now" in out
-    row = next(line for line in out.splitlines() if line.startswith("| unet-original"))
-    assert row.split("|")[5].strip() == "1.0"
+    assert "latency measured now" in out and "| unet-original" not in out
+    cells = next(line for line in out.splitlines() if line.startswith(f"| {DEFAULT_MODEL}")).split("|")
+    assert float(cells[4]) > 0 and float(cells[5]) > 0

@@ -379,30 +379,32 @@ def list_models(config: Any) -> int:
     """`urbanseg models`: print a table of the models (parameters, FLOPs, CPU latency)."""
     from urbanseg.config import parse_size
 
-    size = parse_size(config.size)
+    size, base = parse_size(config.size), "unet-original"
     key = f"{size[0]}x{size[1]}"
-    figures = load_figures() or {"models": {}}
-    live = measure_latency(MODELS, size, repeats=config.repeats, threads=config.threads) if config.measure else None
-    base = "unet-original"
-    rows = ["| model | params (M) | GFLOPs @ %s | CPU ms @ %s | x faster than %s | description |" % (key, key, base),
-            "|-|-|-|-|-|-|"]
-    for name, builder in MODELS.items():
-        params, flops = model_stats(name, size)
-        if live is not None:
-            ms, speedup = live[name], live[base] / live[name]
-        else:
-            fig = figures["models"].get(name, {}).get(key)
-            ms, speedup = (fig["ms"], fig["speedup"]) if fig else (None, None)
-        ms_text = "-" if ms is None else f"{ms:.0f}"
-        speed_text = "-" if speedup is None else f"{speedup:.1f}"
-        mark = " (default)" if name == DEFAULT_MODEL else ""
-        rows.append(f"| {name}{mark} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {ms_text} | {speed_text} | {builder.description} |")
-    print("\n".join(rows))
-    if live is not None:
-        print(f"\nlatency measured now: batch 1, median of {config.repeats} runs, {config.threads} thread(s)")
-    elif figures.get("measured"):
-        print(f"\nlatency from benchmarks/bench_models.py, measured {figures['measured']} on {figures['machine']}; "
-              f"re-measure here with --measure")
+    unknown = [n for n in config.only if n not in MODELS]
+    if unknown:
+        raise UserError(f"--only {' '.join(unknown)}: unknown model; valid names: {', '.join(MODELS)}")
+    names = [n for n in MODELS if n in config.only or not config.only]
+    if config.measure:  # the baseline is always timed: speed-ups are ratios within one run
+        live = measure_latency(dict.fromkeys([base, *names]), size, repeats=config.repeats, threads=config.threads)
+        latency = {n: (live[n], live[base] / live[n]) for n in names}
     else:
-        print("\nno latency figures for this size; measure them with --measure")
+        figures = load_figures() or {"models": {}}
+        latency = {n: (f[key]["ms"], f[key]["speedup"]) for n, f in figures["models"].items() if key in f}
+    rows = [f"| model | params (M) | GFLOPs @ {key} | CPU ms @ {key} | x faster than {base} | description |",
+            "|-|-|-|-|-|-|"]
+    for name in names:
+        params, flops = model_stats(name, size)
+        ms, speedup = (f"{latency[name][0]:.0f}", f"{latency[name][1]:.1f}") if name in latency else ("-", "-")
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        rows.append(f"| {name}{mark} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {ms} | {speedup} | "
+                    f"{MODELS[name].description} |")
+    print("\n".join(rows))
+    if config.measure:
+        print(f"\nlatency measured now: batch 1, median of {config.repeats} runs, {config.threads} thread(s)")
+    elif latency:
+        print(f"\nlatency from benchmarks/bench_models.py, measured {figures['measured']} on {figures['machine']} "
+              f"(batch 1, models timed round-robin); re-measure here with --measure")
+    else:
+        print(f"\nno latency figures for {key}; measure them here with --measure")
     return 0
