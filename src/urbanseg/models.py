@@ -310,10 +310,9 @@ def measure_latency(names: Iterable[str], size: tuple[int, int], *, repeats: int
     `threads` intra-op threads (1 by default: on a shared machine, multi-threaded
     small models spend most of their time waiting at thread barriers for a core).
 
-    Each model lives in its own process (a big model's freed buffers otherwise slow
-    the next small model down many times over through the allocator), and the models
-    are timed round-robin, one pass each per round, so a slow spell on a shared
-    machine hits them all alike and their ratios stay fair."""
+    Each model lives in its own process (no model's memory or thread state can affect
+    another's timing), and the models are timed round-robin, one pass each per round,
+    so a slow spell on a shared machine hits them all alike and their ratios stay fair."""
     import multiprocessing
 
     from tqdm import tqdm
