@@ -229,7 +229,8 @@ def test_stale_or_missing_index_is_reported_and_rebuilt(tmp_path):
 def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
     prepared, out = pack_dir(tmp_path, {"train": 5}, shards=2)
     records.pack(PackConfig(prepared=prepared, out=out, shards=3))
-    assert sorted(p.name for p in (out / "train").glob("*.tfrecord")) == [f"0000{k}-of-00003.tfrecord" for k in range(3)]
+    names = sorted(p.name for p in (out / "train").glob("*.tfrecord"))
+    assert names == [f"0000{k}-of-00003.tfrecord" for k in range(3)]
     before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
     # a broken input on the next run: the error names it, the packed split is untouched
     label = next((prepared / "labels" / "train").glob("*/*.png"))

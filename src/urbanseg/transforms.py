@@ -85,6 +85,8 @@ class TrainTransform:
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """image uint8 (3, H, W), label uint8 (H, W) -> the same dtypes at the crop size
+        (h, w) = crop[::-1] (default (H, W)); every random value is drawn from `generator`."""
         a = self.augment
         r = torch.rand(_DRAWS, generator=generator, dtype=torch.float64).tolist()
         image = jitter(image, brightness=1 + a.brightness * (2 * r[0] - 1), contrast=1 + a.contrast * (2 * r[1] - 1),
