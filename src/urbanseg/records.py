@@ -395,7 +395,11 @@ def _swap_in(stage: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-        os.replace(stage, final)
+        try:
+            os.replace(stage, final)
+        except BaseException:
+            os.replace(old, final)  # put the previous split back
+            raise
         shutil.rmtree(old)
     else:
         os.replace(stage, final)
