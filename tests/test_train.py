@@ -269,3 +269,19 @@ def test_run_log_drops_rows_and_events_after_the_resumed_step(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1), (2, 2), (3, 3), (4, 104), (5, 105)]
+
+
+def test_training_options_run_end_to_end(shards, tmp_path):
+    """The less common flags together: bf16 autocast, channels-last, Lovasz + weighted OHEM
+    cross-entropy, SGD with warm-up and cosine decay, clipping, random crops."""
+    run = tmp_path / "run"
+    assert main(train_args(shards, run, "--iters", "3", "--amp", "bf16", "--channels-last", "--loss", "ce+lovasz",
+                           "--class-weights", "median", "--ohem", "--optimizer", "sgd", "--schedule", "cosine",
+                           "--warmup", "1", "--clip-grad", "1.0", "--crop", "32x16", "--patience", "1",
+                           "--val-every", "1", deterministic=False)) == 0
+    rows = read_metrics(run / "metrics.csv")
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    # patience 1: stops at the first validation that is not better than the best
+    last = torch.load(run / "last.pt", weights_only=True)
+    ts = last["train_state"]
+    assert ts["bad_validations"] <= 1 and (last["step"] == 3 or ts["bad_validations"] == 1)
