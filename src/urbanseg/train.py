@@ -225,8 +225,9 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     t.scaler.unscale_(t.optimizer)  # a no-op without fp16
     grads = [p.grad for p in t.raw.parameters() if p.grad is not None]
     norm = nn.utils.get_total_norm(grads)  # (all-reduced by DDP already: the same on every process)
-    # with fp16, an inf gradient is routine: the scaler skips that step and lowers its scale
-    bad = ~torch.isfinite(loss.detach()) | (~torch.isfinite(norm) & ~torch.tensor(t.scaler.is_enabled()))
+    bad = ~torch.isfinite(loss.detach())
+    if not t.scaler.is_enabled():  # with fp16 an inf gradient is routine: the scaler skips the step
+        bad = bad | ~torch.isfinite(norm)
     # one small all-reduce carries the loss and both flags, so all processes agree
     flags = torch.stack([loss.detach().float(), bad.float().to(loss.device),
                          torch.tensor(float(stop_requested), device=loss.device)])
