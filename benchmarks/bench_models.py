@@ -50,14 +50,16 @@ def main() -> None:
     names = args.models if BASE in args.models else [BASE, *args.models]
 
     figures: dict[str, dict] = {n: {} for n in names}
-    for size_text, repeats in zip(args.sizes, args.repeats + args.repeats[-1:] * len(args.sizes)):
+    repeats_per_size = dict(zip(args.sizes, args.repeats + args.repeats[-1:] * len(args.sizes), strict=False))
+    for size_text, repeats in repeats_per_size.items():
         size = parse_size(size_text)
         ms = measure_latency(names, size, repeats=repeats, threads=args.threads, desc=f"latency {size_text}")
         for n in names:
             figures[n][size_text] = {"ms": round(ms[n], 2), "speedup": round(ms[BASE] / ms[n], 2)}
 
     first = args.sizes[0]
-    print(f"\nCPU latency, batch 1, median; speed-up = {BASE} ms / model ms in the same run ({machine(args.threads)})\n")
+    print(f"\nCPU latency, batch 1, median; speed-up = {BASE} ms / model ms in the same run "
+          f"({machine(args.threads)})\n")
     head = " | ".join(f"ms @ {s} | x @ {s}" for s in args.sizes)
     print(f"| model | params (M) | GFLOPs @ {first} | {head} | >= {REQUIRED_SPEEDUP:.0f}x @ {first} |")
     print("|-|-|-|" + "-|-|" * len(args.sizes) + "-|")
@@ -78,7 +80,7 @@ def main() -> None:
             "machine": machine(args.threads),
             "batch": 1,
             "threads": args.threads,
-            "repeats": dict(zip(args.sizes, args.repeats)),
+            "repeats": repeats_per_size,
             "baseline": BASE,
             "models": {**old, **figures},
         }

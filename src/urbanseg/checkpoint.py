@@ -92,7 +92,8 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
                         f"give a best.pt or last.pt written by `urbanseg train`")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, written by urbanseg "
-                        f"{ckpt.get('urbanseg_version')}; this urbanseg reads format {FORMAT_VERSION}: upgrade urbanseg")
+                        f"{ckpt.get('urbanseg_version')}; this urbanseg reads format {FORMAT_VERSION}: "
+                        f"upgrade urbanseg")
     return ckpt
 
 

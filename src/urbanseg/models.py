@@ -108,7 +108,7 @@ class UNetOriginal(nn.Module):
         super().__init__()
         widths = [base * 2**i for i in range(5)]
         ins = [3, *widths[:-1]]
-        self.encoder = nn.ModuleList(_double_conv(i, o, batch_norm) for i, o in zip(ins, widths))
+        self.encoder = nn.ModuleList(_double_conv(i, o, batch_norm) for i, o in zip(ins, widths, strict=True))
         self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, stride=2) for w in widths[:0:-1])
         self.decoder = nn.ModuleList(_double_conv(w, w // 2, batch_norm) for w in widths[:0:-1])
         self.head = nn.Conv2d(base, num_classes, 1)
@@ -118,7 +118,7 @@ class UNetOriginal(nn.Module):
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
-        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
+        for up, block, skip in zip(self.up, self.decoder, reversed(skips[:-1]), strict=True):
             x = block(torch.cat([skip, up(x)], dim=1))
         return self.head(x)
 
@@ -147,7 +147,8 @@ MODELS: dict[str, Any] = {
     "fpn-mobilenetv4": SmpBuilder("FPN", _MBV4, "smp FPN, timm MobileNetV4-Conv-Small encoder"),
     "deeplabv3plus-resnet18": SmpBuilder("DeepLabV3Plus", "resnet18", "smp DeepLabV3+, ResNet-18 encoder"),
     "deeplabv3plus-mobilenetv3": SmpBuilder("DeepLabV3Plus", _MBV3, "smp DeepLabV3+, timm MobileNetV3-Large encoder"),
-    "deeplabv3plus-mobilenetv4": SmpBuilder("DeepLabV3Plus", _MBV4, "smp DeepLabV3+, timm MobileNetV4-Conv-Small encoder"),
+    "deeplabv3plus-mobilenetv4": SmpBuilder("DeepLabV3Plus", _MBV4,
+                                            "smp DeepLabV3+, timm MobileNetV4-Conv-Small encoder"),
     "segformer-mit_b0": SmpBuilder("Segformer", "mit_b0", "smp SegFormer, MiT-B0 encoder"),
     "lraspp-mobilenetv3": LrasppBuilder(),
 }
@@ -197,7 +198,8 @@ class SegmentationModel(nn.Module):
         return self.net(x)[..., :h, :w]
 
 
-def create_model(name: str, num_classes: int, *, encoder_weights: str | None = None, **kwargs: Any) -> SegmentationModel:
+def create_model(name: str, num_classes: int, *, encoder_weights: str | None = None,
+                 **kwargs: Any) -> SegmentationModel:
     """Build model `name` (a key of `MODELS`) with a new `num_classes`-way head.
 
     encoder_weights: None (random init), "imagenet" (the libraries' own download, cached
