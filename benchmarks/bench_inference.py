@@ -78,15 +78,16 @@ def main(argv: list[str] | None = None) -> int:
                 ref = ref or (torch_ms, ort_ms)
                 rows.append((name, size_text, torch_ms, ort_ms, torch_ms / ref[0], ort_ms / ref[1], ort_ms / torch_ms))
                 print(f"  {name} {size_text}: torch {torch_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms", file=sys.stderr)
-    import torch
+    import os
 
     import onnxruntime
-    import os
+    import torch
 
     print(f"\nCPU, batch 1, torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
           f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end; ratios to {REFERENCE} "
           "at the same size and runtime (lower is faster)\n")
-    print("| model | size | PyTorch ms | ONNX Runtime ms | PyTorch / unet-original | ORT / unet-original | ORT / PyTorch |")
+    print("| model | size | PyTorch ms | ONNX Runtime ms | PyTorch / unet-original | ORT / unet-original "
+          "| ORT / PyTorch |")
     print("|-|-|-|-|-|-|-|")
     for name, size_text, t, o, rt, ro, ot in rows:
         print(f"| {name} | {size_text} | {t:.0f} | {o:.0f} | {rt:.3f} | {ro:.3f} | {ot:.2f} |")

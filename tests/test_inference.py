@@ -124,7 +124,7 @@ def test_native_mode_batches_runs_of_equal_size_and_is_pointwise_exact():
     images = [scene(20, 30), scene(20, 30, 1), scene(25, 30)]
     labels = segment(p, images, mode="native", batch_size=4)
     assert p.calls == [(2, 3, 20, 30), (1, 3, 25, 30)]
-    for im, lab in zip(images, labels):
+    for im, lab in zip(images, labels, strict=False):
         direct = np.einsum("kc,hwc->hwk", p.weights, im / 255.0).argmax(-1)
         assert (lab == direct).all()
 

@@ -177,9 +177,10 @@ def test_onnx_model_runs_without_pytorch_and_agrees(tmp_path, ckpt):
     images.mkdir()
     for k in range(3):
         Image.fromarray(scene(41 + 7 * k, 77, k)).save(images / f"im{k}.png")
+    argv = ["predict", "--model", str(onnx_path), "-i", str(images), "-o", str(tmp_path / "onnx")]
     code = (
         "import sys; from urbanseg.cli import main; "
-        f"rc = main(['predict', '--model', {str(onnx_path)!r}, '-i', {str(images)!r}, '-o', {str(tmp_path / 'onnx')!r}]); "
+        f"rc = main({argv!r}); "
         "print(rc, sorted(m for m in ('torch', 'urbanseg.models', 'urbanseg.checkpoint') if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

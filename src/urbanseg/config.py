@@ -244,16 +244,28 @@ class TrainConfig:
 class PredictConfig:
     """`urbanseg predict`: segment images, folders, globs or videos, or N pictures from a split."""
 
-    input: list[str] = opt([], "image files, folders, globs ('photos/*.jpg') or videos (.mp4, .avi, ...) to segment", short="-i")
-    split: str | None = opt(None, "instead of --input: the original's mode, N pictures (image | prediction) from this split's shards")
+    input: list[str] = opt(
+        [], "image files, folders, globs ('photos/*.jpg') or videos (.mp4, .avi, ...) to segment", short="-i"
+    )
+    split: str | None = opt(
+        None, "instead of --input: the original's mode, N pictures (image | prediction) from this split's shards"
+    )
     num: int = opt(20, "with --split: number of pictures to write")
     data: Path | None = opt(None, "with --split: shards folder (default: the run's `data` in config.yaml)")
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
     checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
-    model: Path | None = opt(None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint")
-    out: Path | None = opt(None, "output folder (default: RUN/predict/SPLIT, RUN/predict/input, or ./predictions)", short="-o")
-    outputs: list[str] = opt(["overlay", "color", "labels"], "what to write per image: overlay, color (mask), labels (class-index PNG)")
-    cityscapes_ids: bool = opt(False, "also write *_labelIds.png with Cityscapes label ids (official test server format)")
+    model: Path | None = opt(
+        None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
+    )
+    out: Path | None = opt(
+        None, "output folder (default: RUN/predict/SPLIT, RUN/predict/input, or ./predictions)", short="-o"
+    )
+    outputs: list[str] = opt(
+        ["overlay", "color", "labels"], "what to write per image: overlay, color (mask), labels (class-index PNG)"
+    )
+    cityscapes_ids: bool = opt(
+        False, "also write *_labelIds.png with Cityscapes label ids (official test server format)"
+    )
     native: bool = opt(False, "run at each image's own resolution instead of resizing to the training input size")
     tile: bool = opt(False, "sliding window at native resolution, overlapping logits averaged (for very large images)")
     tile_size: str = opt("", "window WIDTHxHEIGHT for --tile (default: the training input size)", metavar="WxH")
@@ -263,7 +275,8 @@ class PredictConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "PyTorch device for a checkpoint (auto: cuda if available)")
 
     def __post_init__(self) -> None:
-        check(bool(self.input) != (self.split is not None), "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT")
+        check(bool(self.input) != (self.split is not None),
+              "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT")
         check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
         check(self.model is not None or self.run is not None or self.checkpoint is not None,
               "give --run runs/NAME, --checkpoint PATH or --model model.onnx")

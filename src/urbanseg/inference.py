@@ -65,7 +65,9 @@ class TorchPredictor(Predictor):
             input_size = (int(ckpt["input_size"][0]), int(ckpt["input_size"][1]))
             model = model_from_checkpoint(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"checkpoint {path} is not a usable urbanseg checkpoint ({type(e).__name__}: {e})") from None
+            raise UserError(
+                f"checkpoint {path} is not a usable urbanseg checkpoint ({type(e).__name__}: {e})"
+            ) from None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -91,7 +93,7 @@ class OnnxPredictor(Predictor):
             raise UserError(f"ONNX model {path} does not exist; write one with `urbanseg export --run runs/NAME`")
         try:
             self.session = ort.InferenceSession(str(path), providers=_ort_providers(ort))
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
             raise UserError(f"cannot load ONNX model {path}: {e}") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
         if raw is None:
@@ -126,8 +128,13 @@ def resolve_checkpoint(run: Path | None, checkpoint: str | None) -> Path:
     else:
         path = Path(name)
     if not path.is_file():
-        hint = f" (run folder {run} has: {', '.join(sorted(p.name for p in Path(run).glob('*.pt'))) or 'no .pt files'})" if run and Path(run).is_dir() else ""
-        raise UserError(f"checkpoint {path} does not exist{hint}; train with `urbanseg train` or pass --checkpoint PATH")
+        hint = ""
+        if run is not None and Path(run).is_dir():
+            found = ", ".join(sorted(p.name for p in Path(run).glob("*.pt"))) or "no .pt files"
+            hint = f" (run folder {run} has: {found})"
+        raise UserError(
+            f"checkpoint {path} does not exist{hint}; train with `urbanseg train` or pass --checkpoint PATH"
+        )
     return path
 
 
@@ -200,7 +207,7 @@ def upsample_logits(logits: np.ndarray, size: tuple[int, int], rows: tuple[int, 
     band of rows costs only that band), OpenCV does the horizontal pass."""
     import cv2
 
-    C, h, w = logits.shape
+    _, h, w = logits.shape
     W, H = size
     y0, y1 = rows or (0, H)
     hwc = logits.transpose(1, 2, 0)
@@ -269,7 +276,7 @@ def segment(
         else:
             inputs = group
         logits = predictor.logits(_to_batch(inputs))
-        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group))
+        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group, strict=False))
     return out
 
 
@@ -288,7 +295,7 @@ def tile_starts(length: int, window: int, overlap: float) -> list[int]:
     with the end. A window longer than the image gives the single offset 0."""
     if length <= window:
         return [0]
-    stride = max(1, int(round(window * (1.0 - overlap))))
+    stride = max(1, round(window * (1.0 - overlap)))
     starts = list(range(0, length - window, stride))
     return starts + [length - window]
 
@@ -314,7 +321,7 @@ def segment_tiled(
         bar.update(len(xs))
         if band is None:
             band = np.zeros((th, W, logits[0].shape[0]), np.float32)
-        for x, lg in zip(xs, logits):
+        for x, lg in zip(xs, logits, strict=False):
             band[:, x : x + tw] += lg.transpose(1, 2, 0)
         done = (ys[r + 1] if r + 1 < len(ys) else H) - y  # rows no later window touches
         out[y : y + done] = _argmax(band[:done])

@@ -144,18 +144,23 @@ def predict_images(
         for k, chunk in enumerate(chunks):
             loaded = [f.result() for f in pending]
             pending = [pool.submit(_read, j) for j in chunks[k + 1]] if k + 1 < len(chunks) else []
-            ok = [(j, im) for j, im in zip(chunk, loaded) if isinstance(im, np.ndarray)]
-            failures += [(str(j.source), im) for j, im in zip(chunk, loaded) if isinstance(im, str)]
+            ok = [(j, im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, np.ndarray)]
+            failures += [(str(j.source), im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, str)]
             if ok:
                 labels = _segment(cfg, predictor, [im for _, im in ok])
-                for (job, image), lab in zip(ok, labels):
+                for (job, image), lab in zip(ok, labels, strict=False):
                     write_outputs(job.prefix, image, lab, predictor, cfg, id_lut)
             bar.update(len(chunk))
     return failures
 
 
 def write_outputs(
-    prefix: Path, image: np.ndarray, labels: np.ndarray, predictor: Predictor, cfg: PredictConfig, id_lut: np.ndarray | None
+    prefix: Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    predictor: Predictor,
+    cfg: PredictConfig,
+    id_lut: np.ndarray | None,
 ) -> None:
     """Write the requested PNGs for one (H, W, 3) image and its (H, W) uint8 class indices."""
     color = predictor.label_set.colorize(labels)
@@ -195,7 +200,7 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
                         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
                             raise ValueError(f"OpenCV cannot write an mp4v video to {target}")
-                    for frame, lab in zip(batch, _segment(cfg, predictor, batch)):
+                    for frame, lab in zip(batch, _segment(cfg, predictor, batch), strict=False):
                         mixed = overlay(frame, predictor.label_set.colorize(lab), cfg.alpha)
                         writer.write(np.ascontiguousarray(mixed[..., ::-1]))
                     bar.update(len(batch))
@@ -235,7 +240,7 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
     for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {cfg.split}", unit="batch"):
         items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
         images = [item["image"].permute(1, 2, 0).numpy() for item in items]
-        for item, image, lab in zip(items, images, _segment(cfg, predictor, images)):
+        for item, image, lab in zip(items, images, _segment(cfg, predictor, images), strict=False):
             picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
             save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
     print(f"wrote {n} pictures (image | prediction) from {root}/{cfg.split} to {out}")
@@ -278,7 +283,7 @@ def side_by_side(image: np.ndarray, color: np.ndarray, left: str, right: str, pr
     draw = ImageDraw.Draw(canvas)
     for x, text in ((0, left), (w + pad, right)):
         draw.text((x + 2, 2), _fit(draw, text, font, w - 4), fill="black", font=font)
-    for k, (name, rgb) in enumerate(zip(names, palette)):
+    for k, (name, rgb) in enumerate(zip(names, palette, strict=False)):
         x, y = (k % per_row) * cell + 2, line + h + pad + (k // per_row) * line
         draw.rectangle((x, y, x + line - 8, y + line - 8), fill=tuple(rgb), outline="black")
         draw.text((x + line - 4, y - 2), name, fill="black", font=font)
