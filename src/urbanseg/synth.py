@@ -190,4 +190,4 @@ def synthesize(config: SynthConfig) -> None:
         if rows:
             total = np.sum(rows, axis=0)
             shares = ", ".join(f"{c} {100 * n / total.sum():.1f}%" for c, n in zip(CATEGORIES, total))
-            print(f"  {split}: {len(rows)} scenes; pixel shares: {shares}")
+            print(f"  {split}: {len(rows)} scene(s); pixel shares: {shares}")
