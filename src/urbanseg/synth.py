@@ -77,7 +77,7 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
     uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
     pixel counts}. Deterministic in its arguments."""
     from urbanseg.synth_render import clip_polygon, draw_polygons, render
-    from urbanseg.synth_scene import compose
+    from urbanseg.synth_layout import compose
 
     for attempt in range(MAX_ATTEMPTS):
         key = [seed % 2**63, zlib.crc32(split.encode()), index, attempt]

@@ -1,4 +1,4 @@
-"""Rasterising and painting a synthetic scene (see synth_scene.py).
+"""Rasterising and painting a synthetic scene (see synth_layout.py).
 
 Labels are rasterised with PIL's ImageDraw.polygon on integer polygons clipped to the
 image, in the order they are listed, exactly as cityscapesscripts' json2labelImg does,
