@@ -320,7 +320,6 @@ class ModelsConfig:
     repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
     threads: int = opt(1, "CPU threads per model with --measure")
     only: list[str] = opt([], "show only these models (default: all)")
-    only: list[str] = opt([], "show only these models (default: all)")
 
     def __post_init__(self) -> None:
         parse_size(self.size)
