@@ -358,7 +358,7 @@ class DemoConfig:
     out: Path = opt(Path("runs/demo"), "demo folder: data/, prepared/, shards/ and run/ go here", short="-o")
     quick: bool = opt(False, "a smaller dataset, smaller images and a shorter training (under 2 minutes)")
     model: str | None = opt(None, "architecture to train (default: urbanseg's default model)")
-    iters: int | None = opt(None, "training steps (default: 500, or 60 with --quick)")
+    iters: int | None = opt(None, "training steps (default: 600, or 150 with --quick)")
     seed: int = opt(0, "seed for the scenes, the weights and the data order")
     workers: int = opt(0, "worker processes for synth and prepare (0: one per core)")
 
