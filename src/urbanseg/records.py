@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg.errors import UserError
+from urbanseg.util import current_umask
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
@@ -381,8 +382,7 @@ def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, in
 def _make_readable(folder: Path) -> None:
     """Give the folder and its files the umask's usual modes (mkdtemp/mkstemp make them
     private, 0700/0600), so shards packed for a team are readable by it."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
