@@ -37,7 +37,7 @@ from cityscapes_fixture import write_raw_cityscapes
 
 from urbanseg.config import PrepareConfig
 from urbanseg.labels import get_label_set
-from urbanseg.prepare import classes_from_bgr, classes_from_ids, prepare, resize_labels
+from urbanseg.prepare import prepare, resize_labels
 from urbanseg.util import save_png
 
 
@@ -72,7 +72,8 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
     ls = get_label_set("categories8")
     lut = ls.id_lut()
     small = np.ascontiguousarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
-    labels = resize_labels(classes_from_ids(ids, ls), size)
+    labels = resize_labels(ls.labels_from_ids(ids), size)
+    b, g, r = (bgr[..., k].astype(np.int32) for k in range(3))
     return [
         ("decode image: cv2.imread (used)", best_ms(lambda: cv2.imread(str(image_path), cv2.IMREAD_COLOR), repeat)),
         ("decode image: PIL open + RGB array", best_ms(lambda: np.asarray(Image.open(image_path).convert("RGB")), repeat)),
@@ -80,11 +81,12 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
         ("resize image: PIL reduce(4)", best_ms(lambda: pil.reduce(4), repeat)),
         ("resize image: PIL BOX", best_ms(lambda: pil.resize(size, Image.BOX), repeat)),
         ("resize image: PIL LANCZOS", best_ms(lambda: pil.resize(size, Image.LANCZOS), repeat)),
-        ("labelIds: cv2.LUT full size + nearest (used)", best_ms(lambda: resize_labels(classes_from_ids(ids, ls), size), repeat)),
-        ("labelIds: LabelSet.labels_from_ids full + nearest", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
+        ("labelIds: LabelSet.labels_from_ids (cv2.LUT) + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
+        ("labelIds: numpy gather full size + nearest", best_ms(lambda: resize_labels(lut[ids], size), repeat)),
         ("labelIds: nearest + lookup (leaves pixels unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
-        ("color: BGRA-as-uint32 lookup + nearest (used)", best_ms(lambda: resize_labels(classes_from_bgr(bgr, ls), size), repeat)),
-        ("color: LabelSet.labels_from_colors + nearest", best_ms(lambda: resize_labels(ls.labels_from_colors(bgr[..., ::-1]), size), repeat)),
+        ("color: LabelSet.labels_from_colors (BGRA-as-uint32) + nearest (used)",
+         best_ms(lambda: resize_labels(ls.labels_from_colors(bgr, bgr=True), size), repeat)),
+        ("color: int32 channel shifts + nearest", best_ms(lambda: resize_labels(ls.color_lut()[(r << 16) | (g << 8) | b], size), repeat)),
         ("write outputs: image + label PNGs (util.save_png)", best_ms(lambda: write_outputs(small, labels), repeat)),
     ]
 

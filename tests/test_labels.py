@@ -89,3 +89,26 @@ def test_round_trip_and_colorize():
     assert L.LabelSet.from_dict(json.loads(json.dumps(ls.to_dict()))) == ls
     rgb = ls.colorize(np.array([[0, 255]], np.uint8))
     assert rgb.tolist() == [[[128, 64, 128], [0, 0, 0]]]
+
+
+@pytest.mark.parametrize("name", ["categories8", "categories7", "classes19"])
+def test_lookups_equal_a_plain_table_reference(name):
+    """The OpenCV fast paths (LUT, BGRA-as-uint32) against a per-entry dict lookup."""
+    ls, rng = L.get_label_set(name), np.random.default_rng(0)
+    known = np.array([l.id & 0xFF for l in L.LABELS], np.uint8)
+    ids = rng.choice(known, (33, 47)).astype(np.uint8)
+    by_id = dict(enumerate(ls.id_to_class))
+    assert ls.labels_from_ids(ids).tolist() == [[by_id[i] for i in row] for row in ids.tolist()]
+    by_colour = dict(ls.color_to_class)
+    rgb = np.array(list(by_colour), np.uint8)[rng.integers(0, len(by_colour), (33, 47))]
+    expect = [[by_colour[tuple(c)] for c in row] for row in rgb.tolist()]
+    assert ls.labels_from_colors(rgb).tolist() == expect
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    assert ls.labels_from_colors(bgr, bgr=True).tolist() == expect
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert ls.labels_from_colors(rgba).tolist() == expect
+    ids[5, 5], bgr[7, 7] = 99, (3, 2, 1)
+    with pytest.raises(ValueError, match=r"\[99\]"):
+        ls.labels_from_ids(ids)
+    with pytest.raises(ValueError, match=r"\(1, 2, 3\)"):
+        ls.labels_from_colors(bgr, bgr=True)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from urbanseg import labels as L
 from urbanseg.cli import main
-from urbanseg.prepare import classes_from_bgr, classes_from_ids, resize_labels
+from urbanseg.prepare import resize_labels
 
 RAW_SIZE = (64, 32)
 
@@ -123,22 +123,6 @@ def test_nearest_resize_commutes_with_the_lookup():
     ids = rng.choice([l.id for l in L.LABELS if l.id >= 0], (37, 71)).astype(np.uint8)
     for size in [(17, 9), (71, 37), (140, 80), (30, 50)]:
         np.testing.assert_array_equal(resize_labels(lut[ids], size), lut[resize_labels(ids, size)])
-
-
-@pytest.mark.parametrize("name", ["categories8", "categories7", "classes19"])
-def test_fast_lookups_equal_the_label_set_methods(name):
-    ls, rng = L.get_label_set(name), np.random.default_rng(0)
-    known = np.array([l.id & 0xFF for l in L.LABELS], np.uint8)
-    ids = rng.choice(known, (33, 47)).astype(np.uint8)
-    np.testing.assert_array_equal(classes_from_ids(ids, ls), ls.labels_from_ids(ids))
-    rgb = np.array([c for c, _ in ls.color_to_class], np.uint8)[rng.integers(0, len(ls.color_to_class), (33, 47))]
-    bgr = np.ascontiguousarray(rgb[..., ::-1])
-    np.testing.assert_array_equal(classes_from_bgr(bgr, ls), ls.labels_from_colors(rgb))
-    ids[5, 5], bgr[7, 7] = 99, (3, 2, 1)
-    with pytest.raises(ValueError, match=r"\[99\]"):
-        classes_from_ids(ids, ls)
-    with pytest.raises(ValueError, match=r"\(1, 2, 3\)"):
-        classes_from_bgr(bgr, ls)
 
 
 def _single_pair(root: Path, image: np.ndarray, ids: np.ndarray, color: np.ndarray | None = None):

@@ -139,19 +139,28 @@ class LabelSet:
         """(H, W) uint8 Cityscapes label ids -> (H, W) uint8 class indices (255 ignore).
 
         Raises ValueError naming the unknown ids if any id is not in the table."""
-        out = self.id_lut()[ids]
+        import cv2
+
+        ids = np.ascontiguousarray(ids, dtype=np.uint8)
+        out = cv2.LUT(ids, self.id_lut())  # ~4x faster than numpy's gather for a 256-entry table
         if (out == _UNKNOWN).any():
             bad = sorted(set(np.unique(ids[out == _UNKNOWN]).tolist()))
             raise ValueError(f"unknown Cityscapes label ids {bad[:10]} (known: 0-33, and 255 for license plate)")
         return out
 
-    def labels_from_colors(self, rgb: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 colour annotation -> (H, W) uint8 class indices.
+    def labels_from_colors(self, image: np.ndarray, *, bgr: bool = False) -> np.ndarray:
+        """(H, W, 3 or 4) uint8 colour annotation (RGB, or BGR as OpenCV reads it when
+        `bgr`) -> (H, W) uint8 class indices.
 
-        Raises ValueError naming the unknown colours if any colour has no class."""
-        rgb = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
-        code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-        out = self.color_lut()[code]
+        Raises ValueError naming the unknown colours (as RGB) if any colour has no class."""
+        import cv2
+
+        image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+        # BGRA bytes read as a little-endian uint32 are 0xAARRGGBB: one mask gives the
+        # 0xRRGGBB index into the colour table, ~15x faster than shifting int32 channels.
+        code = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA if bgr else cv2.COLOR_RGB2BGRA).view("<u4")[..., 0]
+        np.bitwise_and(code, 0xFFFFFF, out=code)
+        out = np.take(self.color_lut(), code)
         if (out == _UNKNOWN).any():
             bad = np.unique(code[out == _UNKNOWN])[:10]
             colours = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in bad.tolist()]

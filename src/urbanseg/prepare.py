@@ -30,7 +30,7 @@ import numpy as np
 from urbanseg import util
 from urbanseg.config import PrepareConfig, parse_size, save, to_dict
 from urbanseg.errors import UserError
-from urbanseg.labels import _UNKNOWN, LabelSet, get_label_set  # _UNKNOWN: the tables' "no class"
+from urbanseg.labels import LabelSet, get_label_set
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = {"labelIds": "_gtFine_labelIds.png", "color": "_gtFine_color.png"}
@@ -137,27 +137,6 @@ def _read_ids(path: Path) -> np.ndarray:
         raise BadFile(f"{path}: unreadable ({type(e).__name__}: {e}); re-extract or re-download it") from None
 
 
-def classes_from_ids(ids: np.ndarray, label_set: LabelSet) -> np.ndarray:
-    """(H, W) uint8 label ids -> (H, W) uint8 classes; LabelSet.labels_from_ids, with
-    cv2.LUT (4x faster than numpy's gather); ValueError naming unknown ids."""
-    import cv2
-
-    out = cv2.LUT(ids, label_set.id_lut())
-    return label_set.labels_from_ids(ids) if (out == _UNKNOWN).any() else out  # the latter raises, naming them
-
-
-def classes_from_bgr(bgr: np.ndarray, label_set: LabelSet) -> np.ndarray:
-    """(H, W, 3) uint8 BGR colours -> (H, W) uint8 classes; LabelSet.labels_from_colors
-    15x faster: BGRA bytes read as a little-endian uint32 are 0xAARRGGBB, so one mask
-    gives the 0xRRGGBB index into the colour table, with no int32 channel arithmetic."""
-    import cv2
-
-    code = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA).view("<u4")[..., 0]
-    np.bitwise_and(code, 0xFFFFFF, out=code)
-    out = np.take(label_set.color_lut(), code)
-    return label_set.labels_from_colors(bgr[..., ::-1]) if (out == _UNKNOWN).any() else out
-
-
 def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
     """A raw annotation -> (H, W) uint8 class indices of `label_set` (255 ignore).
 
@@ -166,8 +145,8 @@ def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
     nearest-neighbour resize gives the same result as mapping after it."""
     try:
         if source == "labelIds":
-            return classes_from_ids(_read_ids(path), label_set)
-        return classes_from_bgr(read_bgr(path), label_set)
+            return label_set.labels_from_ids(_read_ids(path))
+        return label_set.labels_from_colors(read_bgr(path), bgr=True)
     except BadFile:
         raise
     except ValueError as e:
