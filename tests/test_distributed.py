@@ -1,11 +1,16 @@
 """`torchrun --nproc_per_node=2 -m urbanseg train` on the CPU (gloo): one run folder written
 by rank 0, the same number of steps and (without batch norm or augmentation, so a
 process's mean loss is the global mean's share) the same weights as one process with the
-same global batch. 11 training and 5 validation images: the split is uneven on purpose."""
+same global batch. 11 training and 5 validation images: the split is uneven on purpose.
+A torchrun job killed with SIGKILL and resumed under torchrun ends bit-identical to an
+uninterrupted job."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -48,3 +53,49 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(rows["single"], rows["ddp"]):  # every val image scored once: the uneven 3 + 2 split
         assert float(x["miou"]) == pytest.approx(float(y["miou"]), abs=1e-3)
         assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-3)
+
+
+def _torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "urbanseg", "--", *args]
+
+
+def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
+    """SIGKILL the whole torchrun job (launcher and both ranks) once its last.pt reached a
+    step, resume with torchrun: the weights equal the uninterrupted job's, bit for bit."""
+    shards = make_shards(tmp_path)
+
+    def args(run, *extra):
+        return ["train", "--data", str(shards), "--run", str(run), *MODEL, "--batch-size", "4", "--iters", "8",
+                "--save-every", "1", "--val-every", "4", "--workers", "0", "--lr", "0.01", "--deterministic",
+                *extra]
+
+    ref = subprocess.run(_torchrun(args(tmp_path / "ref")), capture_output=True, text=True, timeout=600,
+                         env=subprocess_env())
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    job = subprocess.Popen(_torchrun(args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=subprocess_env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while _saved_step(run / "last.pt") < 3:
+        assert job.poll() is None, "the job ended before step 3: nothing was tested"
+        assert time.monotonic() < deadline, "the job is too slow"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)  # launcher and ranks alike
+    job.wait()
+    killed_at = _saved_step(run / "last.pt")
+    assert 3 <= killed_at < 8, killed_at
+    resumed = subprocess.run(_torchrun(args(run, "--resume")), capture_output=True, text=True, timeout=600,
+                             env=subprocess_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(r / "last.pt", weights_only=True) for r in (tmp_path / "ref", run))
+    assert a["step"] == b["step"] == 8
+    for k, v in a["model_state"].items():
+        assert torch.equal(b["model_state"][k], v), k
+
+
+def _saved_step(path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except Exception:  # not written yet, or being replaced
+        return -1
