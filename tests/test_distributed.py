@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from train_fixtures import make_shards, run_cli, subprocess_env
+from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
 
 from urbanseg.runlog import read_metrics
 
@@ -77,13 +77,13 @@ def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
     job = subprocess.Popen(_torchrun(args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env=subprocess_env(), start_new_session=True)
     deadline = time.monotonic() + 300
-    while _saved_step(run / "last.pt") < 3:
+    while saved_step(run / "last.pt") < 3:
         assert job.poll() is None, "the job ended before step 3: nothing was tested"
         assert time.monotonic() < deadline, "the job is too slow"
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)  # launcher and ranks alike
     job.wait()
-    killed_at = _saved_step(run / "last.pt")
+    killed_at = saved_step(run / "last.pt")
     assert 3 <= killed_at < 8, killed_at
     resumed = subprocess.run(_torchrun(args(run, "--resume")), capture_output=True, text=True, timeout=600,
                              env=subprocess_env())
@@ -93,9 +93,3 @@ def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
     for k, v in a["model_state"].items():
         assert torch.equal(b["model_state"][k], v), k
 
-
-def _saved_step(path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["step"]
-    except Exception:  # not written yet, or being replaced
-        return -1

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from train_fixtures import make_shards, run_cli, subprocess_env, train_args
+from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,6 @@ def reference(shards, tmp_path_factory):
     return run
 
 
-def _saved_step(path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["step"]
-    except Exception:  # not written yet
-        return -1
-
 
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "urbanseg", *args], stdout=subprocess.DEVNULL,
@@ -50,7 +44,7 @@ def _start(args: list[str]) -> subprocess.Popen:
 def _kill_after(proc: subprocess.Popen, run, step: int, delay: float) -> None:
     """SIGKILL `proc` `delay` seconds after its last.pt reaches `step`."""
     deadline = time.monotonic() + 240
-    while _saved_step(run / "last.pt") < step:
+    while saved_step(run / "last.pt") < step:
         assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()}"
         assert time.monotonic() < deadline, "the run is too slow"
         time.sleep(0.01)
@@ -98,11 +92,11 @@ def test_sigkill_twice_at_random_moments_then_resume_is_bit_identical(shards, re
     args = train_args(shards, run, *EXTRA)
     first = rng.randint(1, 8)
     _kill_after(_start(args), run, first, rng.uniform(0, 0.15))
-    killed_at = _saved_step(run / "last.pt")
+    killed_at = saved_step(run / "last.pt")
     assert 1 <= killed_at < TOTAL
     second = rng.randint(killed_at + 2, 15)
     _kill_after(_start([*args, "--resume"]), run, second, rng.uniform(0, 0.15))
-    assert _saved_step(run / "last.pt") > killed_at
+    assert saved_step(run / "last.pt") > killed_at
     result = run_cli([*args, "--resume"])
     assert result.returncode == 0, result.stderr
     assert_same_run(run, reference)
@@ -144,7 +138,7 @@ def test_sigkill_while_writing_last_pt_keeps_the_previous_one(shards, reference,
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
     with pytest.raises(Exception):
         torch.load(leftovers[0], weights_only=True)
-    assert _saved_step(run / "last.pt") == n - 1  # the rename never happened: the previous state is intact
+    assert saved_step(run / "last.pt") == n - 1  # the rename never happened: the previous state is intact
     result = run_cli([*args, "--resume"])
     assert result.returncode == 0, result.stderr
     assert not list(run.glob(".last.pt.*.tmp*"))  # resume cleans up

@@ -45,3 +45,13 @@ def subprocess_env() -> dict[str, str]:
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "urbanseg", *args], capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env())
+
+
+def saved_step(path: Path) -> int:
+    """The step stored in a checkpoint, or -1 while it is not (yet) readable."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except Exception:  # not written yet, or being replaced
+        return -1
