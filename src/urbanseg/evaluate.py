@@ -41,7 +41,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from urbanseg.data import ShardDataset
-    from urbanseg.inference import resolve_checkpoint
+    from urbanseg.inference import resolve_checkpoint, run_data
     from urbanseg.metrics import format_table
     from urbanseg.report import write_report
 
@@ -53,7 +53,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
     device = torch.device(_device(cfg.device))
     model = model_from_checkpoint(ckpt).to(device).eval()
     label_set = LabelSet.from_dict(ckpt["label_set"])
-    shards = Path(cfg.data) if cfg.data is not None else _run_data(run)
+    shards = Path(cfg.data) if cfg.data is not None else run_data(run)
     dataset = ShardDataset(shards, cfg.split)
     _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / cfg.split)
     raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
@@ -94,18 +94,6 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return name
-
-
-def _run_data(run: Path) -> Path:
-    """The shards folder the run was trained on (`data` in RUN/config.yaml)."""
-    import yaml
-
-    path = run / "config.yaml"
-    try:
-        return Path(yaml.safe_load(path.read_text())["data"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read the shards folder (`data`) from {path} ({type(e).__name__}: {e}); "
-                        "pass --data SHARDS") from None
 
 
 def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:

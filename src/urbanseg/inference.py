@@ -118,6 +118,18 @@ def _ort_providers(ort: Any) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def run_data(run: Path) -> Path:
+    """The shards folder a run was trained on (`data` in RUN/config.yaml)."""
+    import yaml
+
+    path = Path(run) / "config.yaml"
+    try:
+        return Path(yaml.safe_load(path.read_text())["data"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the shards folder (`data`) from {path} ({type(e).__name__}: {e}); "
+                        "pass --data SHARDS") from None
+
+
 def resolve_checkpoint(run: Path | None, checkpoint: str | None) -> Path:
     """`best`/`last` inside `run`, or a checkpoint path; UserError naming what is missing."""
     name = checkpoint or "best"

@@ -35,6 +35,7 @@ from urbanseg.inference import (
     overlay,
     read_image,
     resolve_checkpoint,
+    run_data,
     segment,
 )
 from urbanseg.util import atomic_path, save_png
@@ -232,7 +233,7 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
 
     from urbanseg.data import ShardDataset
 
-    root = cfg.data or _run_data(cfg.run)
+    root = cfg.data or run_data(cfg.run)
     dataset = ShardDataset(root, cfg.split)
     out = cfg.out or (cfg.run / "predict" / cfg.split if cfg.run else Path("predictions") / cfg.split)
     n = min(cfg.num, len(dataset))
@@ -245,16 +246,6 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
             save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
     print(f"wrote {n} pictures (image | prediction) from {root}/{cfg.split} to {out}")
     return 0
-
-
-def _run_data(run: Path | None) -> Path:
-    import yaml
-
-    path = Path(run or ".") / "config.yaml"
-    try:
-        return Path(yaml.safe_load(path.read_text())["data"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read the shards folder (`data`) from {path} ({e}); pass --data SHARDS") from None
 
 
 def _model_title(predictor: Predictor) -> str:
