@@ -41,6 +41,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from urbanseg.data import ShardDataset
+    from urbanseg.distributed import DistInfo, pick_device
     from urbanseg.inference import resolve_checkpoint, run_data
     from urbanseg.metrics import format_table
     from urbanseg.report import write_report
@@ -50,7 +51,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
         raise UserError(f"run folder {run} does not exist; train one with `urbanseg train --data SHARDS --run {run}`")
     ckpt_path = resolve_checkpoint(run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    device = torch.device(_device(cfg.device))
+    device = pick_device(cfg.device, DistInfo())  # one process
     model = model_from_checkpoint(ckpt).to(device).eval()
     label_set = LabelSet.from_dict(ckpt["label_set"])
     shards = Path(cfg.data) if cfg.data is not None else run_data(run)
@@ -84,16 +85,6 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return name
 
 
 def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:
