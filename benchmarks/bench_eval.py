@@ -1,4 +1,4 @@
-"""Official Cityscapes evaluation time per image: urbanseg.cityscapes_eval against
+"""Official Cityscapes evaluation time per image: urbanseg.evaluation.official against
 cityscapesscripts' evalPixelLevelSemanticLabeling (its pure-Python path), on the same
 PNG files, in the same run, with the figures checked equal (1e-9).
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the scenes of the correctness test
 
 from test_metrics import _flat, _Numpy24Shim, corrupt_prediction, make_scene
 
-from urbanseg import cityscapes_eval as ce
+from urbanseg.evaluation import official as ce
 
 
 def make_files(folder: Path, args: argparse.Namespace) -> list[tuple[str, str]]:

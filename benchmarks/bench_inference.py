@@ -38,7 +38,7 @@ def measure(name: str, size: tuple[int, int], repeats: int, workdir: Path) -> tu
     import onnxruntime as ort
     import torch
 
-    from urbanseg.export import export_onnx, probe_picture
+    from urbanseg.inference.export import export_onnx, probe_picture
     from urbanseg.models import create_model
 
     torch.manual_seed(0)

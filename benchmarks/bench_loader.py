@@ -55,7 +55,7 @@ def loader_table(shards: Path, rounds: int, batch_size: int) -> list[tuple[str, 
     None keeps PyTorch's default). Workers always run single-threaded (PyTorch's choice)."""
     import torch
 
-    from urbanseg.data import build_loader
+    from urbanseg.data.loader import build_loader
 
     default = torch.get_num_threads()
     configs = {f"augmented, 0 workers ({default} torch threads)": (0, None, None),
@@ -92,9 +92,9 @@ def step_table(shards: Path) -> list[tuple[str, float]]:
     import torchvision.transforms.v2.functional as F
     from torchvision.transforms import InterpolationMode
 
-    from urbanseg import records
-    from urbanseg.data import ShardDataset
-    from urbanseg.transforms import TrainTransform, shift_hue
+    from urbanseg.data import tfrecord as records
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.data.transforms import TrainTransform, shift_hue
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     cv2.setNumThreads(1)

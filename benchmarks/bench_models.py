@@ -20,7 +20,9 @@ import platform
 import torch
 
 from urbanseg.config import parse_size
-from urbanseg.models import DEFAULT_MODEL, FIGURES_PATH, MODELS, measure_latency, model_stats
+from urbanseg.models import DEFAULT_MODEL, MODELS, model_stats
+from urbanseg.models.listing import FIGURES_PATH
+from urbanseg.models.latency import measure_latency
 from urbanseg.util import atomic_write_text
 
 BASE = "unet-original"

@@ -37,8 +37,9 @@ from cityscapes_fixture import write_raw_cityscapes
 
 from urbanseg.config import PrepareConfig
 from urbanseg.labels import get_label_set
-from urbanseg.prepare import prepare, resize_labels
-from urbanseg.util import save_png
+from urbanseg.data.prepare import prepare
+from urbanseg.imaging import resize_labels
+from urbanseg.imaging import save_png
 
 
 def best_ms(fn, repeat: int) -> float:

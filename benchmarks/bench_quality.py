@@ -34,8 +34,8 @@ REQUIRED_SPEEDUP = 20.0
 
 def make_data(work: Path, train: int, val: int, size: str) -> Path:
     from urbanseg.config import PackConfig, PrepareConfig, SynthConfig
-    from urbanseg.prepare import prepare
-    from urbanseg.records import pack
+    from urbanseg.data.prepare import prepare
+    from urbanseg.data.pack import pack
     from urbanseg.synth import synthesize
 
     shards = work / "shards"
@@ -50,7 +50,8 @@ def make_data(work: Path, train: int, val: int, size: str) -> Path:
 
 def speedups(names: list[str]) -> dict[str, float]:
     """Inference speed-up over unet-original at 512x256 (batch 1, one thread)."""
-    from urbanseg.models import load_figures, measure_latency
+    from urbanseg.models.listing import load_figures
+    from urbanseg.models.latency import measure_latency
 
     figures = (load_figures() or {}).get("latency_ms", {}).get("512x256")
     if not figures or not all(n in figures for n in [BASE, *names]):
@@ -61,9 +62,9 @@ def speedups(names: list[str]) -> dict[str, float]:
 def seconds_per_step(shards: Path, name: str, batch: int, steps: int = 3) -> float:
     """CPU seconds of one real training step (data loading included), after a warm-up step."""
     from urbanseg.config import TrainConfig
-    from urbanseg.distributed import DistInfo
-    from urbanseg.resume import LoopState
-    from urbanseg.train import make_loader, resolve_config, setup, train_step
+    from urbanseg.training.distributed import DistInfo
+    from urbanseg.training.resume import LoopState
+    from urbanseg.training.train import make_loader, resolve_config, setup, train_step
 
     config = resolve_config(TrainConfig(data=shards, run=Path("/nonexistent"), model=name, batch_size=batch,
                                         workers=0, threads=1, iters=1000))
@@ -94,8 +95,8 @@ def train(shards: Path, run: Path, name: str, iters: int, batch: int) -> tuple[f
 def evaluate(shards: Path, checkpoint: Path) -> dict:
     """Dataset-level scores of `checkpoint` on the val split."""
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from urbanseg.data import build_loader
-    from urbanseg.metrics import ConfusionMatrix
+    from urbanseg.data.loader import build_loader
+    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     model = model_from_checkpoint(load_checkpoint(checkpoint))
     cm = ConfusionMatrix(model.num_classes)
@@ -105,7 +106,7 @@ def evaluate(shards: Path, checkpoint: Path) -> dict:
 
 
 def main() -> None:
-    from urbanseg.metrics import format_table
+    from urbanseg.evaluation.metrics import format_table
     from urbanseg.models import DEFAULT_MODEL, MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

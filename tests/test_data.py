@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_records import corrupt, pack_dir
 
-from urbanseg import records
-from urbanseg.data import EpochSampler, ShardDataset, build_loader, sample_seed
+from urbanseg.data import tfrecord as records
+from urbanseg.data.loader import EpochSampler, ShardDataset, build_loader, sample_seed
 from urbanseg.errors import UserError
 
 
@@ -125,7 +125,7 @@ def test_missing_split_index_and_count_mismatch(tmp_path):
         ShardDataset(out, "val")
     shard = out / "train" / "00000-of-00002.tfrecord"
     records.index_path(shard).unlink()
-    with pytest.raises(UserError, match=r"index .* is missing; rebuild it with urbanseg\.records\.build_index"):
+    with pytest.raises(UserError, match=r"index .* is missing; rebuild it with urbanseg\.data\.tfrecord\.build_index"):
         ShardDataset(out, "train")
     records.build_index(shard)
     spec_path = out / "train" / "spec.json"

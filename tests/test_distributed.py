@@ -16,7 +16,7 @@ import pytest
 import torch
 from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
 
-from urbanseg.runlog import read_metrics
+from urbanseg.training.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from test_report import CHROMIUM, images_loaded
 from urbanseg.cli import main
-from urbanseg.evaluate import EvalState
+from urbanseg.evaluation.evaluate import EvalState
 from urbanseg.labels import get_label_set
 
 LS = get_label_set("categories8")
@@ -41,7 +41,7 @@ def _predictions(run: Path, shards: Path, split: str = "val", full_res_raw: Path
     """Independently of evaluate.py: (name, prediction, ground truth) per image, from the
     checkpoint and the shards (and the raw label ids at full resolution)."""
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from urbanseg.data import ShardDataset
+    from urbanseg.data.loader import ShardDataset
 
     model = model_from_checkpoint(load_checkpoint(run / "best.pt")).eval()
     out = []
@@ -82,7 +82,7 @@ def _per_image_miou(pred: np.ndarray, gt: np.ndarray, c: int) -> float:
 
 
 def test_evaluate_writes_every_file_with_independently_checked_figures(tiny):
-    from urbanseg.metrics import ConfusionMatrix
+    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     assert main(["evaluate", "--run", str(tiny["run"]), "--gallery", "2", "--batch-size", "3"]) == 0
     out = tiny["run"] / "eval" / "val"
@@ -116,8 +116,8 @@ def test_evaluate_writes_every_file_with_independently_checked_figures(tiny):
 
 
 def test_full_res_scores_at_raw_size_with_official_scores(tiny):
-    from urbanseg.cityscapes_eval import OfficialEvaluator
-    from urbanseg.metrics import ConfusionMatrix
+    from urbanseg.evaluation.official import OfficialEvaluator
+    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     assert main(["evaluate", "--run", str(tiny["run"]), "--full-res", "--gallery", "1"]) == 0
     out = tiny["run"] / "eval" / "val"

@@ -7,7 +7,7 @@ import pytest
 from test_predict import SIZE, diversify_head, make_checkpoint
 
 from urbanseg.cli import main
-from urbanseg.export import export_onnx, probe_picture
+from urbanseg.inference.export import export_onnx, probe_picture
 from urbanseg.models import DEFAULT_MODEL, MODELS, create_model
 
 torch = pytest.importorskip("torch")

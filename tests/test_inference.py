@@ -1,4 +1,4 @@
-"""urbanseg.inference on stand-in models: image decoding, resizing, tiling, batching."""
+"""urbanseg.inference (engines, segmenting) and urbanseg.imaging on stand-in models: image decoding, resizing, tiling, batching."""
 
 import cv2
 import numpy as np
@@ -6,16 +6,9 @@ import pytest
 from PIL import Image
 
 from urbanseg.errors import UserError
-from urbanseg.inference import (
-    Predictor,
-    read_image,
-    segment,
-    segment_tiled,
-    tile_starts,
-    to_rgb8,
-    upsample_argmax,
-    upsample_logits,
-)
+from urbanseg.inference.predictor import Predictor
+from urbanseg.imaging import read_image, to_rgb8
+from urbanseg.inference.segment import segment, segment_tiled, tile_starts, upsample_argmax, upsample_logits
 from urbanseg.labels import get_label_set
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, LovaszLoss
 
 from urbanseg.errors import UserError
-from urbanseg.losses import (
+from urbanseg.training.losses import (
     SegmentationLoss,
     class_weights,
     cross_entropy,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from urbanseg import cityscapes_eval as ce
+from urbanseg.evaluation import official as ce
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, ID_TO_LABEL, get_label_set
-from urbanseg.metrics import ConfusionMatrix, format_table, image_scores
+from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 
 # ----------------------------------------------------------------- confusion matrix
 
@@ -356,13 +356,13 @@ def test_official_scores_equal_cityscapesscripts(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["classes19", "categories8", "categories7"])
 def test_label_set_predictions_equal_cityscapesscripts(tmp_path, monkeypatch, name):
-    """A model's class indices, mapped by label_ids_for_classes, scored at the levels
+    """A model's class indices, mapped by LabelSet.cityscapes_ids, scored at the levels
     the label set supports, equal the official script on the mapped PNGs."""
     label_set = get_label_set(name)
     rng = np.random.default_rng(1)
     scenes = [make_scene(rng, 256, 512, block=16) for _ in range(3)]
     classes = [label_set.labels_from_ids(s[2]) for s in scenes]  # 255 where a label is ignored
-    lut = ce.label_ids_for_classes(label_set)
+    lut = label_set.cityscapes_ids()
     theirs = _official(monkeypatch, *_write_scenes(tmp_path, scenes, [lut[c] for c in classes]))
     evaluator = ce.OfficialEvaluator(label_set)
     for (gt, inst, _), c in zip(scenes, classes):
@@ -373,23 +373,23 @@ def test_label_set_predictions_equal_cityscapesscripts(tmp_path, monkeypatch, na
     assert list(ours["category_iou"]) == list(CATEGORIES[1:])
 
 
-def test_label_ids_for_classes_and_levels():
-    c19 = ce.label_ids_for_classes(get_label_set("classes19"))
+def test_cityscapes_ids_of_each_label_set_and_levels():
+    c19 = get_label_set("classes19").cityscapes_ids()
     for label in ID_TO_LABEL.values():
         if 0 <= label.trainId < 255:
             assert c19[label.trainId] == label.id
     assert c19[19] == c19[255] == 0  # no class: unlabeled, a miss
-    c8 = ce.label_ids_for_classes(get_label_set("categories8"))
+    c8 = get_label_set("categories8").cityscapes_ids()
     assert [ID_TO_LABEL[int(i)].name for i in c8[:8]] == [
         "unlabeled", "road", "building", "pole", "vegetation", "sky", "person", "car"]
-    c7 = ce.label_ids_for_classes(get_label_set("categories7"))
+    c7 = get_label_set("categories7").cityscapes_ids()
     assert c7[:7].tolist() == c8[1:8].tolist()
     assert ce.official_levels(get_label_set("classes19")) == ("classes", "categories")
     assert ce.official_levels(get_label_set("categories8")) == ("categories",)
     colour_only = get_label_set("classes19").__class__(
         "mine", ("a",), ((0, 0, 0),), None, (((0, 0, 0), 0),))
     with pytest.raises(UserError, match="colours only"):
-        ce.label_ids_for_classes(colour_only)
+        colour_only.cityscapes_ids()
 
 
 def test_official_evaluator_errors_and_merge(tmp_path):

@@ -12,8 +12,16 @@ import torch
 
 from urbanseg.cli import main
 from urbanseg.errors import UserError
-from urbanseg.models import (DEFAULT_MODEL, IMAGENET_MEAN, IMAGENET_STD, MODELS, create_model, load_figures,
-                             model_stats, save_encoder_weights)
+from urbanseg.models import (
+    DEFAULT_MODEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODELS,
+    create_model,
+    model_stats,
+    save_encoder_weights,
+)
+from urbanseg.models.listing import load_figures
 
 SMALL = {"unet-original": {"base_channels": 8}}  # the others are small already
 

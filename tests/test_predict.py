@@ -100,9 +100,7 @@ def test_cityscapes_ids_match_the_official_table(tmp_path):
     ids = np.asarray(Image.open(out / "a_labelIds.png"))
     official = np.array([labels_mod.trainId2label[t].id for t in range(19)])
     assert ids.shape == (60, 90) and (ids == official[train_ids]).all()
-    from urbanseg.inference import cityscapes_id_lut
-
-    assert (cityscapes_id_lut(get_label_set("classes19"))[:19] == official).all()  # every class, not just those seen
+    assert (get_label_set("classes19").cityscapes_ids()[:19] == official).all()  # every class, not just those seen
 
 
 def test_resize_native_and_tile_modes(tmp_path, ckpt):
@@ -204,7 +202,7 @@ def test_split_mode_writes_side_by_side_pictures(tmp_path, ckpt):
     make_checkpoint(run / "best.pt")
     (run / "config.yaml").write_text(f"data: {shards}\n")
     assert main(["predict", "--run", str(run), "--split", "val", "--num", "2"]) == 0
-    from urbanseg.data import ShardDataset
+    from urbanseg.data.loader import ShardDataset
 
     names = [ShardDataset(shards, "val")[i]["name"] for i in range(2)]
     pictures = sorted((run / "predict" / "val").iterdir())

@@ -14,7 +14,7 @@ from PIL import Image
 
 from urbanseg import labels as L
 from urbanseg.cli import main
-from urbanseg.prepare import resize_labels
+from urbanseg.imaging import resize_labels
 
 RAW_SIZE = (64, 32)
 

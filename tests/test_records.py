@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from urbanseg import records
+from urbanseg.data import tfrecord as records
+from urbanseg.data.pack import pack
 from urbanseg.cli import main
 from urbanseg.config import PackConfig
 from urbanseg.errors import UserError
@@ -59,7 +60,7 @@ def make_prepared(root: Path, splits: dict[str, int], size: tuple[int, int] = (3
 def pack_dir(tmp_path: Path, splits=None, shards: int = 2, **kw) -> tuple[Path, Path]:
     prepared = make_prepared(tmp_path / "prepared", splits or {"train": 5, "val": 3}, **kw)
     out = tmp_path / "shards"
-    records.pack(PackConfig(prepared=prepared, out=out, shards=shards))
+    pack(PackConfig(prepared=prepared, out=out, shards=shards))
     return prepared, out
 
 
@@ -217,7 +218,7 @@ def test_stale_or_missing_index_is_reported_and_rebuilt(tmp_path):
     shard = out / "train" / "00000-of-00001.tfrecord"
     good = records.index_path(shard).read_text()
     records.index_path(shard).write_text(good.splitlines()[0] + "\n")
-    with pytest.raises(UserError, match=r"stale; rebuild it with urbanseg\.records\.build_index"):
+    with pytest.raises(UserError, match=r"stale; rebuild it with urbanseg\.data\.tfrecord\.build_index"):
         records.read_index(shard)
     records.index_path(shard).unlink()
     with pytest.raises(UserError, match=r"\.index is missing; rebuild"):
@@ -228,7 +229,7 @@ def test_stale_or_missing_index_is_reported_and_rebuilt(tmp_path):
 
 def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
     prepared, out = pack_dir(tmp_path, {"train": 5}, shards=2)
-    records.pack(PackConfig(prepared=prepared, out=out, shards=3))
+    pack(PackConfig(prepared=prepared, out=out, shards=3))
     names = sorted(p.name for p in (out / "train").glob("*.tfrecord"))
     assert names == [f"0000{k}-of-00003.tfrecord" for k in range(3)]
     before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
@@ -236,7 +237,7 @@ def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
     label = next((prepared / "labels" / "train").glob("*/*.png"))
     label.write_bytes(b"not a png")
     with pytest.raises(UserError, match=rf"{label.name} is not a PNG"):
-        records.pack(PackConfig(prepared=prepared, out=out, shards=1))
+        pack(PackConfig(prepared=prepared, out=out, shards=1))
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before
     assert [p.name for p in out.iterdir()] == ["train"]  # no partial folders left
 
@@ -244,7 +245,7 @@ def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
 def test_pack_is_deterministic(tmp_path):
     prepared, out = pack_dir(tmp_path, {"train": 5}, shards=2)
     again = tmp_path / "again"
-    records.pack(PackConfig(prepared=prepared, out=again, shards=2))
+    pack(PackConfig(prepared=prepared, out=again, shards=2))
     for p in (out / "train").glob("*.tfrecord"):
         assert p.read_bytes() == (again / "train" / p.name).read_bytes()
 
@@ -252,7 +253,7 @@ def test_pack_is_deterministic(tmp_path):
 def test_more_shards_than_records_and_skipped_splits(tmp_path, capsys):
     prepared = make_prepared(tmp_path / "prepared", {"train": 2})
     out = tmp_path / "shards"
-    records.pack(PackConfig(prepared=prepared, out=out, shards=8))
+    pack(PackConfig(prepared=prepared, out=out, shards=8))
     assert [s["records"] for s in records.load_spec(out / "train")["shards"]] == [1, 1]
     assert "skipping split 'val'" in capsys.readouterr().out and not (out / "val").exists()
 
@@ -279,7 +280,7 @@ def test_size_mismatch_is_reported(tmp_path):
     image = next((prepared / "images" / "train").glob("*/*.png"))
     cv2.imwrite(str(image), np.zeros((16, 30, 3), np.uint8))
     with pytest.raises(UserError, match=r"is 30x16 .* the manifest says 32x16"):
-        records.pack(PackConfig(prepared=prepared, out=tmp_path / "s"))
+        pack(PackConfig(prepared=prepared, out=tmp_path / "s"))
 
 
 def test_synth_prepare_pack_end_to_end(tmp_path):

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from urbanseg.labels import get_label_set
-from urbanseg.metrics import ConfusionMatrix, format_table, image_scores
-from urbanseg.report import (
+from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
+from urbanseg.evaluation.report import (
     ERROR_COLOR,
     IGNORE_COLOR,
     error_map,

@@ -162,7 +162,7 @@ def test_rerun_extends_and_refuses_to_mix(tmp_path, capsys):
 
 
 def test_failure_leaves_no_partial_files_and_rerun_completes(tmp_path, monkeypatch):
-    import urbanseg.synth as synth
+    import urbanseg.synth.writer as synth
 
     real = synth._png
     calls = {"n": 0}

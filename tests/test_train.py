@@ -14,9 +14,9 @@ from train_fixtures import make_shards, run_cli, subprocess_env, train_args
 
 from urbanseg.cli import main
 from urbanseg.config import TrainConfig
-from urbanseg.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
-from urbanseg.runlog import RunLog, read_metrics
-from urbanseg.train import augment_settings, build_optimizer
+from urbanseg.training.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
+from urbanseg.training.runlog import RunLog, read_metrics
+from urbanseg.training.train import augment_settings, build_optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def test_init_with_other_classes_gets_a_new_head(trained, shards, tmp_path, caps
     from urbanseg.checkpoint import load_checkpoint
     from urbanseg.labels import get_label_set
     from urbanseg.models import create_model
-    from urbanseg.train import load_init_weights
+    from urbanseg.training.train import load_init_weights
 
     source = load_checkpoint(trained / "best.pt")["model_state"]
     seven = get_label_set("categories7")

@@ -4,7 +4,7 @@ import torch
 from test_records import PALETTE, encode_label_as_image, label_image
 
 from urbanseg.errors import UserError
-from urbanseg.transforms import Augment, TrainTransform, eval_transform, jitter, shift_hue, window
+from urbanseg.data.transforms import Augment, TrainTransform, eval_transform, jitter, shift_hue, window
 
 NO_COLOUR = dict(brightness=0, contrast=0, saturation=0, hue=0)
 

@@ -19,8 +19,8 @@ TINY_MODEL = ["--model", "unet-original", "--model-args", json.dumps({"base_chan
 
 def make_shards(root: Path, *, train: int = 11, val: int = 5, labels: str = "categories8") -> Path:
     """Synthetic scenes -> 64x32 prepared pairs -> 2 shards per split; returns the shard folder."""
-    from urbanseg.prepare import prepare
-    from urbanseg.records import pack
+    from urbanseg.data.prepare import prepare
+    from urbanseg.data.pack import pack
     from urbanseg.synth import synthesize
 
     raw, prepared, shards = root / "raw", root / f"prepared-{labels}", root / f"shards-{labels}"

@@ -15,14 +15,14 @@ from urbanseg.errors import UserError
 
 # command -> (config class, "module:function"). The only list of commands.
 COMMANDS: dict[str, tuple[type, str]] = {
-    "synth": (cfg.SynthConfig, "urbanseg.synth:synthesize"),
-    "prepare": (cfg.PrepareConfig, "urbanseg.prepare:prepare"),
-    "pack": (cfg.PackConfig, "urbanseg.records:pack"),
-    "models": (cfg.ModelsConfig, "urbanseg.models:list_models"),
-    "train": (cfg.TrainConfig, "urbanseg.train:train"),
-    "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluate:evaluate"),
-    "predict": (cfg.PredictConfig, "urbanseg.predict:predict"),
-    "export": (cfg.ExportConfig, "urbanseg.export:export"),
+    "synth": (cfg.SynthConfig, "urbanseg.synth.writer:synthesize"),
+    "prepare": (cfg.PrepareConfig, "urbanseg.data.prepare:prepare"),
+    "pack": (cfg.PackConfig, "urbanseg.data.pack:pack"),
+    "models": (cfg.ModelsConfig, "urbanseg.models.listing:list_models"),
+    "train": (cfg.TrainConfig, "urbanseg.training.train:train"),
+    "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluation.evaluate:evaluate"),
+    "predict": (cfg.PredictConfig, "urbanseg.inference.predict:predict"),
+    "export": (cfg.ExportConfig, "urbanseg.inference.export:export"),
     "demo": (cfg.DemoConfig, "urbanseg.demo:demo"),
 }
 

@@ -44,6 +44,14 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def check_device(value: str, flag: str = "--device") -> None:
+    """The one rule for a device flag: auto, cpu, cuda or cuda:N (whether it exists is
+    checked when it is used, by `urbanseg.device.pick_device`)."""
+    index = value[len("cuda:"):] if value.startswith("cuda:") else "0"
+    check(value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit()),
+          f"{flag} {value!r}: use auto, cpu, cuda or cuda:N")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON/YAML-ready dict of a config dataclass (paths as strings)."""
     out = {}
@@ -230,8 +238,7 @@ class TrainConfig:
                             ("--workers", self.workers), ("--threads", self.threads), ("--weight-decay", self.weight_decay)):
             check(value >= 0, f"{flag} {value} must be >= 0")
         check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
-        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         if self.model_args:
             try:
                 ok = isinstance(json.loads(self.model_args), dict)
@@ -272,7 +279,7 @@ class PredictConfig:
     tile_overlap: float = opt(0.25, "fraction of the window shared by neighbouring windows, 0 <= f < 1")
     batch_size: int = opt(4, "images (or windows) per forward pass")
     alpha: float = opt(0.5, "opacity of the colour mask in the overlay, 0..1")
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "PyTorch device for a checkpoint (auto: cuda if available)")
+    device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
 
     def __post_init__(self) -> None:
         check(bool(self.input) != (self.split is not None),
@@ -290,6 +297,7 @@ class PredictConfig:
         check(self.tile or not self.tile_size, "--tile-size needs --tile")
         if self.tile_size:
             parse_size(self.tile_size, "--tile-size")
+        check_device(self.device)
         bad = sorted(set(self.outputs) - {"overlay", "color", "labels"})
         check(not bad, f"--outputs {' '.join(bad)}: unknown; choose from overlay color labels")
 
@@ -347,8 +355,7 @@ class EvaluateConfig:
         check(self.gallery >= 0, f"--gallery {self.gallery} must be >= 0")
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
-        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-              f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
 
 
 @dataclasses.dataclass(frozen=True)

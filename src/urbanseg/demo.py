@@ -64,12 +64,12 @@ def _done(start: float) -> None:
 
 def demo(config: cfg.DemoConfig) -> int:
     """Entry point of `urbanseg demo`; returns 0 when every stage succeeded."""
-    from urbanseg.evaluate import evaluate
-    from urbanseg.prepare import prepare
-    from urbanseg.predict import predict
-    from urbanseg.records import pack
+    from urbanseg.evaluation.evaluate import evaluate
+    from urbanseg.data.prepare import prepare
+    from urbanseg.inference.predict import predict
+    from urbanseg.data.pack import pack
     from urbanseg.synth import synthesize
-    from urbanseg.train import train
+    from urbanseg.training.train import train
 
     plan = QUICK if config.quick else FULL
     iters = config.iters or plan.iters

@@ -167,6 +167,27 @@ class LabelSet:
             raise ValueError(f"colours with no class in label set {self.name!r}: {colours}")
         return out
 
+    def cityscapes_ids(self) -> np.ndarray:
+        """(256,) uint8 lookup: class index -> Cityscapes label id, for a set derived from
+        the official table (what the official evaluation and the test server read).
+
+        classes19: trainId -> id; categories8/7: the first label of the category in table
+        order that the official evaluation scores (flat -> road 7, construction ->
+        building 11, ..., vehicle -> car 26; void -> unlabeled 0). Indices without a class
+        (255, out of range) map to 0, an unscored id: a miss, never a false positive. Use
+        as ``lut[pred]`` on an (H, W) class-index prediction."""
+        if self.id_to_class is None:
+            raise UserError(
+                f"label set {self.name!r} is defined by colours only; Cityscapes label ids (official scores, "
+                "--cityscapes-ids) need a set derived from them: categories8, categories7 or classes19"
+            )
+        lut = np.zeros(256, np.uint8)
+        for k in range(self.num_classes):
+            ids = [label.id for label in LABELS if label.id >= 0 and self.id_to_class[label.id] == k]
+            scored = [i for i in ids if not ID_TO_LABEL[i].ignoreInEval]
+            lut[k] = (scored or ids or [0])[0]
+        return lut
+
     def colorize(self, labels: np.ndarray, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
         """(H, W) class indices -> (H, W, 3) uint8 RGB using the palette."""
         table = np.zeros((256, 3), np.uint8)

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,16 +47,6 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_png(path: Path | str, array: Any, compress_level: int = 1) -> None:
-    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically.
-
-    Level 1 compresses within a few percent of the default at a fraction of the time."""
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=compress_level)
 
 
 def progress_map(

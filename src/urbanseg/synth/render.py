@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from urbanseg.synth_scene import Camera, Scene, Shape
+from urbanseg.synth.scene import Camera, Scene, Shape
 
 
 def clip_polygon(poly: np.ndarray, width: int, height: int) -> np.ndarray | None:

@@ -27,18 +27,11 @@ import numpy as np
 
 from urbanseg.config import PredictConfig, parse_size
 from urbanseg.errors import UserError
-from urbanseg.inference import (
-    IMAGE_SUFFIXES,
-    Predictor,
-    cityscapes_id_lut,
-    load_predictor,
-    overlay,
-    read_image,
-    resolve_checkpoint,
-    run_data,
-    segment,
-)
-from urbanseg.util import atomic_path, save_png
+from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
+from urbanseg.inference.predictor import Predictor, load_predictor
+from urbanseg.inference.segment import segment
+from urbanseg.rundir import resolve_checkpoint, run_data
+from urbanseg.util import atomic_path
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
@@ -67,7 +60,7 @@ def predict(cfg: PredictConfig) -> int:
         return predict_split(cfg, predictor)
     out = cfg.out or (cfg.run / "predict" / "input" if cfg.run else Path("predictions"))
     jobs, failures = collect_inputs(cfg.input, out)
-    id_lut = cityscapes_id_lut(predictor.label_set) if cfg.cityscapes_ids else None
+    id_lut = predictor.label_set.cityscapes_ids() if cfg.cityscapes_ids else None
     images = [j for j in jobs if not j.is_video]
     bad = predict_images(cfg, predictor, images, id_lut)
     for job in (j for j in jobs if j.is_video):
@@ -231,7 +224,7 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
     """The original's mode: `--num` pictures from the split's shards, image | prediction."""
     from tqdm import tqdm
 
-    from urbanseg.data import ShardDataset
+    from urbanseg.data.loader import ShardDataset
 
     root = cfg.data or run_data(cfg.run)
     dataset = ShardDataset(root, cfg.split)

@@ -76,8 +76,8 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
     """One scene: {"image": (H, W, 3) uint8, "labelIds": (H, W) uint8, "instanceIds": (H, W)
     uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
     pixel counts}. Deterministic in its arguments."""
-    from urbanseg.synth_render import clip_polygon, draw_polygons, render
-    from urbanseg.synth_layout import compose
+    from urbanseg.synth.render import clip_polygon, draw_polygons, render
+    from urbanseg.synth.layout import compose
 
     for attempt in range(MAX_ATTEMPTS):
         key = [seed % 2**63, zlib.crc32(split.encode()), index, attempt]

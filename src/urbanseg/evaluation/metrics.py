@@ -30,10 +30,6 @@ from typing import Any
 
 import numpy as np
 
-# Class index -> Cityscapes label id lives with the official scores; re-exported here
-# because predict's --cityscapes-ids output must use the same choice.
-from urbanseg.cityscapes_eval import label_ids_for_classes  # noqa: F401
-
 IGNORE_INDEX = 255
 
 

@@ -39,23 +39,6 @@ def from_env() -> DistInfo:
     return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
-def pick_device(requested: str, info: DistInfo) -> torch.device:
-    """`auto` -> cuda if available else cpu; with several processes on CUDA, each takes
-    the GPU of its local rank."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            from urbanseg.errors import UserError
-
-            raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return device
-
-
 def setup(info: DistInfo, device: torch.device) -> None:
     """Join the process group: NCCL between GPUs, gloo on the CPU."""
     if info.enabled and not dist.is_initialized():

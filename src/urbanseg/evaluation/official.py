@@ -10,7 +10,7 @@ raw 2048x1024):
 - ground truth Cityscapes label ids (``*_gtFine_labelIds.png``), values 0..33;
 - ground-truth instance ids (``*_gtFine_instanceIds.png``): label_id * 1000 + k for
   an instance, the bare label id where there is none (crowds, stuff);
-- the prediction as Cityscapes label ids (`label_ids_for_classes` maps class indices).
+- the prediction as Cityscapes label ids (`LabelSet.cityscapes_ids` maps class indices).
 
 Definitions (official): a 34x34 confusion matrix over label ids, rows = ground truth.
 For a scored label l (not ``ignoreInEval``): tp = C[l, l]; fn = row sum - tp (a
@@ -68,40 +68,13 @@ _SCORED_IDS = np.flatnonzero(_SCORED)  # the 19 classes
 _SCORED_CATEGORIES = np.unique(_CATEGORY[_SCORED])  # flat .. vehicle (7)
 
 
-def _label_of(label_set: LabelSet, k: int) -> int:
-    """Representative label id of class k: the first label (table order) mapped to k that
-    the official evaluation scores, else the first mapped to k, else 0 (unlabeled)."""
-    ids = [i for i in range(NUM_IDS) if label_set.id_to_class[i] == k]
-    scored = [i for i in ids if _SCORED[i]]
-    return (scored or ids or [0])[0]
-
-
-def label_ids_for_classes(label_set: LabelSet) -> np.ndarray:
-    """(256,) uint8 lookup: class index of a Cityscapes-derived label set -> label id.
-
-    classes19: trainId -> id; categories8/7: a scored label of the category (flat ->
-    road 7, construction -> building 11, ..., vehicle -> car 26; void -> unlabeled 0).
-    Indices without a class (255, out of range) map to 0, an unscored id: a miss, never a
-    false positive. Use as ``lut[pred]`` on an (H, W) class-index prediction.
-    """
-    if not label_set.from_cityscapes:
-        raise UserError(
-            f"label set {label_set.name!r} is defined by colours only; the official Cityscapes scores need a "
-            "label set derived from Cityscapes label ids (categories8, categories7 or classes19)"
-        )
-    lut = np.zeros(256, np.uint8)
-    for k in range(label_set.num_classes):
-        lut[k] = _label_of(label_set, k)
-    return lut
-
-
 def official_levels(label_set: LabelSet) -> tuple[Level, ...]:
     """Which official scores a model with this label set can be judged on.
 
     "classes" when every scored label id comes back as itself through class index and
-    `label_ids_for_classes` (classes19); "categories" when it comes back as a label of
+    `LabelSet.cityscapes_ids` (classes19); "categories" when it comes back as a label of
     its own category (all three built-in sets)."""
-    lut = label_ids_for_classes(label_set)
+    lut = label_set.cityscapes_ids()
     back = lut[np.asarray(label_set.id_to_class[:NUM_IDS])[_SCORED_IDS]]
     levels: list[Level] = []
     if np.array_equal(back, _SCORED_IDS):
@@ -172,7 +145,7 @@ class OfficialEvaluator:
     def __init__(self, label_set: LabelSet | None = None) -> None:
         self.label_set = label_set
         self.levels: tuple[Level, ...] = official_levels(label_set) if label_set else ("classes", "categories")
-        self._lut = label_ids_for_classes(label_set) if label_set else None
+        self._lut = label_set.cityscapes_ids() if label_set else None
         self.confusion = np.zeros((NUM_IDS, NUM_IDS), np.int64)
         # Instance-weighted true positives / false negatives per label id and category id.
         self.class_tp_w = np.zeros(NUM_IDS)

@@ -10,9 +10,9 @@ Two protocols:
   truth's size (``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``, found through the
   shards' spec.json: ``data``, or ``prepared`` -> manifest.json ``data``) and scored there;
   for label sets derived from Cityscapes also the official class/category IoU and iIoU
-  (`urbanseg.cityscapes_eval`).
+  (`urbanseg.evaluation.official`).
 
-Scores are dataset-level (`urbanseg.metrics.ConfusionMatrix`); per-image mIoU ranks the
+Scores are dataset-level (`urbanseg.evaluation.metrics.ConfusionMatrix`); per-image mIoU ranks the
 images for the gallery of best and worst examples.
 """
 
@@ -37,21 +37,20 @@ from urbanseg.labels import LabelSet
 def evaluate(cfg: EvaluateConfig) -> int:
     """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
     checkpoint, shards, split or raw ground truth, or a label-set mismatch."""
-    import torch
 
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
-    from urbanseg.data import ShardDataset
-    from urbanseg.distributed import DistInfo, pick_device
-    from urbanseg.inference import resolve_checkpoint, run_data
-    from urbanseg.metrics import format_table
-    from urbanseg.report import write_report
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.device import pick_device
+    from urbanseg.rundir import resolve_checkpoint, run_data
+    from urbanseg.evaluation.metrics import format_table
+    from urbanseg.evaluation.report import write_report
 
     run = Path(cfg.run)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist; train one with `urbanseg train --data SHARDS --run {run}`")
     ckpt_path = resolve_checkpoint(run, cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    device = pick_device(cfg.device, DistInfo())  # one process
+    device = pick_device(cfg.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
     label_set = LabelSet.from_dict(ckpt["label_set"])
     shards = Path(cfg.data) if cfg.data is not None else run_data(run)
@@ -182,7 +181,7 @@ class FullResDataset:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from urbanseg.cityscapes_eval import read_ground_truth
+        from urbanseg.evaluation.official import read_ground_truth
 
         item = dict(self.dataset[index])
         path = self.raw.path_for(item["name"])
@@ -272,11 +271,11 @@ def run_evaluation(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from urbanseg.metrics import ConfusionMatrix
+    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     official = None
     if raw is not None and raw.kind == "labelIds":
-        from urbanseg.cityscapes_eval import OfficialEvaluator
+        from urbanseg.evaluation.official import OfficialEvaluator
 
         official = OfficialEvaluator(label_set)
     n = len(dataset)
@@ -296,7 +295,7 @@ def run_evaluation(
 
 def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
     """At the prepared size: one confusion update and one per-image bincount per batch."""
-    from urbanseg.metrics import image_scores
+    from urbanseg.evaluation.metrics import image_scores
 
     pred = logits.argmax(1)
     label = batch["label"].to(pred.device)
@@ -316,7 +315,7 @@ def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_
     import torch
     import torch.nn.functional as F
 
-    from urbanseg.metrics import image_scores
+    from urbanseg.evaluation.metrics import image_scores
 
     # Channels-last: the argmax over classes then reads contiguous memory, ~6x faster at
     # 2048x1024 on the CPU than over NCHW (logits differ from NCHW's by float rounding).

@@ -24,7 +24,8 @@ import numpy as np
 from urbanseg import __version__
 from urbanseg.config import ExportConfig
 from urbanseg.errors import UserError
-from urbanseg.inference import ONNX_META_KEY, resolve_checkpoint
+from urbanseg.inference.predictor import ONNX_META_KEY
+from urbanseg.rundir import resolve_checkpoint
 from urbanseg.util import atomic_path
 
 MIN_AGREEMENT = 0.999

@@ -30,6 +30,7 @@ import numpy as np
 from urbanseg import util
 from urbanseg.config import PrepareConfig, parse_size, save, to_dict
 from urbanseg.errors import UserError
+from urbanseg.imaging import resize_image, resize_labels, save_png
 from urbanseg.labels import LabelSet, get_label_set
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -73,33 +74,6 @@ class BadFile(ValueError):
 
 
 # --------------------------------------------------------------------------- per image
-
-
-def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 for size (w, h), anti-aliased (any channel order).
-
-    cv2.INTER_AREA averages the source pixels under each output pixel when shrinking
-    (2.2 ms of CPU at 2048x1024 -> 512x256: about PIL's reduce, which only takes integer
-    factors, and 10x less than LANCZOS; benchmarks/bench_prepare.py); bicubic when
-    enlarging on both axes."""
-    import cv2
-
-    h, w = rgb.shape[:2]
-    if (w, h) == tuple(size):
-        return rgb
-    shrink = size[0] < w or size[1] < h
-    return cv2.resize(rgb, tuple(size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) uint8 -> (h, w) uint8 for size (w, h) by nearest neighbour: every output
-    value is an input value. INTER_NEAREST_EXACT samples at pixel centres (the same
-    pixels as PIL's NEAREST), unlike INTER_NEAREST, which shifts by half a pixel."""
-    import cv2
-
-    if labels.shape[::-1] == tuple(size):
-        return labels
-    return cv2.resize(labels, tuple(size), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def _decode_error(path: Path) -> str:
@@ -193,8 +167,8 @@ def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
     labels = resize_labels(classes, job.size)
     # A pair counts as done only when both files exist and are newer than its inputs, so a
     # run stopped between these two writes redoes the pair.
-    util.save_png(pair.out_label, labels)
-    util.save_png(pair.out_image, small)
+    save_png(pair.out_label, labels)
+    save_png(pair.out_image, small)
     return Outcome(True, np.bincount(labels.ravel(), minlength=256), None)
 
 

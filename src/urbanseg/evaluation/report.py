@@ -187,7 +187,7 @@ def markdown_report(
     result: `ConfusionMatrix.compute()`; header: (label, value) rows; gallery: {"best"|
     "worst": [{"file", "name", "miou", "pixel_accuracy"}, ...]} with paths relative to
     the report."""
-    from urbanseg.metrics import format_table
+    from urbanseg.evaluation.metrics import format_table
 
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in header]

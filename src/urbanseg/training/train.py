@@ -3,7 +3,7 @@
 Reads top-down: setting up (config, data, model, loss, optimizer), one training step,
 validation, checkpoints, the loop, the entry point. The run folder holds config.yaml,
 last.pt / best.pt (self-describing checkpoints, see `urbanseg.checkpoint`), metrics.csv,
-tb/ and curves.png (`urbanseg.runlog`). Under torchrun every process trains on its own
+tb/ and curves.png (`urbanseg.training.runlog`). Under torchrun every process trains on its own
 part of each global batch (DistributedDataParallel); only rank 0 writes.
 """
 
@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from urbanseg import distributed as dist_
-from urbanseg import resume as rs
 from urbanseg.config import TrainConfig, parse_size
+from urbanseg.device import pick_device
 from urbanseg.errors import UserError
-from urbanseg.resume import LoopState, StopSignal, remove_stale_temporaries, restore, save
-from urbanseg.runlog import RunLog, plot_curves
+from urbanseg.training import distributed as dist_
+from urbanseg.training import resume as rs
+from urbanseg.training.resume import LoopState, StopSignal, remove_stale_temporaries, restore, save
+from urbanseg.training.runlog import RunLog, plot_curves
 
 EXIT_DIVERGED = 3  # the loss became NaN/inf: not a usage error, but not a success either
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: last.pt saved, `--resume` continues
@@ -91,7 +92,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
 
 def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[Any, Any]:
     """The train and val ShardDatasets, checked against each other and the batch size."""
-    from urbanseg.data import ShardDataset
+    from urbanseg.data.loader import ShardDataset
 
     for split in ("train", "val"):
         if not (config.data / split / "spec.json").is_file():
@@ -175,7 +176,7 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Trainer:
-    from urbanseg.losses import SegmentationLoss, class_weights, pixel_count_array
+    from urbanseg.training.losses import SegmentationLoss, class_weights, pixel_count_array
 
     rs.configure_determinism(config)
     train_set, val_set = open_data(config, info)
@@ -246,7 +247,7 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
 @torch.no_grad()
 def validate(t: Trainer) -> tuple[float, dict[str, Any]]:
     """Mean loss and dataset-level scores (metrics.ConfusionMatrix, all-reduced) on `val`."""
-    from urbanseg.metrics import ConfusionMatrix
+    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     t.raw.eval()
     cm = ConfusionMatrix(t.label_set.num_classes, t.label_set.ignore_index)
@@ -279,7 +280,7 @@ def augment_settings(config: TrainConfig) -> dict[str, Any] | bool:
 def make_loader(t: Trainer, split: str, st: LoopState | None = None):
     """This process's DataLoader over `split`: train shuffles per (seed, epoch), augments
     per (seed, epoch, index) and starts at `st`'s position; val keeps file order."""
-    from urbanseg.data import build_loader
+    from urbanseg.data.loader import build_loader
 
     c, train = t.config, split == "train"
     return build_loader(c.data, split, batch_size=t.local_batch, train=train, workers=c.workers, seed=c.seed,
@@ -377,7 +378,7 @@ def train(config: TrainConfig) -> int:
     """`urbanseg train` (also one process of a torchrun job). Returns the exit code: 0 done,
     3 the loss diverged, 130 interrupted (last.pt saved)."""
     info = dist_.from_env()
-    device = dist_.pick_device(config.device, info)
+    device = pick_device(config.device, local_rank=info.local_rank if info.enabled else None)
     dist_.setup(info, device)
     try:
         return _train(resolve_config(config), info, device)
@@ -415,7 +416,7 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
 
 
 def report(t: Trainer, st: LoopState, reason: str) -> None:
-    from urbanseg.metrics import format_table
+    from urbanseg.evaluation.metrics import format_table
 
     run = t.config.run
     print(f"training {reason} at step {st.step}/{t.total_steps}; best val mIoU "

@@ -2,7 +2,7 @@
 and deterministic kernels, and the random-number-generator states kept in checkpoints.
 
 A checkpoint's `train_state` holds everything else (optimizer, scheduler, scaler, data
-position, best score, patience counter); see `urbanseg.train`. Everything here is made of
+position, best score, patience counter); see `urbanseg.training.train`. Everything here is made of
 tensors and plain Python values, so checkpoints load with `torch.load(weights_only=True)`.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from urbanseg import config as cfg
-from urbanseg import distributed as dist_
+from urbanseg.training import distributed as dist_
 from urbanseg.config import TrainConfig
 from urbanseg.errors import UserError
 

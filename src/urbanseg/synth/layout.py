@@ -9,9 +9,30 @@ from typing import Any
 
 import numpy as np
 
-from urbanseg.synth_scene import (
-    BUILDING, CAR, CLOTHES, FENCE, GREY, MISC, POLE, ROAD, SIDEWALK, SIGN, SKY, TERRAIN, VEGETATION, WALL,
-    Camera, Scene, Shape, blob, box_hull, front_poly, person_outline, pick, two_wheeler_outline,
+from urbanseg.synth.scene import (
+    BUILDING,
+    CAR,
+    CLOTHES,
+    FENCE,
+    GREY,
+    MISC,
+    POLE,
+    ROAD,
+    SIDEWALK,
+    SIGN,
+    SKY,
+    TERRAIN,
+    VEGETATION,
+    WALL,
+    Camera,
+    Scene,
+    Shape,
+    blob,
+    box_hull,
+    front_poly,
+    person_outline,
+    pick,
+    two_wheeler_outline,
 )
 
 

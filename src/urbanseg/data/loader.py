@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from urbanseg import records
+from urbanseg.data import tfrecord
 from urbanseg.errors import UserError
 from urbanseg.labels import LabelSet
 
@@ -56,17 +56,17 @@ class ShardDataset(Dataset):
             have = sorted(p.parent.name for p in self.root.glob("*/spec.json"))
             raise UserError(f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
                             f"run `urbanseg pack --out {self.root}` with that split prepared")
-        self.spec = records.load_spec(split_dir)
+        self.spec = tfrecord.load_spec(split_dir)
         self.label_set = LabelSet.from_dict(self.spec["label_set"])
         self.paths = [split_dir / s["file"] for s in self.spec["shards"]]
         shard, offset, length = [], [], []
         for k, (path, info) in enumerate(zip(self.paths, self.spec["shards"])):
             if not path.is_file():
                 raise UserError(f"shard {path} listed in {split_dir / 'spec.json'} is missing; re-run `urbanseg pack`")
-            index = records.read_index(path)
+            index = tfrecord.read_index(path)
             if len(index) != info["records"]:
-                raise UserError(f"{records.index_path(path)} lists {len(index)} records, spec.json "
-                                f"{info['records']}; rebuild it with urbanseg.records.build_index({str(path)!r}) "
+                raise UserError(f"{tfrecord.index_path(path)} lists {len(index)} records, spec.json "
+                                f"{info['records']}; rebuild it with urbanseg.tfrecord.build_index({str(path)!r}) "
                                 "or re-run `urbanseg pack`")
             shard.append(np.full(len(index), k, np.int64))
             offset.append(index[:, 0])
@@ -106,11 +106,11 @@ class ShardDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} records in {self.root / self.split}")
         k = int(self._shard[index])
         local = index - int(self._first[k])
-        data = records.read_record(self._fd(k), int(self._offset[index]), int(self._length[index]),
+        data = tfrecord.read_record(self._fd(k), int(self._offset[index]), int(self._length[index]),
                                    record=local, name=self.paths[k])
-        example = records.decode_example(data)
+        example = tfrecord.decode_example(data)
         if example.get("id") != [index]:
-            raise records.CorruptRecordError(f"{self.paths[k]}: record {local} has id {example.get('id')}, expected "
+            raise tfrecord.CorruptRecordError(f"{self.paths[k]}: record {local} has id {example.get('id')}, expected "
                                              f"[{index}]: the shards and spec.json disagree; re-run `urbanseg pack`")
         return example
 
@@ -130,10 +130,10 @@ class ShardDataset(Dataset):
         image = _decode_png(example["image_data"][0], cv2.IMREAD_COLOR_RGB)
         label = _decode_png(example["label_data"][0], cv2.IMREAD_UNCHANGED)
         if image is None or label is None or label.ndim != 2 or label.dtype != np.uint8:
-            raise records.CorruptRecordError(f"{where}: image_data or label_data is not a PNG of the expected kind "
+            raise tfrecord.CorruptRecordError(f"{where}: image_data or label_data is not a PNG of the expected kind "
                                              "(RGB image, 8-bit single-channel label); re-run `urbanseg pack`")
         if image.shape[:2] != label.shape or label.shape != (self.spec["height"], self.spec["width"]):
-            raise records.CorruptRecordError(f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
+            raise tfrecord.CorruptRecordError(f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
                                              f"{label.shape[1]}x{label.shape[0]}, spec.json {self.spec['width']}x"
                                              f"{self.spec['height']}; re-run `urbanseg pack`")
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
@@ -191,7 +191,7 @@ def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, 
     samples of `epoch` already consumed. For the next epoch call
     `loader.sampler.set_epoch(epoch + 1)` before iterating again (workers persist).
     """
-    from urbanseg.transforms import Augment, TrainTransform
+    from urbanseg.data.transforms import Augment, TrainTransform
 
     transform = None
     if train and augment is not False:

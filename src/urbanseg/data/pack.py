@@ -1,0 +1,208 @@
+"""`urbanseg pack`: prepared image/label pairs -> sharded TFRecord files with a spec.
+
+Out: ``<out>/<split>/NNNNN-of-NNNNN.tfrecord`` (+ ``.index``) and ``<out>/<split>/spec.json``
+(format in `urbanseg.data.tfrecord` and docs/formats.md). Each split is built in a hidden
+staging folder and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from urbanseg.data.tfrecord import SPEC_FORMAT_VERSION, encode_example, frame_record, index_path
+from urbanseg.errors import UserError
+from urbanseg.util import current_umask
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_header(data: bytes, path: Path) -> tuple[int, int, int, int]:
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, without decoding."""
+    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise UserError(f"{path} is not a PNG file; re-run `urbanseg prepare`")
+    return struct.unpack(">IIBB", data[16:26])
+
+
+def _load_manifest(prepared: Path) -> dict[str, Any]:
+    path = prepared / "manifest.json"
+    if not prepared.is_dir():
+        raise UserError(f"prepared folder {prepared} not found; run `urbanseg prepare --out {prepared}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {prepared} is not a prepared folder; run `urbanseg prepare`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a valid manifest ({e}); re-run `urbanseg prepare`") from None
+    missing = [k for k in ("label_set", "size", "splits") if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise UserError(f"{path} is not a valid manifest (no {', '.join(missing)}); re-run `urbanseg prepare`")
+    return manifest
+
+
+def _split_pairs(prepared: Path, split: str, info: dict[str, Any]) -> list[tuple[str, Path, Path]]:
+    """[(stem, image path, label path)] of a prepared split sorted by stem; UserError listing
+    the stems of the manifest whose files are missing. Entries come from the manifest's
+    "files" ("<city>/<stem>") when present, else its "stems" (looked up under the cities)."""
+    images, labels = prepared / "images" / split, prepared / "labels" / split
+    by_stem: dict[str, Path] = {}
+    for p in sorted(images.glob("*/*.png")):
+        if p.stem in by_stem:
+            raise UserError(f"stem {p.stem!r} appears in two cities: {by_stem[p.stem]} and {p}")
+        by_stem[p.stem] = p.relative_to(images)
+    pairs, missing = [], []
+    for stem in sorted(info.get("files") or info["stems"], key=lambda s: Path(s).name):
+        rel = Path(f"{stem}.png") if "/" in stem else by_stem.get(stem)
+        if rel is None or not (images / rel).is_file() or not (labels / rel).is_file():
+            missing.append(stem)
+            continue
+        pairs.append((Path(stem).name, images / rel, labels / rel))
+    if missing:
+        raise UserError(f"{len(missing)} stems of split {split!r} in {prepared / 'manifest.json'} have no image "
+                        f"and label under {images} and {labels}, e.g. {missing[:3]}; re-run `urbanseg prepare`")
+    if "count" in info and info["count"] != len(pairs):
+        raise UserError(f"{prepared / 'manifest.json'}: split {split!r} count {info['count']} != "
+                        f"{len(pairs)} stems; re-run `urbanseg prepare`")
+    return pairs
+
+
+def _encode_pair(record_id: int, stem: str, image: Path, label: Path, size: tuple[int, int]) -> bytes:
+    """One serialized Example: the prepared PNG files' bytes as they are (no re-encode)."""
+    image_data, label_data = image.read_bytes(), label.read_bytes()
+    w, h, depth, _ = _png_header(image_data, image)
+    lw, lh, ldepth, ltype = _png_header(label_data, label)
+    if (w, h) != tuple(size) or (lw, lh) != tuple(size):
+        raise UserError(f"{image} is {w}x{h} and {label} {lw}x{lh}, the manifest says {size[0]}x{size[1]}; "
+                        "re-run `urbanseg prepare`")
+    if depth != 8 or (ldepth, ltype) != (8, 0):
+        raise UserError(f"{image} / {label}: expected an 8-bit image and an 8-bit greyscale label "
+                        f"(got bit depths {depth}/{ldepth}, label colour type {ltype}); re-run `urbanseg prepare`")
+    return encode_example({"id": record_id, "name": stem, "image_data": image_data, "label_data": label_data,
+                           "height": h, "width": w})
+
+
+def _pixel_counts(pairs: list[tuple[str, Path, Path]], num_classes: int) -> list[int]:
+    """Per-class label pixel counts (ignore excluded), for a manifest that lacks them."""
+    import cv2
+
+    counts = np.zeros(256, np.int64)
+    for _, _, label in pairs:
+        counts += np.bincount(cv2.imread(str(label), cv2.IMREAD_UNCHANGED).ravel(), minlength=256)
+    return counts[:num_classes].tolist()
+
+
+def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, int], desc: str) -> list[dict]:
+    """Write `pairs` as `num_shards` contiguous, even shards (+ index files) into `stage`."""
+    from tqdm import tqdm
+
+    from urbanseg.util import atomic_path, atomic_write_text
+
+    n, shards = len(pairs), []
+    bounds = [k * n // num_shards for k in range(num_shards + 1)]
+    with tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for k in range(num_shards):
+            name, rows = f"{k:05d}-of-{num_shards:05d}.tfrecord", []
+            with atomic_path(stage / name) as tmp, open(tmp, "wb") as f:
+                for i in range(bounds[k], bounds[k + 1]):
+                    record = frame_record(_encode_pair(i, *pairs[i], size))
+                    rows.append((f.tell(), len(record)))
+                    f.write(record)
+                    bar.update()
+            atomic_write_text(index_path(stage / name), "".join(f"{o} {m}\n" for o, m in rows))
+            shards.append({"file": name, "index": name + ".index", "first_id": bounds[k], "records": len(rows),
+                           "bytes": sum(m for _, m in rows)})
+    return shards
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the folder and its files the umask's usual modes (mkdtemp/mkstemp make them
+    private, 0700/0600), so shards packed for a team are readable by it."""
+    umask = current_umask()
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _swap_in(stage: Path, final: Path) -> None:
+    """Replace the folder `final` by `stage` with two renames (the old one is then deleted)."""
+    import shutil
+
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        try:
+            os.replace(stage, final)
+        except BaseException:
+            os.replace(old, final)  # put the previous split back
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, final)
+
+
+def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: int, config: dict) -> dict:
+    """Pack one prepared split into `out/<split>/`; returns its spec. The split is built in
+    `out/.<split>.partial-*` (each shard under a temporary name, spec.json last) and swapped
+    in place of any previous `out/<split>` only when complete."""
+    import shutil
+    import tempfile
+
+    from urbanseg import __version__
+    from urbanseg.labels import LabelSet
+    from urbanseg.util import atomic_write_text
+
+    info, label_set = manifest["splits"][split], LabelSet.from_dict(manifest["label_set"])
+    pairs = _split_pairs(prepared, split, info)
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(f".{split}.partial-*"):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
+    try:
+        shard_list = _write_shards(stage, pairs, min(shards, len(pairs)), manifest["size"], f"pack {split}")
+        spec = {
+            "format_version": SPEC_FORMAT_VERSION, "urbanseg_version": __version__, "split": split,
+            "height": manifest["size"][1], "width": manifest["size"][0], "data_length": len(pairs),
+            "num_classes": label_set.num_classes, "classes": list(label_set.classes),
+            "palette": [list(c) for c in label_set.palette], "ignore_index": label_set.ignore_index,
+            "label_set": label_set.to_dict(),
+            "pixel_counts": info.get("pixel_counts") or _pixel_counts(pairs, label_set.num_classes),
+            "features": {"id": "int64", "name": "bytes", "image_data": "bytes (PNG, RGB)",
+                         "label_data": "bytes (PNG, uint8 class index, 255 ignore)", "height": "int64",
+                         "width": "int64"},
+            "shards": shard_list, "prepared": str(prepared.resolve()), "data": manifest.get("data"), "pack": config,
+        }
+        # one key per line, values compact: readable without a 300-line palette
+        atomic_write_text(stage / "spec.json", "{\n" + ",\n".join(
+            f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in spec.items()) + "\n}\n")
+        _make_readable(stage)
+        _swap_in(stage, out / split)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return spec
+
+
+def pack(config: Any) -> None:
+    """`urbanseg pack`: every requested split present in the prepared manifest ->
+    `<out>/<split>/NNNNN-of-NNNNN.tfrecord` + `.index` + `spec.json`."""
+    from urbanseg.config import to_dict
+
+    prepared, out = Path(config.prepared), Path(config.out)
+    manifest = _load_manifest(prepared)
+    todo = [s for s in config.splits if s in manifest["splits"] and manifest["splits"][s].get("stems")]
+    if not todo:
+        raise UserError(f"none of the splits {list(config.splits)} is prepared in {prepared} "
+                        f"(it has {sorted(manifest['splits'])}); choose others with --splits")
+    for split in config.splits:
+        if split not in todo:
+            print(f"pack: skipping split {split!r}: not prepared in {prepared}")
+    for split in todo:
+        spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
+        size = sum(s["bytes"] for s in spec["shards"]) / 1e6
+        print(f"pack: {split}: {spec['data_length']} records in {len(spec['shards'])} shards "
+              f"({size:.1f} MB) -> {out / split}")

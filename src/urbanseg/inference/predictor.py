@@ -1,0 +1,117 @@
+"""The inference engines: one `Predictor` interface over a PyTorch checkpoint or an
+exported ONNX model (run with ONNX Runtime, no PyTorch model code).
+
+Both take float32 (N, 3, H, W) images on the 0..255 scale (the model normalises inside)
+and return float32 (N, C, H, W) logits; resizing, tiling and upsampling around them are
+shared (`urbanseg.inference.segment`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from urbanseg.errors import UserError
+from urbanseg.labels import LabelSet
+
+ONNX_META_KEY = "urbanseg"
+
+
+@dataclass
+class Predictor:
+    """A model that maps (N, 3, H, W) float32 0..255 images to (N, C, H, W) float32 logits.
+
+    ``input_size`` is the training input size (W, H). ``fixed_size`` is (W, H) when the
+    model accepts only that size (an ONNX export without dynamic axes), else None.
+    """
+
+    label_set: LabelSet
+    input_size: tuple[int, int]
+    source: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    fixed_size: tuple[int, int] | None = None
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TorchPredictor(Predictor):
+    """A PyTorch checkpoint (`urbanseg.checkpoint` payload), evaluated in inference mode."""
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+
+        from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+        from urbanseg.device import pick_device
+
+        ckpt = load_checkpoint(path)
+        try:
+            label_set = LabelSet.from_dict(ckpt["label_set"])
+            input_size = (int(ckpt["input_size"][0]), int(ckpt["input_size"][1]))
+            model = model_from_checkpoint(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(
+                f"checkpoint {path} is not a usable urbanseg checkpoint ({type(e).__name__}: {e})"
+            ) from None
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        info = {"model": ckpt.get("model"), "step": ckpt.get("step"), "metrics": ckpt.get("metrics")}
+        super().__init__(label_set, input_size, Path(path), info)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        return out.float().cpu().numpy()
+
+
+class OnnxPredictor(Predictor):
+    """An ONNX model written by `urbanseg export`, run with ONNX Runtime (no PyTorch)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise UserError(f"ONNX model {path} does not exist; write one with `urbanseg export --run runs/NAME`")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=_ort_providers(ort))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+            raise UserError(f"cannot load ONNX model {path}: {e}") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+        if raw is None:
+            raise UserError(
+                f"ONNX model {path} has no {ONNX_META_KEY!r} metadata (label set, input size); "
+                "export it with `urbanseg export` or predict from the checkpoint with --checkpoint"
+            )
+        meta = json.loads(raw)
+        (inp,) = self.session.get_inputs()
+        self.input_name = inp.name
+        h, w = inp.shape[2], inp.shape[3]
+        fixed = (w, h) if isinstance(h, int) and isinstance(w, int) else None
+        info = {k: meta.get(k) for k in ("model", "step", "metrics", "opset")}
+        super().__init__(LabelSet.from_dict(meta["label_set"]), tuple(meta["input_size"]), Path(path), info, fixed)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def _ort_providers(ort: Any) -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def load_predictor(
+    *, checkpoint: Path | None = None, onnx: Path | None = None, device: str = "auto"
+) -> Predictor:
+    """A TorchPredictor for a checkpoint or an OnnxPredictor for an .onnx file."""
+    if onnx is not None:
+        return OnnxPredictor(Path(onnx))
+    if checkpoint is None:
+        raise UserError("give --checkpoint PATH, --run runs/NAME or --model model.onnx")
+    if Path(checkpoint).suffix == ".onnx":
+        return OnnxPredictor(Path(checkpoint))
+    return TorchPredictor(Path(checkpoint), device)
