@@ -5,6 +5,7 @@ ground, buildings, street furniture, traffic and people, as shapes in painter's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,11 +47,11 @@ def compose(rng: np.random.Generator, width: int, height: int) -> Scene:
         width=width,
         height=height,
     )
-    lay = _street(rng)
-    shapes = _background(rng, cam, lay)
-    shapes += _ground(rng, cam, lay)
-    shapes += _buildings(rng, cam, lay)
-    items = _street_objects(rng, cam, lay) + _vehicles(rng, cam, lay) + _people(rng, cam, lay)
+    street = _street(rng)
+    shapes = _background(rng, cam, street)
+    shapes += _ground(rng, cam, street)
+    shapes += _buildings(rng, cam, street)
+    items = _street_objects(rng, cam, street) + _vehicles(rng, cam, street) + _people(rng, cam, street)
     items.sort(key=lambda item: -item[0])  # painter's order: far first, near ones occlude
     for _, group in items:
         shapes += group
@@ -65,40 +66,73 @@ def compose(rng: np.random.Generator, width: int, height: int) -> Scene:
         "vignette": rng.uniform(0.0, 0.35),
         "gamma": rng.uniform(0.85, 1.15),
     }
-    shadows = _shadows(rng, cam, lay, items) if light["sunny"] else []
+    shadows = _shadows(rng, cam, street, items) if light["sunny"] else []
     return Scene(cam, shapes, shadows, light)
 
 
-def _street(rng: np.random.Generator) -> dict:
-    """Cross-section of the street: |X| of every boundary on each side (s = -1 left, +1 right)."""
+@dataclass(frozen=True)
+class Side:
+    """One side of the street: the distance |X| in metres from the centre line to the outer
+    edge of the road, the parking strip, the sidewalk, the grass verge and the building line."""
+
+    road: float
+    parking: float  # strip width, 0 when there is none
+    walk: float
+    verge: float  # == walk when there is no verge
+    build: float
+    kind: str  # "city" (buildings) or "park" (trees on grass)
+    walk_color: Any
+    kerb_color: Any
+
+
+@dataclass(frozen=True)
+class Street:
+    """The street's cross-section: lane dividers' X, both sides, far end, colours, crossing."""
+
+    lanes: list[float]
+    zfar: float
+    left: Side
+    right: Side
+    road_color: Any
+    crossing: float | None  # distance of a zebra crossing, or None
+    # Boxes (x0, x1, z0, z1, height) of the vehicles and people placed so far: they cast
+    # the ground shadows, drawn after everything is placed.
+    casters: list[tuple[float, float, float, float, float]] = field(default_factory=list)
+
+    def side(self, s: int) -> Side:
+        """s = -1: the left side, +1: the right side (X grows to the right)."""
+        return self.left if s < 0 else self.right
+
+
+def _street(rng: np.random.Generator) -> Street:
+    """A random cross-section (random draws in a fixed order: the same seed, the same street)."""
     lanes_l, lanes_r = rng.integers(0, 3), rng.integers(0, 2)
-    lay: dict[str, Any] = {"lanes": [3.2 * k for k in range(-lanes_l, lanes_r + 1)], "zfar": 320.0}
+    lanes = [3.2 * k for k in range(-lanes_l, lanes_r + 1)]
+    sides = []
     for s in (-1, 1):
         road = 1.6 + 3.2 * (lanes_l if s < 0 else lanes_r) + rng.uniform(0, 0.8)
         parking = rng.uniform(2.0, 2.5) if rng.random() < 0.35 else 0.0
         walk = road + parking + 0.15 + rng.uniform(1.8, 4.5)
         verge = walk + (rng.uniform(0.8, 3.0) if rng.random() < 0.45 else 0.0)
-        lay[s] = {
-            "road": road, "parking": parking, "walk": walk, "verge": verge, "build": verge + rng.uniform(0, 0.6),
-            "kind": "park" if rng.random() < 0.15 else "city",
-            "walk_color": pick(rng, SIDEWALK), "kerb_color": pick(rng, GREY),
-        }
-    lay["road_color"] = pick(rng, ROAD)
-    lay["crossing"] = rng.uniform(12, 45) if rng.random() < 0.4 else None
-    return lay
+        sides.append(Side(road=road, parking=parking, walk=walk, verge=verge, build=verge + rng.uniform(0, 0.6),
+                          kind="park" if rng.random() < 0.15 else "city",
+                          walk_color=pick(rng, SIDEWALK), kerb_color=pick(rng, GREY)))
+    road_color = pick(rng, ROAD)
+    crossing = rng.uniform(12, 45) if rng.random() < 0.4 else None
+    return Street(lanes, 320.0, sides[0], sides[1], road_color, crossing)
 
 
 def _strip(cam: Camera, x0: float, x1: float, z0: float, z1: float) -> np.ndarray:
     return cam.project([x0, x1, x1, x0], 0.0, [z0, z0, z1, z1])
 
 
-def _background(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Shape]:
+def _background(rng: np.random.Generator, cam: Camera, street: Street) -> list[Shape]:
     """Sky, then a far skyline (buildings and trees) at the end of the street."""
     W, H = cam.width, cam.height
     zen, hor = pick(rng, SKY), pick(rng, SKY[1:])
     shapes = [Shape("sky", np.array([[0, 0], [W, 0], [W, H], [0, H]], float), "sky", ("sky",),
                     {"color": zen, "color2": hor, "clouds": rng.uniform(0, 0.6)})]
-    zf = lay["zfar"]
+    zf = street.zfar
     x = -rng.uniform(150, 250)
     while x < 250:
         w, h = rng.uniform(8, 40), rng.uniform(4, 35)
@@ -121,49 +155,49 @@ def _facade_params(rng: np.random.Generator, palette: list) -> dict:
     }
 
 
-def _ground(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Shape]:
+def _ground(rng: np.random.Generator, cam: Camera, street: Street) -> list[Shape]:
     """Land behind the buildings, the road, parking strips, kerbs, sidewalks and verges."""
-    zf, z0 = lay["zfar"], 0.3
+    zf, z0 = street.zfar, 0.3
     shapes = []
     for s in (-1, 1):
-        side = lay[s]
-        back = "terrain" if side["kind"] == "park" or rng.random() < 0.5 else "ground"
-        shapes.append(Shape(back, _strip(cam, s * side["build"], s * 300, z0, zf), "grass", ("ground",),
+        side = street.side(s)
+        back = "terrain" if side.kind == "park" or rng.random() < 0.5 else "ground"
+        shapes.append(Shape(back, _strip(cam, s * side.build, s * 300, z0, zf), "grass", ("ground",),
                             {"color": pick(rng, TERRAIN if back == "terrain" else SIDEWALK)}))
-    road = {"color": lay["road_color"], "lanes": lay["lanes"], "edges": (-lay[-1]["road"], lay[1]["road"]),
-            "crossing": lay["crossing"], "dash": rng.uniform(3, 6), "marks": pick(rng, [(0.9, 0.9, 0.88), (0.85, 0.75, 0.3)])}
-    shapes.append(Shape("road", _strip(cam, -lay[-1]["road"], lay[1]["road"], z0, zf), "asphalt", ("ground",), road))
+    road = {"color": street.road_color, "lanes": street.lanes, "edges": (-street.side(-1).road, street.side(1).road),
+            "crossing": street.crossing, "dash": rng.uniform(3, 6), "marks": pick(rng, [(0.9, 0.9, 0.88), (0.85, 0.75, 0.3)])}
+    shapes.append(Shape("road", _strip(cam, -street.side(-1).road, street.side(1).road, z0, zf), "asphalt", ("ground",), road))
     for s in (-1, 1):
-        side = lay[s]
-        a = side["road"]
-        if side["parking"]:
-            shapes.append(Shape("parking", _strip(cam, s * a, s * (a + side["parking"]), z0, zf), "pavers",
+        side = street.side(s)
+        a = side.road
+        if side.parking:
+            shapes.append(Shape("parking", _strip(cam, s * a, s * (a + side.parking), z0, zf), "pavers",
                                 ("ground",), {"color": pick(rng, ROAD + SIDEWALK), "tile": rng.uniform(0.15, 0.3)}))
-            a += side["parking"]
+            a += side.parking
         shapes.append(Shape("sidewalk", _strip(cam, s * a, s * (a + 0.15), z0, zf), "kerb", ("ground",),
-                            {"color": side["kerb_color"]}))
-        shapes.append(Shape("sidewalk", _strip(cam, s * (a + 0.15), s * side["walk"], z0, zf), "pavers",
-                            ("ground",), {"color": side["walk_color"], "tile": rng.uniform(0.25, 0.6)}))
+                            {"color": side.kerb_color}))
+        shapes.append(Shape("sidewalk", _strip(cam, s * (a + 0.15), s * side.walk, z0, zf), "pavers",
+                            ("ground",), {"color": side.walk_color, "tile": rng.uniform(0.25, 0.6)}))
         # the kerb's vertical face, 12 cm high, seen from the road
         face = cam.project([s * a, s * a, s * a, s * a], [0, 0.12, 0.12, 0], [z0, z0, zf, zf])
-        shapes.append(Shape("sidewalk", face, "kerb", ("side", s * a), {"color": side["kerb_color"]}))
-        if side["verge"] > side["walk"]:
-            shapes.append(Shape("terrain", _strip(cam, s * side["walk"], s * side["verge"], z0, zf), "grass",
+        shapes.append(Shape("sidewalk", face, "kerb", ("side", s * a), {"color": side.kerb_color}))
+        if side.verge > side.walk:
+            shapes.append(Shape("terrain", _strip(cam, s * side.walk, s * side.verge, z0, zf), "grass",
                                 ("ground",), {"color": pick(rng, TERRAIN)}))
     return shapes
 
 
-def _buildings(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Shape]:
+def _buildings(rng: np.random.Generator, cam: Camera, street: Street) -> list[Shape]:
     """Facades along both sides (far to near), with walls and fences in the gaps; parks
     get a fence or hedge instead. Backyard trees, drawn first, show through the gaps."""
     far: list[tuple[float, list[Shape]]] = []
     near: list[tuple[float, list[Shape]]] = []
     for s in (-1, 1):
-        side = lay[s]
-        xb = side["build"]
+        side = street.side(s)
+        xb = side.build
         for z in np.arange(rng.uniform(5, 25), 160, rng.uniform(12, 25)):
             far.append((z, _tree(rng, cam, s * (xb + rng.uniform(2, 12)), z, big=True)))
-        if side["kind"] == "park":
+        if side.kind == "park":
             near.append((1e3, _barrier(rng, cam, s, xb, 0.5, rng.uniform(60, 200), fence=rng.random() < 0.6)))
             continue
         z = rng.uniform(-2, 3)
@@ -226,30 +260,30 @@ def _tree(rng: np.random.Generator, cam: Camera, x: float, z: float, big: bool =
 Item = tuple[float, list[Shape]]  # (depth for painter's order, shapes drawn together)
 
 
-def _street_objects(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Item]:
+def _street_objects(rng: np.random.Generator, cam: Camera, street: Street) -> list[Item]:
     """Street trees, lamp posts, signs, traffic lights, bins and bollards along the sidewalks."""
     items: list[Item] = []
     for s in (-1, 1):
-        side = lay[s]
-        kerb = side["road"] + side["parking"] + 0.5
+        side = street.side(s)
+        kerb = side.road + side.parking + 0.5
         for z in np.arange(rng.uniform(3, 15), 120, rng.uniform(7, 16)):
             if rng.random() < 0.55:
-                items.append((z, _tree(rng, cam, s * rng.uniform(kerb, side["verge"] + 0.5), z)))
+                items.append((z, _tree(rng, cam, s * rng.uniform(kerb, side.verge + 0.5), z)))
         for z in np.arange(rng.uniform(6, 25), 150, rng.uniform(22, 40)):
             items.append((z, _lamp(rng, cam, s, kerb - 0.2, z)))
         for _ in range(rng.integers(0, 3)):
             z = rng.uniform(6, 60)
             items.append((z, _sign(rng, cam, s * (kerb - 0.1), z)))
         for _ in range(rng.integers(0, 3)):
-            z, x = rng.uniform(6, 50), s * rng.uniform(kerb, side["walk"])
+            z, x = rng.uniform(6, 50), s * rng.uniform(kerb, side.walk)
             w, h = rng.choice([(0.5, 1.0), (0.15, 0.9), (1.6, 0.8), (0.8, 1.3)])
             label = "dynamic" if rng.random() < 0.2 else "static"
             items.append((z, [Shape(label, front_poly(cam, z, x, 0.0, [[-w / 2, 0], [w / 2, 0], [w / 2, h], [-w / 2, h]]),
                                     "paint", ("front", z, x, 0.0), {"color": pick(rng, MISC)})]))
-    z = lay["crossing"] or rng.uniform(15, 50)
+    z = street.crossing or rng.uniform(15, 50)
     for s in (-1, 1):  # traffic lights at the junction
         if rng.random() < 0.7:
-            items.append((z, _traffic_light(rng, cam, s * (lay[s]["road"] + lay[s]["parking"] + 0.3), z, s)))
+            items.append((z, _traffic_light(rng, cam, s * (street.side(s).road + street.side(s).parking + 0.3), z, s)))
     return items
 
 
@@ -301,30 +335,30 @@ _VEHICLES = {"car": ((1.7, 1.95), (1.4, 1.6), (3.9, 4.8)), "truck": ((2.3, 2.55)
              "bus": ((2.5, 2.55), (3.0, 3.3), (11, 13))}
 
 
-def _vehicles(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Item]:
+def _vehicles(rng: np.random.Generator, cam: Camera, street: Street) -> list[Item]:
     """Traffic in every lane, cars parked along the kerbs, cyclists and motorcyclists."""
     items: list[Item] = []
-    for c in lay["lanes"]:
+    for c in street.lanes:
         for z in np.arange(rng.uniform(12 if c == 0 else 7, 35), 160, rng.uniform(12, 30)):
             if rng.random() < 0.45:
                 u = rng.random()
                 if u < 0.08:
-                    items.append((z, _rider(rng, cam, c + rng.uniform(-0.8, 0.8), z, motor=rng.random() < 0.6, lay=lay)))
+                    items.append((z, _rider(rng, cam, c + rng.uniform(-0.8, 0.8), z, motor=rng.random() < 0.6, street=street)))
                 else:
                     kind = "car" if u < 0.9 else ("truck" if u < 0.95 else "bus")
-                    items.append((z, _box_vehicle(rng, cam, kind, c + rng.uniform(-0.3, 0.3), z, lay)))
+                    items.append((z, _box_vehicle(rng, cam, kind, c + rng.uniform(-0.3, 0.3), z, street)))
     for s in (-1, 1):
-        side = lay[s]
-        if side["parking"] or rng.random() < 0.3:
-            xc = s * (side["road"] + side["parking"] / 2) if side["parking"] else s * (side["road"] - 1.1)
+        side = street.side(s)
+        if side.parking or rng.random() < 0.3:
+            xc = s * (side.road + side.parking / 2) if side.parking else s * (side.road - 1.1)
             for z in np.arange(rng.uniform(3, 10), 90, rng.uniform(5, 7)):
                 if rng.random() < 0.4:
-                    items.append((z, _box_vehicle(rng, cam, "car", xc + rng.uniform(-0.2, 0.2), z, lay, group=True)))
+                    items.append((z, _box_vehicle(rng, cam, "car", xc + rng.uniform(-0.2, 0.2), z, street, group=True)))
         if rng.random() < 0.5:
-            items.append((rng.uniform(6, 40), _rider(rng, cam, s * (side["road"] - 0.8), rng.uniform(6, 40),
-                                                      motor=False, lay=lay)))
+            items.append((rng.uniform(6, 40), _rider(rng, cam, s * (side.road - 0.8), rng.uniform(6, 40),
+                                                      motor=False, street=street)))
         for _ in range(rng.integers(0, 3)):  # bicycles parked on the sidewalk, seen from the side
-            z, x = rng.uniform(5, 40), s * rng.uniform(side["road"] + side["parking"] + 0.5, side["walk"])
+            z, x = rng.uniform(5, 40), s * rng.uniform(side.road + side.parking + 0.5, side.walk)
             motor = rng.random() < 0.3
             outline = two_wheeler_outline(1.7 if not motor else 2.0, 1.05, motor)
             items.append((z, [Shape("motorcycle" if motor else "bicycle", front_poly(cam, z, x, 0.0, outline), "bike",
@@ -332,7 +366,7 @@ def _vehicles(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Item]:
     return items
 
 
-def _box_vehicle(rng: np.random.Generator, cam: Camera, kind: str, xc: float, z: float, lay: dict,
+def _box_vehicle(rng: np.random.Generator, cam: Camera, kind: str, xc: float, z: float, street: Street,
                  group: bool = False) -> list[Shape]:
     (w0, w1), (h0, h1), (l0, l1) = _VEHICLES[kind]
     w, h, L = rng.uniform(w0, w1), rng.uniform(h0, h1), rng.uniform(l0, l1)
@@ -345,7 +379,7 @@ def _box_vehicle(rng: np.random.Generator, cam: Camera, kind: str, xc: float, z:
         hull = cv2.convexHull(np.concatenate([body, cabin]).astype(np.float32))[:, 0, :].astype(np.float64)
     else:
         hull = box_hull(cam, x0, x1, z, z + L, 0.0, h)
-    lay.setdefault("casters", []).append((x0, x1, z, z + L, h))
+    street.casters.append((x0, x1, z, z + L, h))
     params = {"color": pick(rng, CAR if kind == "car" else CAR + SIGN), "kind": kind, "w": w, "h": h, "L": L,
               "glass": pick(rng, [(0.1, 0.12, 0.15), (0.25, 0.3, 0.35), (0.4, 0.45, 0.5)])}
     # far beyond ~55 m annotators outline parked cars as a group: labelled car, no instance id
@@ -357,7 +391,7 @@ def _box_vehicle(rng: np.random.Generator, cam: Camera, kind: str, xc: float, z:
     return shapes
 
 
-def _rider(rng: np.random.Generator, cam: Camera, x: float, z: float, motor: bool, lay: dict) -> list[Shape]:
+def _rider(rng: np.random.Generator, cam: Camera, x: float, z: float, motor: bool, street: Street) -> list[Shape]:
     """A bicycle or motorcycle seen from behind, its rider seated on it."""
     bw = 0.35 if not motor else 0.45
     bike = np.array([[-0.05, 0], [0.05, 0], [0.05, 0.6], [bw, 0.95], [bw, 1.02], [-bw, 1.02], [-bw, 0.95], [-0.05, 0.6]])
@@ -365,7 +399,7 @@ def _rider(rng: np.random.Generator, cam: Camera, x: float, z: float, motor: boo
         bike = np.array([[-0.1, 0], [0.1, 0], [0.1, 0.3], [0.3, 0.4], [0.3, 0.85], [0.45, 1.0], [-0.45, 1.0], [-0.3, 0.85], [-0.3, 0.4], [-0.1, 0.3]])
     h = rng.uniform(1.6, 1.9)
     rider = person_outline(rng, h, seated=True)
-    lay.setdefault("casters", []).append((x - 0.3, x + 0.3, z, z + 1.8, 1.7))
+    street.casters.append((x - 0.3, x + 0.3, z, z + 1.8, 1.7))
     label = "motorcycle" if motor else "bicycle"
     return [Shape(label, front_poly(cam, z, x, 0.0, bike), "bike", ("front", z, x, 0.0), {"color": pick(rng, CAR)}),
             Shape("rider", front_poly(cam, z - 0.05, x, 0.8, rider), "person", ("front", z - 0.05, x, 0.8),
@@ -380,22 +414,22 @@ def _clothes(rng: np.random.Generator, height: float, offset: float = 0.0) -> di
             "hair": pick(rng, hair), "height": height, "offset": offset}
 
 
-def _people(rng: np.random.Generator, cam: Camera, lay: dict) -> list[Item]:
+def _people(rng: np.random.Generator, cam: Camera, street: Street) -> list[Item]:
     """Pedestrians on both sidewalks (at least one fairly near), some crossing the road."""
     spots = []
     for s in (-1, 1):
-        side = lay[s]
-        a, b = side["road"] + side["parking"] + 0.4, side["walk"] - 0.2
+        side = street.side(s)
+        a, b = side.road + side.parking + 0.4, side.walk - 0.2
         spots += [(s * rng.uniform(a, b), rng.uniform(5, 70)) for _ in range(rng.integers(0, 5))]
     s = 1 if rng.random() < 0.5 else -1
-    spots.append((s * rng.uniform(lay[s]["road"] + lay[s]["parking"] + 0.4, lay[s]["walk"] - 0.2), rng.uniform(7, 18)))
-    if lay["crossing"]:
-        spots += [(rng.uniform(-lay[-1]["road"], lay[1]["road"]), lay["crossing"] + rng.uniform(0, 3))
+    spots.append((s * rng.uniform(street.side(s).road + street.side(s).parking + 0.4, street.side(s).walk - 0.2), rng.uniform(7, 18)))
+    if street.crossing:
+        spots += [(rng.uniform(-street.side(-1).road, street.side(1).road), street.crossing + rng.uniform(0, 3))
                   for _ in range(rng.integers(0, 5))]
     items = []
     for x, z in spots:
         h = rng.uniform(1.55, 1.95) if rng.random() < 0.85 else rng.uniform(1.0, 1.4)
-        lay.setdefault("casters", []).append((x - 0.25, x + 0.25, z, z + 0.3, h))
+        street.casters.append((x - 0.25, x + 0.25, z, z + 0.3, h))
         outline = person_outline(rng, h)
         items.append((z, [Shape("person", front_poly(cam, z, x, 0.0, outline), "person", ("front", z, x, 0.0),
                                 _clothes(rng, h))]))
@@ -422,20 +456,20 @@ def _frame(rng: np.random.Generator, cam: Camera) -> list[Shape]:
     return shapes
 
 
-def _shadows(rng: np.random.Generator, cam: Camera, lay: dict, items: list[Item]) -> list[np.ndarray]:
+def _shadows(rng: np.random.Generator, cam: Camera, street: Street, items: list[Item]) -> list[np.ndarray]:
     """Ground shadows (image polygons) of vehicles, people and trees under a low sun."""
     import cv2
 
     sx, sz = rng.uniform(-1.2, 1.2), rng.uniform(-0.6, 1.2)
     out = []
-    for x0, x1, z0, z1, h in lay.get("casters", []):
+    for x0, x1, z0, z1, h in street.casters:
         X = np.array([x0, x1, x1, x0, x0 + sx * h, x1 + sx * h, x1 + sx * h, x0 + sx * h])
         Z = np.array([z0, z0, z1, z1, z0 + sz * h, z0 + sz * h, z1 + sz * h, z1 + sz * h])
         Z = np.maximum(Z, 0.5)
         pts = cam.project(X, 0.0, Z).astype(np.float32)
         out.append(cv2.convexHull(pts)[:, 0, :].astype(np.float64))
     for s in (-1, 1):  # the buildings on the sun's side shade a band of street
-        if lay[s]["kind"] == "city" and s * sx < 0:
-            width = min(abs(sx) * rng.uniform(6, 20), lay[s]["build"] + lay[-s]["build"])
-            out.append(_strip(cam, s * lay[s]["build"], s * (lay[s]["build"] - width), 0.5, rng.uniform(30, 200)))
+        if street.side(s).kind == "city" and s * sx < 0:
+            width = min(abs(sx) * rng.uniform(6, 20), street.side(s).build + street.side(-s).build)
+            out.append(_strip(cam, s * street.side(s).build, s * (street.side(s).build - width), 0.5, rng.uniform(30, 200)))
     return out

@@ -133,16 +133,24 @@ def surface(cam: Camera, plane: tuple, xs: np.ndarray, ys: np.ndarray) -> tuple[
 
 
 # --------------------------------------------------------------------------- textures
-# Each texture gets the pixels of one shape as a Px and returns (N, 3) float32 RGB in 0..1.
+# Each texture gets the pixels of one shape as SurfacePixels and returns (N, 3) float32 RGB in 0..1.
 # Fine patterns fade with the pixel footprint `mpp` (metres per pixel) instead of aliasing.
 
 
-class Px:
-    def __init__(self, u, v, z, face, mpp, noise: Noise, params: dict):
-        self.u, self.v, self.z, self.face, self.mpp, self.nz, self.p = u, v, z, face, mpp, noise, params
+class SurfacePixels:
+    """The pixels of one shape, as a texture sees them: `tex_x`, `tex_y` are the surface
+    coordinates in metres (on the ground: across and along the street; on a facade: along
+    the street and height), `depth` the distance from the camera, `on_side` which pixels
+    lie on a vehicle's side face (else None), `mpp` metres per pixel; `noise` the scene's
+    value noise and `params` the shape's texture parameters."""
+
+    def __init__(self, tex_x: np.ndarray, tex_y: np.ndarray, depth: np.ndarray, on_side: np.ndarray | None,
+                 mpp: np.ndarray, noise: Noise, params: dict) -> None:
+        self.tex_x, self.tex_y, self.depth, self.on_side, self.mpp = tex_x, tex_y, depth, on_side, mpp
+        self.noise, self.params = noise, params
 
     def color(self, key: str = "color") -> np.ndarray:
-        return np.asarray(self.p[key], np.float32)
+        return np.asarray(self.params[key], np.float32)
 
     def fade(self, feature: float) -> np.ndarray:
         """1 where a pattern of `feature` metres spans several pixels, 0 where it is sub-pixel."""
@@ -164,134 +172,134 @@ def _band(x: np.ndarray, centre, half: float, mpp: np.ndarray) -> np.ndarray:
     return np.clip((w - np.abs(x - centre)) / np.maximum(mpp, 1e-6) + 0.5, 0, 1) * np.minimum(1, half / w)
 
 
-def tex_sky(c: Px) -> np.ndarray:
-    t = np.clip(c.v * 2.8, 0, 1)
-    base = _mix(c.p["color2"], c.p["color"], t)
-    cloud = np.clip(c.nz.fbm(c.u * 3, c.v * 8, 1.0, 0) * 2 + c.p["clouds"] - 0.5, 0, 1)
+def tex_sky(px: SurfacePixels) -> np.ndarray:
+    t = np.clip(px.tex_y * 2.8, 0, 1)
+    base = _mix(px.params["color2"], px.params["color"], t)
+    cloud = np.clip(px.noise.fbm(px.tex_x * 3, px.tex_y * 8, 1.0, 0) * 2 + px.params["clouds"] - 0.5, 0, 1)
     return _mix(base, [0.9, 0.9, 0.92], cloud * 0.85)
 
 
-def tex_asphalt(c: Px) -> np.ndarray:
-    X, Z, p = c.u, c.v, c.p
-    s = 1 + 0.1 * c.nz.fbm(X, Z, 2.0, 0) + 0.08 * c.nz(X, Z, 0.08, 1) * c.fade(0.08)
-    s = s * np.where(c.nz(X, Z, 4.0, 2) > 0.55, 0.8, 1.0)  # patched repairs
-    rgb = _scale(c.color(), s)
+def tex_asphalt(px: SurfacePixels) -> np.ndarray:
+    X, Z, p = px.tex_x, px.tex_y, px.params
+    s = 1 + 0.1 * px.noise.fbm(X, Z, 2.0, 0) + 0.08 * px.noise(X, Z, 0.08, 1) * px.fade(0.08)
+    s = s * np.where(px.noise(X, Z, 4.0, 2) > 0.55, 0.8, 1.0)  # patched repairs
+    rgb = _scale(px.color(), s)
     dash = (Z % (2 * p["dash"])) < p["dash"]
     mark = np.zeros(X.shape, np.float32)
     lanes = p["lanes"]
     for a, b in zip(lanes[:-1], lanes[1:]):
-        mark = np.maximum(mark, _band(X, (a + b) / 2, 0.06, c.mpp) * dash)
+        mark = np.maximum(mark, _band(X, (a + b) / 2, 0.06, px.mpp) * dash)
     for e, inward in zip(p["edges"], (0.3, -0.3)):
-        mark = np.maximum(mark, _band(X, e + inward, 0.06, c.mpp))
+        mark = np.maximum(mark, _band(X, e + inward, 0.06, px.mpp))
     if p["crossing"] is not None:
         zebra = (Z > p["crossing"]) & (Z < p["crossing"] + 3.5) & ((X % 1.0) < 0.5)
         mark = np.maximum(mark, zebra.astype(np.float32))
-    mark *= (c.nz(X, Z, 0.3, 3) > -0.6)  # worn paint
-    return _mix(rgb, _scale(p["marks"], 0.9 + 0.1 * c.nz(X, Z, 0.5, 1)), mark)
+    mark *= (px.noise(X, Z, 0.3, 3) > -0.6)  # worn paint
+    return _mix(rgb, _scale(p["marks"], 0.9 + 0.1 * px.noise(X, Z, 0.5, 1)), mark)
 
 
-def tex_pavers(c: Px) -> np.ndarray:
-    t = c.p["tile"]
-    gx, gz = c.u / t, c.v / (t * 1.5)
+def tex_pavers(px: SurfacePixels) -> np.ndarray:
+    t = px.params["tile"]
+    gx, gz = px.tex_x / t, px.tex_y / (t * 1.5)
     gx = gx + 0.5 * (np.floor(gz) % 2)  # running bond
     joint = ((gx % 1) < 0.06) | ((gz % 1) < 0.06)
-    s = 1 + 0.12 * c.nz.cell(np.floor(gx), np.floor(gz)) * c.fade(t) + 0.1 * c.nz.fbm(c.u, c.v, 3.0, 2)
-    s = s * (1 - 0.35 * joint * c.fade(0.03 * t / 0.06))
-    return _scale(c.color(), s)
+    s = 1 + 0.12 * px.noise.cell(np.floor(gx), np.floor(gz)) * px.fade(t) + 0.1 * px.noise.fbm(px.tex_x, px.tex_y, 3.0, 2)
+    s = s * (1 - 0.35 * joint * px.fade(0.03 * t / 0.06))
+    return _scale(px.color(), s)
 
 
-def tex_kerb(c: Px) -> np.ndarray:
-    joint = (c.u % 1.0 < 0.02) | (c.v % 1.0 < 0.02)
-    s = 1 + 0.06 * c.nz(c.u, c.v, 0.2, 1) - 0.3 * joint * c.fade(0.02)
-    return _scale(c.color(), s)
+def tex_kerb(px: SurfacePixels) -> np.ndarray:
+    joint = (px.tex_x % 1.0 < 0.02) | (px.tex_y % 1.0 < 0.02)
+    s = 1 + 0.06 * px.noise(px.tex_x, px.tex_y, 0.2, 1) - 0.3 * joint * px.fade(0.02)
+    return _scale(px.color(), s)
 
 
-def tex_grass(c: Px) -> np.ndarray:
-    blades = c.nz(c.u * 4, c.v, 0.05, 1) * c.fade(0.05)
-    s = 0.85 + 0.25 * c.nz.fbm(c.u, c.v, 1.5, 0) + 0.15 * blades
-    soil = np.clip(c.nz(c.u, c.v, 2.5, 3) * 3 - 1.5, 0, 1) * 0.6
-    return _mix(_scale(c.color(), s), [0.42, 0.34, 0.26], soil)
+def tex_grass(px: SurfacePixels) -> np.ndarray:
+    blades = px.noise(px.tex_x * 4, px.tex_y, 0.05, 1) * px.fade(0.05)
+    s = 0.85 + 0.25 * px.noise.fbm(px.tex_x, px.tex_y, 1.5, 0) + 0.15 * blades
+    soil = np.clip(px.noise(px.tex_x, px.tex_y, 2.5, 3) * 3 - 1.5, 0, 1) * 0.6
+    return _mix(_scale(px.color(), s), [0.42, 0.34, 0.26], soil)
 
 
-def tex_facade(c: Px) -> np.ndarray:
-    u, v, p = c.u, c.v, c.p
+def tex_facade(px: SurfacePixels) -> np.ndarray:
+    u, v, p = px.tex_x, px.tex_y, px.params
     if p["bricks"]:
         row = np.floor(v / 0.075)
         col = np.floor(u / 0.25 + 0.5 * (row % 2))
         mortar = ((v % 0.075) < 0.012) | (((u / 0.25 + 0.5 * (row % 2)) % 1) < 0.05)
-        s = 1 + 0.12 * c.nz.cell(col, row) * c.fade(0.07) - 0.3 * mortar * c.fade(0.012)
+        s = 1 + 0.12 * px.noise.cell(col, row) * px.fade(0.07) - 0.3 * mortar * px.fade(0.012)
     else:
-        s = 1 + p["rough"] * c.nz.fbm(u, v, 1.0, 1)
+        s = 1 + p["rough"] * px.noise.fbm(u, v, 1.0, 1)
     s = s * np.where(v < 0.6, 0.8, 1.0)  # darker plinth
-    rgb = _scale(c.color(), s)
+    rgb = _scale(px.color(), s)
     fy, fx = (v - p["floor"]) / p["floor"], u / p["bay"]
     window = (v > p["floor"]) & ((fy % 1) > 0.3) & ((fy % 1) < 0.8) & (np.abs(fx % 1 - 0.5) < p["win"] / 2)
     if p["shop"]:
         window |= (v > 0.5) & (v < p["floor"] - 0.5) & (np.abs((u / (2 * p["bay"])) % 1 - 0.5) < 0.4)
-    glass = _scale(c.color("color2"), 0.35 + 0.35 * (c.nz.fbm(u, v, 2.0, 3) + 1) / 2)
+    glass = _scale(px.color("color2"), 0.35 + 0.35 * (px.noise.fbm(u, v, 2.0, 3) + 1) / 2)
     rgb = np.where(window[:, None], glass, rgb)
     if "top" in p:
         roof = v > p["top"]
-        rgb[roof] = _scale(c.color("roof"), 1 + 0.15 * c.nz(u[roof], v[roof], 0.3, 2))
+        rgb[roof] = _scale(px.color("roof"), 1 + 0.15 * px.noise(u[roof], v[roof], 0.3, 2))
     return rgb
 
 
-def tex_wall(c: Px) -> np.ndarray:
-    s = 1 + 0.12 * c.nz.fbm(c.u, c.v, 0.8, 0) - 0.35 * ((c.u % 2.5) < 0.03) * c.fade(0.03)
-    graffiti = (c.nz.fbm(c.u, c.v, 0.7, 2) > 0.55 - c.p["amount"]) & (c.v < 1.8)
-    return np.where(graffiti[:, None], c.color("graffiti")[None], _scale(c.color(), s))
+def tex_wall(px: SurfacePixels) -> np.ndarray:
+    s = 1 + 0.12 * px.noise.fbm(px.tex_x, px.tex_y, 0.8, 0) - 0.35 * ((px.tex_x % 2.5) < 0.03) * px.fade(0.03)
+    graffiti = (px.noise.fbm(px.tex_x, px.tex_y, 0.7, 2) > 0.55 - px.params["amount"]) & (px.tex_y < 1.8)
+    return np.where(graffiti[:, None], px.color("graffiti")[None], _scale(px.color(), s))
 
 
-def tex_fence(c: Px) -> np.ndarray:
-    slat = (c.u / c.p["slat"]) % 1 < 0.55
-    rail = (np.abs(c.v - 0.25) < 0.05) | (np.abs(c.v - 0.9) < 0.05)
-    gap = _scale(c.color("color2"), 0.5 + 0.2 * c.nz(c.u, c.v, 0.5, 1))
-    solid = _scale(c.color(), 1 + 0.1 * c.nz(c.u, c.v, 0.3, 2))
-    see = c.fade(c.p["slat"] * 0.45)  # far away the slats blend with what is behind
+def tex_fence(px: SurfacePixels) -> np.ndarray:
+    slat = (px.tex_x / px.params["slat"]) % 1 < 0.55
+    rail = (np.abs(px.tex_y - 0.25) < 0.05) | (np.abs(px.tex_y - 0.9) < 0.05)
+    gap = _scale(px.color("color2"), 0.5 + 0.2 * px.noise(px.tex_x, px.tex_y, 0.5, 1))
+    solid = _scale(px.color(), 1 + 0.1 * px.noise(px.tex_x, px.tex_y, 0.3, 2))
+    see = px.fade(px.params["slat"] * 0.45)  # far away the slats blend with what is behind
     t = np.where(slat | rail, 0.0, 1.0) * see + 0.45 * (1 - see)
     return _mix(solid, gap, t)
 
 
-def tex_foliage(c: Px) -> np.ndarray:
-    leaves = c.nz(c.u, c.v, 0.12, 1) * c.fade(0.12)
-    clumps = c.nz.fbm(c.u, c.v, 0.8, 2)
+def tex_foliage(px: SurfacePixels) -> np.ndarray:
+    leaves = px.noise(px.tex_x, px.tex_y, 0.12, 1) * px.fade(0.12)
+    clumps = px.noise.fbm(px.tex_x, px.tex_y, 0.8, 2)
     s = 0.75 + 0.35 * clumps + 0.25 * leaves
     s = s * np.where(clumps + 0.5 * leaves < -0.55, 0.35, 1.0)  # holes of deep shade
-    return _scale(_mix(c.color(), c.color("color2"), (c.nz(c.u, c.v, 2.0, 3) + 1) / 2), s)
+    return _scale(_mix(px.color(), px.color("color2"), (px.noise(px.tex_x, px.tex_y, 2.0, 3) + 1) / 2), s)
 
 
-def tex_bark(c: Px) -> np.ndarray:
-    return _scale(c.color(), 0.8 + 0.25 * c.nz(c.u * 8, c.v, 0.4, 1))
+def tex_bark(px: SurfacePixels) -> np.ndarray:
+    return _scale(px.color(), 0.8 + 0.25 * px.noise(px.tex_x * 8, px.tex_y, 0.4, 1))
 
 
-def tex_paint(c: Px) -> np.ndarray:
-    return _scale(c.color(), 1 + 0.08 * c.nz.fbm(c.u, c.v, 0.3, 1) + 0.06 * np.tanh(c.v))
+def tex_paint(px: SurfacePixels) -> np.ndarray:
+    return _scale(px.color(), 1 + 0.08 * px.noise.fbm(px.tex_x, px.tex_y, 0.3, 1) + 0.06 * np.tanh(px.tex_y))
 
 
-def tex_sign(c: Px) -> np.ndarray:
-    r = np.hypot(c.u, c.v)
-    rgb = _scale(c.color(), 1 + 0.05 * c.nz(c.u, c.v, 0.1, 1))
-    border = r > 0.75 * c.p["r"]
-    symbol = (np.abs(c.v) < 0.08 * c.p["r"] / 0.4) & (np.abs(c.u) < 0.5 * c.p["r"])
-    return np.where((border | symbol)[:, None], c.color("color2")[None], rgb)
+def tex_sign(px: SurfacePixels) -> np.ndarray:
+    r = np.hypot(px.tex_x, px.tex_y)
+    rgb = _scale(px.color(), 1 + 0.05 * px.noise(px.tex_x, px.tex_y, 0.1, 1))
+    border = r > 0.75 * px.params["r"]
+    symbol = (np.abs(px.tex_y) < 0.08 * px.params["r"] / 0.4) & (np.abs(px.tex_x) < 0.5 * px.params["r"])
+    return np.where((border | symbol)[:, None], px.color("color2")[None], rgb)
 
 
-def tex_light(c: Px) -> np.ndarray:
-    rgb = _scale(c.color(), 1 + 0.05 * c.nz(c.u, c.v, 0.1, 1))
+def tex_light(px: SurfacePixels) -> np.ndarray:
+    rgb = _scale(px.color(), 1 + 0.05 * px.noise(px.tex_x, px.tex_y, 0.1, 1))
     lamps = ([0.9, 0.1, 0.05], [0.95, 0.7, 0.1], [0.1, 0.9, 0.4])
     for k, centre in enumerate((0.83, 0.5, 0.17)):
-        on = np.hypot(c.u, c.v - centre) < 0.12
-        lamp = lamps[2 - k] if k == 2 - c.p["lit"] else [0.12, 0.12, 0.12]
+        on = np.hypot(px.tex_x, px.tex_y - centre) < 0.12
+        lamp = lamps[2 - k] if k == 2 - px.params["lit"] else [0.12, 0.12, 0.12]
         rgb[on] = lamp
     return rgb
 
 
-def tex_vehicle(c: Px) -> np.ndarray:
-    p, u, v = c.p, c.u, c.v
+def tex_vehicle(px: SurfacePixels) -> np.ndarray:
+    p, u, v = px.params, px.tex_x, px.tex_y
     w, h, L = p["w"], p["h"], p["L"]
-    side = c.face
-    body = _scale(c.color(), 0.75 + 0.3 * np.clip(v / h, 0, 1) + 0.05 * c.nz(u, v, 0.3, 1))
-    glass = _scale(c.color("glass"), 1 + 0.3 * c.nz.fbm(u, v, 1.0, 2))
+    side = px.on_side
+    body = _scale(px.color(), 0.75 + 0.3 * np.clip(v / h, 0, 1) + 0.05 * px.noise(u, v, 0.3, 1))
+    glass = _scale(px.color("glass"), 1 + 0.3 * px.noise.fbm(u, v, 1.0, 2))
     if p["kind"] == "car":
         win_rear = ~side & (v > 0.62 * h) & (v < 0.95 * h) & (np.abs(u) < 0.36 * w)
         win_side = side & (v > 0.62 * h) & (v < 0.93 * h) & (u > 0.28 * L) & (u < 0.74 * L)
@@ -311,25 +319,25 @@ def tex_vehicle(c: Px) -> np.ndarray:
     return rgb
 
 
-def tex_bike(c: Px) -> np.ndarray:
-    rgb = _scale(c.color(), 1 + 0.1 * c.nz(c.u, c.v, 0.2, 1))
-    rgb[c.v < 0.45] = _scale([0.06, 0.06, 0.06], 1 + 0.2 * c.nz(c.u[c.v < 0.45], c.v[c.v < 0.45], 0.1, 2))
+def tex_bike(px: SurfacePixels) -> np.ndarray:
+    rgb = _scale(px.color(), 1 + 0.1 * px.noise(px.tex_x, px.tex_y, 0.2, 1))
+    rgb[px.tex_y < 0.45] = _scale([0.06, 0.06, 0.06], 1 + 0.2 * px.noise(px.tex_x[px.tex_y < 0.45], px.tex_y[px.tex_y < 0.45], 0.1, 2))
     return rgb
 
 
-def tex_person(c: Px) -> np.ndarray:
-    p = c.p
-    t = (c.v + p["offset"]) / p["height"]
-    rgb = np.where((t < 0.46)[:, None], c.color("color2")[None], c.color()[None])
-    rgb = np.where((t > 0.84)[:, None], c.color("skin")[None], rgb)
-    rgb = np.where((t > 0.93)[:, None], c.color("hair")[None], rgb)
-    return _scale(rgb, 0.85 + 0.15 * c.nz(c.u, c.v, 0.15, 1) + 0.1 * np.clip(t, 0, 1))
+def tex_person(px: SurfacePixels) -> np.ndarray:
+    p = px.params
+    t = (px.tex_y + p["offset"]) / p["height"]
+    rgb = np.where((t < 0.46)[:, None], px.color("color2")[None], px.color()[None])
+    rgb = np.where((t > 0.84)[:, None], px.color("skin")[None], rgb)
+    rgb = np.where((t > 0.93)[:, None], px.color("hair")[None], rgb)
+    return _scale(rgb, 0.85 + 0.15 * px.noise(px.tex_x, px.tex_y, 0.15, 1) + 0.1 * np.clip(t, 0, 1))
 
 
-def tex_ego(c: Px) -> np.ndarray:
-    s = 0.45 + 0.5 * np.clip(1 + c.v, 0, 1) + 0.05 * c.nz(c.u, c.v, 0.2, 1)
-    shine = np.clip(1 - np.abs(c.v + 0.15) * 8, 0, 1) * 0.3  # reflection of the sky
-    return _mix(_scale(c.color(), s), [0.85, 0.88, 0.9], shine)
+def tex_ego(px: SurfacePixels) -> np.ndarray:
+    s = 0.45 + 0.5 * np.clip(1 + px.tex_y, 0, 1) + 0.05 * px.noise(px.tex_x, px.tex_y, 0.2, 1)
+    shine = np.clip(1 - np.abs(px.tex_y + 0.15) * 8, 0, 1) * 0.3  # reflection of the sky
+    return _mix(_scale(px.color(), s), [0.85, 0.88, 0.9], shine)
 
 
 TEXTURES = {
@@ -360,7 +368,7 @@ def render(scene: Scene, shapes: list[Shape], polygons: list[np.ndarray], rng: n
             continue
         ys, xs = ys + y0, xs + x0
         u, v, z, face = surface(cam, shape.plane, xs, ys)
-        px = Px(u, v, z, face, np.maximum(z, 0) / cam.f, noise, shape.params)
+        px = SurfacePixels(u, v, z, face, np.maximum(z, 0) / cam.f, noise, shape.params)
         rgb = TEXTURES[shape.tex](px)
         if shape.plane[0] not in ("sky", "screen"):  # aerial perspective: far things fade into the haze
             rgb = _mix(rgb, haze, 1 - np.exp(-z / light["fog"]))
