@@ -122,10 +122,11 @@ def _stem(name: str) -> str:
     return Path(str(name)).name.removesuffix("_leftImg8bit")
 
 
-def raw_data_root(spec: ShardSpec, split_dir: Path) -> Path:
+def raw_data_root(spec: ShardSpec, split_dir: Path, manifest: Manifest | None) -> Path:
     """The raw dataset folder behind the shards: spec.json `data`, else spec.json
-    `prepared` -> manifest.json `data`. UserError naming each place looked at."""
-    data, manifest = spec.data, _prepared_manifest(spec)
+    `prepared` -> manifest.json `data` (`manifest`: that prepared folder's, None when it
+    is gone). UserError naming each place looked at."""
+    data = spec.data
     if not data and spec.prepared:
         if manifest is None:
             raise UserError(f"--full-res: cannot find {Path(spec.prepared) / 'manifest.json'} (named by "
@@ -144,14 +145,14 @@ def raw_data_root(spec: ShardSpec, split_dir: Path) -> Path:
 
 def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSet) -> RawTruth:
     """Index the raw split's ground-truth files and check every image of the split has one."""
-    root = raw_data_root(dataset.spec, shards / split)
+    manifest = _prepared_manifest(dataset.spec)
+    root = raw_data_root(dataset.spec, shards / split, manifest)
     kind = "labelIds" if label_set.from_cityscapes else "color"
     suffix = f"_gtFine_{kind}.png"
     files = {p.name[: -len(suffix)]: p for p in (root / "gtFine" / split).glob(f"*/*{suffix}")}
     if not files:
         raise UserError(f"--full-res: no *{suffix} files under {root / 'gtFine' / split}; "
                         "restore the raw dataset's gtFine folder or drop --full-res")
-    manifest = _prepared_manifest(dataset.spec)
     entry = manifest.splits.get(split) if manifest is not None else None
     # Without the manifest each image is checked as it is read.
     stems = list(entry.stems) if entry is not None else []
