@@ -148,6 +148,7 @@ SPEC_CASES = {
     "shards missing": (setter("shards", DELETE), "`shards` is missing"),
     "width a string": (setter("width", "big"), '`width` is "big" (a string)'),
     "height zero": (setter("height", 0), "`height` is 0"),
+    "height a boolean": (setter("height", True), "`height` is true (a boolean), expected an integer >= 1"),
     "records a string": (setter("shards.0.records", "1"), '`shards[0].records` is "1"'),
     "negative records": (setter("shards.1.records", -1), "`shards[1].records` is -1"),
     "shard in another folder": (setter("shards.0.file", "../x.tfrecord"), "`shards[0].file`"),
@@ -435,7 +436,12 @@ def test_run_config_round_trip(data, tmp_path):
 
 
 def test_checkpoint_round_trip_keeps_the_summary(data, tmp_path):
-    from urbanseg.checkpoint import format_summary, load_checkpoint, save_checkpoint, summarize_checkpoint
+    from urbanseg.checkpoint import (
+        format_summary,
+        load_checkpoint,
+        save_checkpoint,
+        summarize_checkpoint,
+    )
 
     ckpt = load_checkpoint(data["run"] / "best.pt")
     save_checkpoint(tmp_path / "again.pt", ckpt)

@@ -134,7 +134,8 @@ def _pickled_globals(path: Path) -> list[str] | None:
                 data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
         else:
             data = path.read_bytes()
-        names, strings = [], []
+        names: list[str] = []
+        strings: list[str] = []
         for op, arg, _ in pickletools.genops(data):
             if op.name == "GLOBAL":
                 names.append(str(arg).replace(" ", "."))

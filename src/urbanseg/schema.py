@@ -102,11 +102,9 @@ class Node:
         """The members of an object whose keys are names (e.g. split names)."""
         return {str(k): self[str(k)] for k in self.obj()}
 
-    def items(self, *, length: int | None = None, min_length: int = 0) -> list[Node]:
-        if not isinstance(self.value, (list, tuple)) or (length is not None and len(self.value) != length) \
-                or len(self.value) < min_length:
-            size = f"of {length} " if length is not None else f"of at least {min_length} " if min_length else ""
-            raise self.error(f"a list {size}items".replace("  ", " "))
+    def items(self, *, length: int | None = None) -> list[Node]:
+        if not isinstance(self.value, (list, tuple)) or (length is not None and len(self.value) != length):
+            raise self.error("a list" + (f" of {length} items" if length is not None else ""))
         return [Node(v, self.file, self.fix, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
 
     # ------------------------------------------------------------------ scalars
