@@ -1,8 +1,9 @@
 """`urbanseg pack`: prepared image/label pairs -> sharded TFRecord files with a spec.
 
 Out: ``<out>/<split>/NNNNN-of-NNNNN.tfrecord`` (+ ``.index``) and ``<out>/<split>/spec.json``
-(record format in `urbanseg.data.tfrecord`, spec.json in `urbanseg.data.formats`, both in docs/formats.md). Each split is built in a hidden
-staging folder and swapped in only when complete.
+(records: `urbanseg.data.tfrecord`; spec.json: `urbanseg.data.formats.ShardSpec`; both in
+docs/formats.md). Each split is built in a hidden staging folder and swapped in only when
+complete.
 """
 
 from __future__ import annotations
