@@ -18,7 +18,7 @@ def shards(tmp_path_factory):
 def test_items_equal_the_prepared_files(shards):
     prepared, out = shards
     ds = ShardDataset(out, "train")
-    assert len(ds) == 11 and ds.label_set.num_classes == 8 and ds.spec["data_length"] == 11
+    assert len(ds) == 11 and ds.label_set.num_classes == 8 and ds.spec.data_length == 11
     for i in (0, 5, 10, -1):
         item = ds[i]
         assert item["id"] == i % 11
@@ -130,7 +130,7 @@ def test_missing_split_index_and_count_mismatch(tmp_path):
     records.build_index(shard)
     spec_path = out / "train" / "spec.json"
     spec_path.write_text(spec_path.read_text().replace('"data_length": 4', '"data_length": 5'))
-    with pytest.raises(UserError, match="data_length 5 but the shards hold 4 records"):
+    with pytest.raises(UserError, match="spec.json: `data_length` is 5 but the shards hold 4 records"):
         ShardDataset(out, "train")
 
 

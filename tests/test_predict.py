@@ -207,7 +207,7 @@ def test_split_mode_writes_side_by_side_pictures(tmp_path, ckpt):
     names = [ShardDataset(shards, "val")[i]["name"] for i in range(2)]
     pictures = sorted((run / "predict" / "val").iterdir())
     assert [p.name for p in pictures] == sorted(f"{Path(n).stem}.png" for n in names)
-    h, w = ShardDataset(shards, "val").spec["height"], ShardDataset(shards, "val").spec["width"]
+    h, w = ShardDataset(shards, "val").spec.height, ShardDataset(shards, "val").spec.width
     picture = np.asarray(Image.open(pictures[0]))
     assert picture.shape[1] == 2 * w + 6 and picture.shape[0] > h
 

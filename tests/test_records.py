@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from urbanseg.data import tfrecord as records
+from urbanseg.data.formats import ShardSpec
 from urbanseg.data.pack import pack
 from urbanseg.cli import main
 from urbanseg.config import PackConfig
@@ -38,7 +39,7 @@ def make_prepared(root: Path, splits: dict[str, int], size: tuple[int, int] = (3
     """A tiny prepared folder: cities "aachen"/"bonn", stems in Cityscapes style."""
     rng = np.random.default_rng(seed)
     width, height = size
-    manifest = {"label_set": get_label_set("categories8").to_dict(), "size": [width, height],
+    manifest = {"format_version": 1, "label_set": get_label_set("categories8").to_dict(), "size": [width, height],
                 "data": str(root / "raw"), "splits": {}}
     for split, count in splits.items():
         stems, counts = [], np.zeros(256, np.int64)
@@ -254,7 +255,7 @@ def test_more_shards_than_records_and_skipped_splits(tmp_path, capsys):
     prepared = make_prepared(tmp_path / "prepared", {"train": 2})
     out = tmp_path / "shards"
     pack(PackConfig(prepared=prepared, out=out, shards=8))
-    assert [s["records"] for s in records.load_spec(out / "train")["shards"]] == [1, 1]
+    assert [s.records for s in ShardSpec.load(out / "train" / "spec.json").shards] == [1, 1]
     assert "skipping split 'val'" in capsys.readouterr().out and not (out / "val").exists()
 
 
@@ -291,8 +292,8 @@ def test_synth_prepare_pack_end_to_end(tmp_path):
     assert main(["pack", "--prepared", str(prepared), "--out", str(out), "--shards", "2"]) == 0
     manifest = json.loads((prepared / "manifest.json").read_text())
     for split, n in (("train", 3), ("val", 2)):
-        spec = records.load_spec(out / split)
-        assert (spec["width"], spec["height"], spec["data_length"]) == (64, 32, n)
-        assert spec["pixel_counts"] == manifest["splits"][split]["pixel_counts"]
+        spec = ShardSpec.load(out / split / "spec.json")
+        assert (spec.width, spec.height, spec.data_length) == (64, 32, n)
+        assert list(spec.pixel_counts) == manifest["splits"][split]["pixel_counts"]
         assert records.verify_shards(out / split, progress=False)["records"] == n
     assert (out / "train").stat().st_mode & 0o755 == 0o755  # not left private like a temp folder

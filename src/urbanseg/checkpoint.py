@@ -28,10 +28,14 @@ import torch
 from torch import nn
 
 from urbanseg.errors import UserError
+from urbanseg.schema import Node, check_version
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "urbanseg_version", "model", "model_state", "label_set", "input_size",
                  "normalization", "config", "step", "epoch", "metrics")
+# Globals of plain data in a protocol-2 pickle (bytes and sets), not worth naming in an error.
+_PLAIN_GLOBALS = {f"{m}.{n}" for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytes", "bytearray")}
+_PLAIN_GLOBALS.add("_codecs.encode")
 # What torch.load(weights_only=True) accepts besides tensors and containers.
 _PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -72,29 +76,106 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with `torch.load(weights_only=True)`. A missing, unreadable,
-    truncated or foreign file, or one from a newer urbanseg -> UserError naming it."""
+    """Load a checkpoint with `torch.load(weights_only=True)` and check every field of the
+    contract (`check_checkpoint`). A missing, unreadable, truncated, foreign or malformed
+    file, one holding pickled Python objects, or one from a newer urbanseg -> UserError
+    naming it (and the field)."""
     path = Path(path)
     if not path.is_file():
         hint = " (a folder: give the .pt file inside, e.g. best.pt)" if path.is_dir() else ""
         raise UserError(f"checkpoint {path} does not exist{hint}; give a .pt file written by "
                         f"`urbanseg train`, e.g. runs/NAME/best.pt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip, pickle, EOF and weights-only errors all mean the same to a user
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it is truncated, "
-                        f"corrupt or not a PyTorch file: use another checkpoint (best.pt or last.pt of the "
-                        f"run) or train again") from None
+    ckpt = torch_load(path, map_location, what="checkpoint")
     if not isinstance(ckpt, dict) or not {"format_version", "model", "model_state"} <= ckpt.keys():
         got = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is a PyTorch file but not an urbanseg checkpoint (found {got}); "
                         f"give a best.pt or last.pt written by `urbanseg train`")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format {ckpt['format_version']}, written by urbanseg "
-                        f"{ckpt.get('urbanseg_version')}; this urbanseg reads format {FORMAT_VERSION}: "
-                        f"upgrade urbanseg")
+    check_checkpoint(ckpt, f"checkpoint {path}")
     return ckpt
+
+
+def torch_load(path: Path | str, map_location: Any = "cpu", *, what: str = "checkpoint",
+               fix: str = "use another checkpoint (best.pt or last.pt of the run) or train again") -> Any:
+    """`torch.load(path, weights_only=True)`; any failure -> UserError naming `what`,
+    `path` and `fix`. A well-formed pickle that PyTorch's weights-only unpickler rejects
+    holds Python objects: that is "refused", never "corrupt", and PyTorch's advice to load
+    with `weights_only=False` (which would run the payload) is never quoted."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error below says more
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle, EOF and weights-only errors
+        names = _pickled_globals(Path(path)) if isinstance(e, pickle.UnpicklingError) else None
+        if names is None:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            detail = "damaged pickle data" if "weights_only" in str(e) else f"{type(e).__name__}: {first}"
+            raise UserError(f"{what} {path} cannot be read ({detail}); it is truncated, corrupt or not a PyTorch "
+                            f"file: {fix}") from None
+        foreign = [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections."))
+                   and n not in _PLAIN_GLOBALS][:3]
+        shown = f" ({', '.join(foreign)})" if foreign else ""
+        raise UserError(f"{what} {path} refused: not a plain {what} (it contains pickled Python objects{shown}, "
+                        f"which urbanseg never loads because loading them can run code); {fix}") from None
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The "module.name" globals the pickle stream of a torch file refers to, read with
+    `pickletools.genops` (which parses opcodes and runs nothing); None when the file holds
+    no complete pickle stream (truncated, corrupt or foreign)."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        else:
+            data = path.read_bytes()
+        names: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # noqa: BLE001 - any parse failure means "not a complete pickle"
+        return None
+
+
+def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
+    """Check a loaded checkpoint against the contract (module docstring): format version,
+    model {name, kwargs with num_classes}, a state dict of tensors, a label set with as
+    many classes as the head, input_size two positive ints, normalization 3 + 3 numbers
+    (std > 0), step/epoch >= 0, config and metrics objects. FormatError naming the field."""
+    from urbanseg.labels import LabelSet
+
+    doc = Node.root(ckpt, file=where, fix="use another checkpoint (best.pt or last.pt of the run) or train again")
+    check_version(doc, FORMAT_VERSION, "checkpoint")
+    doc["urbanseg_version"].text()
+    doc["model"]["name"].text()
+    heads = doc["model"]["kwargs"]["num_classes"].integer(min=1)
+    state = doc["model_state"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.obj().items()):
+        raise state.error("a state dict {name: tensor}")
+    classes = LabelSet.read(doc["label_set"]).num_classes
+    if classes != heads:
+        raise doc["label_set"]["classes"].invalid(f"lists {classes} classes, but the model's head has {heads} "
+                                                  "(`model.kwargs.num_classes`)")
+    doc["input_size"].ints(length=2, min=1)
+    for key in ("mean", "std"):
+        for value in doc["normalization"][key].items(length=3):
+            value.number(positive=key == "std")
+    doc["config"].obj()
+    doc["metrics"].obj()
+    doc["step"].integer(min=0)
+    doc["epoch"].integer(min=0)
+    doc["train_state"].maybe(Node.obj)
 
 
 def build_payload(model: nn.Module, *, label_set: Any, input_size: tuple[int, int] | list[int], config: dict,
@@ -203,15 +284,21 @@ def summarize_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """One line per fact of `summarize_checkpoint`, for a report or a terminal."""
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of `summarize_checkpoint`'s facts, for a report header."""
     miou = summary["metrics"].get("miou")
-    lines = [
-        f"model: {summary['model']} {summary['model_kwargs']} ({summary['parameters'] / 1e6:.2f} M parameters)",
-        f"classes: {summary['label_set']} ({len(summary['classes'])}): {', '.join(summary['classes'])}",
-        f"input size: {'x'.join(map(str, summary['input_size'] or []))}",
-        f"step {summary['step']}, epoch {summary['epoch']}"
-        + ("" if miou is None else f", validation mIoU {miou:.4f}"),
-        f"urbanseg {summary['urbanseg_version']}" + (", resumable" if summary["resumable"] else ""),
+    kwargs = ", ".join(f"{k}={v}" for k, v in summary["model_kwargs"].items())
+    return [
+        ("model", f"{summary['model']}" + (f" ({kwargs})" if kwargs else "")
+         + f", {summary['parameters'] / 1e6:.2f} M parameters"),
+        ("classes", f"{summary['label_set']} ({len(summary['classes'])}): {', '.join(summary['classes'])}"),
+        ("input size", "x".join(map(str, summary["input_size"] or []))),
+        ("progress", f"step {summary['step']}, epoch {summary['epoch']}"
+         + (f", validation mIoU {miou:.4f}" if isinstance(miou, (int, float)) else "")),
+        ("written by", f"urbanseg {summary['urbanseg_version']}" + (", resumable" if summary["resumable"] else "")),
     ]
-    return "\n".join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One line per fact of `summarize_checkpoint`, for a terminal."""
+    return "\n".join(f"{label}: {value}" for label, value in summary_rows(summary))

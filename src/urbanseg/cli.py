@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from urbanseg import config as cfg
-from urbanseg.errors import UserError
+from urbanseg.errors import UserError, user_message
 
 # command -> (config class, "module:function"). The only list of commands.
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(config)
     except UserError as e:
-        print(f"urbanseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"urbanseg {args.command}: error: {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"urbanseg {args.command}: interrupted", file=sys.stderr)

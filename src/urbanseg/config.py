@@ -75,6 +75,63 @@ def save(config: Any, path: Path) -> None:
     atomic_write_text(path, text)
 
 
+def from_dict(cls: type, data: Any) -> Any:
+    """A config dataclass from a plain mapping (a saved config.yaml): each value checked
+    against its field's type (a str for a Path, one of a Literal's choices, ...), then by
+    the class's own checks. Absent keys take their defaults. UserError naming the key."""
+    from urbanseg.schema import describe
+
+    if not isinstance(data, dict):
+        raise UserError(f"it holds {describe(data)}, expected a mapping of flag names to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"unknown keys {unknown}")
+    missing = [k for k, f in fields.items() if k not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"`{missing[0]}` is missing")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        ok, value = _typed(value, hints[key])
+        if not ok:
+            raise UserError(f"`{key}` is {describe(data[key])}, expected {_type_name(hints[key])}")
+        values[key] = value
+    return cls(**values)
+
+
+def _typed(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(whether `value` read from a file fits the type hint `tp`, the value as that type)."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        return optional, None
+    if typing.get_origin(tp) is Literal:
+        return value in typing.get_args(tp), value
+    if typing.get_origin(tp) in (list, tuple):
+        (item,) = set(typing.get_args(tp)) - {Ellipsis}
+        typed = [_typed(v, item) for v in value] if isinstance(value, list) else [(False, None)]
+        return all(ok for ok, _ in typed), typing.get_origin(tp)(v for _, v in typed)
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is Path:
+        return isinstance(value, str), Path(value) if isinstance(value, str) else value
+    return isinstance(value, tp) and not (tp is int and isinstance(value, bool)), value
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _unwrap_optional(tp)
+    if typing.get_origin(tp) is Literal:
+        name = "one of " + ", ".join(map(str, typing.get_args(tp)))
+    elif typing.get_origin(tp) in (list, tuple):
+        name = "a list"
+    else:
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                Path: "a path"}.get(tp, str(tp))
+    return name + (" or null" if optional else "")
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from urbanseg.errors import UserError
+from urbanseg.schema import Node
 
 IGNORE = 255
 # Sentinel in the colour lookup table for a colour no class claims.
@@ -207,13 +208,35 @@ class LabelSet:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabelSet:
+        """The inverse of `to_dict`; a malformed dict -> FormatError naming the field."""
+        return cls.read(Node.root(d, file="label set", fix="rebuild it with LabelSet.to_dict()"))
+
+    @classmethod
+    def read(cls, node: Node) -> LabelSet:
+        """A label set stored in a file (`to_dict()`'s shape, at `node`), every value checked:
+        1..254 classes, a palette colour per class, class indices below the class count
+        or the ignore index (which is no class index). FormatError names the field."""
+        classes = tuple(node["classes"].texts())
+        if not 0 < len(classes) < _UNKNOWN:
+            raise node["classes"].error(f"a list of 1 to {_UNKNOWN - 1} class names")
+        n = len(classes)
+        ignore = node["ignore_index"].integer(min=n, max=255) if node["ignore_index"].present else IGNORE
+
+        def index(item: Node, *extra: int) -> int:
+            k = item.integer(min=0, max=255)
+            if k >= n and k != ignore and k not in extra:
+                raise item.error(f"a class index below {n} or the ignore index {ignore}")
+            return k
+
+        ids = node["id_to_class"].optional()
         return cls(
-            name=d["name"],
-            classes=tuple(d["classes"]),
-            palette=tuple(tuple(int(v) for v in c) for c in d["palette"]),
-            id_to_class=None if d.get("id_to_class") is None else tuple(int(v) for v in d["id_to_class"]),
-            color_to_class=tuple((tuple(int(v) for v in c), int(k)) for c, k in d["color_to_class"]),
-            ignore_index=int(d.get("ignore_index", IGNORE)),
+            name=node["name"].text(),
+            classes=classes,
+            palette=tuple(tuple(c.ints(length=3, min=0, max=255)) for c in node["palette"].items(length=n)),
+            id_to_class=None if ids is None else tuple(index(k, _UNKNOWN) for k in ids.items(length=256)),
+            color_to_class=tuple((tuple(pair.items(length=2)[0].ints(length=3, min=0, max=255)),
+                                  index(pair.items(length=2)[1])) for pair in node["color_to_class"].items()),
+            ignore_index=ignore,
         )
 
 

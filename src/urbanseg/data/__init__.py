@@ -17,7 +17,7 @@ __all__ = list(_LOADER_API)
 
 def __getattr__(name: str) -> Any:
     if name in _LOADER_API:
-        from urbanseg.data.loader import loader
+        from urbanseg.data import loader
 
         return getattr(loader, name)
     raise AttributeError(f"module 'urbanseg.data' has no attribute {name!r}")

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from urbanseg.data import tfrecord
+from urbanseg.data.formats import ShardSpec
 from urbanseg.errors import UserError
-from urbanseg.labels import LabelSet
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -45,8 +45,10 @@ class ShardDataset(Dataset):
     label uint8 (H, W), generator)` runs before the label becomes int64; a plain index gets
     the generator of sample_seed(0, 0, i).
 
-    `.spec` is the split's spec.json, `.label_set` its LabelSet. File descriptors are opened
-    lazily per process, so the dataset is safe to use in forked DataLoader workers.
+    `.spec` is the split's spec.json (`urbanseg.data.formats.ShardSpec`), `.label_set` its
+    LabelSet. A label value that is neither a class index nor the ignore index is a
+    CorruptRecordError naming the shard, the record and the values. File descriptors are
+    opened lazily per process, so the dataset is safe to use in forked DataLoader workers.
     """
 
     def __init__(self, root: Path | str, split: str, transform: Transform | None = None) -> None:
@@ -56,17 +58,17 @@ class ShardDataset(Dataset):
             have = sorted(p.parent.name for p in self.root.glob("*/spec.json"))
             raise UserError(f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
                             f"run `urbanseg pack --out {self.root}` with that split prepared")
-        self.spec = tfrecord.load_spec(split_dir)
-        self.label_set = LabelSet.from_dict(self.spec["label_set"])
-        self.paths = [split_dir / s["file"] for s in self.spec["shards"]]
+        self.spec = ShardSpec.load(split_dir / ShardSpec.FILE)
+        self.label_set = self.spec.label_set
+        self.paths = [split_dir / s.file for s in self.spec.shards]
         shard, offset, length = [], [], []
-        for k, (path, info) in enumerate(zip(self.paths, self.spec["shards"])):
+        for k, (path, info) in enumerate(zip(self.paths, self.spec.shards)):
             if not path.is_file():
-                raise UserError(f"shard {path} listed in {split_dir / 'spec.json'} is missing; re-run `urbanseg pack`")
+                raise UserError(f"shard {path} listed in {split_dir / ShardSpec.FILE} is missing; re-run `urbanseg pack`")
             index = tfrecord.read_index(path)
-            if len(index) != info["records"]:
+            if len(index) != info.records:
                 raise UserError(f"{tfrecord.index_path(path)} lists {len(index)} records, spec.json "
-                                f"{info['records']}; rebuild it with urbanseg.tfrecord.build_index({str(path)!r}) "
+                                f"{info.records}; rebuild it with urbanseg.data.tfrecord.build_index({str(path)!r}) "
                                 "or re-run `urbanseg pack`")
             shard.append(np.full(len(index), k, np.int64))
             offset.append(index[:, 0])
@@ -74,10 +76,11 @@ class ShardDataset(Dataset):
         self._shard = np.concatenate(shard) if shard else np.zeros(0, np.int64)
         self._offset = np.concatenate(offset) if offset else np.zeros(0, np.int64)
         self._length = np.concatenate(length) if length else np.zeros(0, np.int64)
-        self._first = np.concatenate([[0], np.cumsum([s["records"] for s in self.spec["shards"]])])
-        if len(self._shard) != self.spec["data_length"]:
-            raise UserError(f"{split_dir / 'spec.json'}: data_length {self.spec['data_length']} but the shards "
-                            f"hold {len(self._shard)} records; re-run `urbanseg pack`")
+        self._first = np.concatenate([[0], np.cumsum([s.records for s in self.spec.shards])])
+        # 256-entry table: 1 for a label value that is neither a class index nor the ignore index.
+        self._bad_value = np.ones(256, np.uint8)
+        self._bad_value[: self.label_set.num_classes] = 0
+        self._bad_value[self.label_set.ignore_index] = 0
         self._fds: dict[int, int] = {}
         self._pid = -1
 
@@ -132,13 +135,26 @@ class ShardDataset(Dataset):
         if image is None or label is None or label.ndim != 2 or label.dtype != np.uint8:
             raise tfrecord.CorruptRecordError(f"{where}: image_data or label_data is not a PNG of the expected kind "
                                              "(RGB image, 8-bit single-channel label); re-run `urbanseg pack`")
-        if image.shape[:2] != label.shape or label.shape != (self.spec["height"], self.spec["width"]):
+        spec = self.spec
+        if image.shape[:2] != label.shape or label.shape != (spec.height, spec.width):
             raise tfrecord.CorruptRecordError(f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
-                                             f"{label.shape[1]}x{label.shape[0]}, spec.json {self.spec['width']}x"
-                                             f"{self.spec['height']}; re-run `urbanseg pack`")
+                                             f"{label.shape[1]}x{label.shape[0]}, spec.json {spec.width}x"
+                                             f"{spec.height}; re-run `urbanseg pack`")
+        self._check_label_values(label, where)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
 
-
+    def _check_label_values(self, label: np.ndarray, where: str) -> None:
+        """Every value is a class index or the ignore index; else CorruptRecordError naming
+        the values (a loss or a confusion matrix would fail later without saying where).
+        One table lookup and a count over the (H, W) uint8 label, ~1 ms for 2048x1024."""
+        bad = cv2.LUT(label, self._bad_value)
+        if cv2.countNonZero(bad):
+            values = np.unique(label[bad.astype(bool)]).tolist()
+            ls = self.label_set
+            raise tfrecord.CorruptRecordError(
+                f"{where}: label values {values[:10]} are outside label set {ls.name!r} (class indices "
+                f"0..{ls.num_classes - 1}, {ls.ignore_index} = ignore): its label image was not made with this "
+                "label set; re-run `urbanseg prepare` and `urbanseg pack` into new folders")
 class EpochSampler(Sampler):
     """This rank's share of an epoch, as `(index, sample_seed)` keys for ShardDataset.
 

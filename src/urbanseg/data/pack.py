@@ -1,13 +1,13 @@
 """`urbanseg pack`: prepared image/label pairs -> sharded TFRecord files with a spec.
 
 Out: ``<out>/<split>/NNNNN-of-NNNNN.tfrecord`` (+ ``.index``) and ``<out>/<split>/spec.json``
-(format in `urbanseg.data.tfrecord` and docs/formats.md). Each split is built in a hidden
-staging folder and swapped in only when complete.
+(records: `urbanseg.data.tfrecord`; spec.json: `urbanseg.data.formats.ShardSpec`; both in
+docs/formats.md). Each split is built in a hidden staging folder and swapped in only when
+complete.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from urbanseg.data.tfrecord import SPEC_FORMAT_VERSION, encode_example, frame_record, index_path
+from urbanseg.data.formats import Manifest, ShardEntry, ShardSpec, SplitEntry
+from urbanseg.data.tfrecord import encode_example, frame_record, index_path
 from urbanseg.errors import UserError
 from urbanseg.util import current_umask
 
@@ -29,23 +30,13 @@ def _png_header(data: bytes, path: Path) -> tuple[int, int, int, int]:
     return struct.unpack(">IIBB", data[16:26])
 
 
-def _load_manifest(prepared: Path) -> dict[str, Any]:
-    path = prepared / "manifest.json"
+def _load_manifest(prepared: Path) -> Manifest:
     if not prepared.is_dir():
         raise UserError(f"prepared folder {prepared} not found; run `urbanseg prepare --out {prepared}` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: {prepared} is not a prepared folder; run `urbanseg prepare`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a valid manifest ({e}); re-run `urbanseg prepare`") from None
-    missing = [k for k in ("label_set", "size", "splits") if not isinstance(manifest, dict) or k not in manifest]
-    if missing:
-        raise UserError(f"{path} is not a valid manifest (no {', '.join(missing)}); re-run `urbanseg prepare`")
-    return manifest
+    return Manifest.load(prepared / Manifest.FILE)
 
 
-def _split_pairs(prepared: Path, split: str, info: dict[str, Any]) -> list[tuple[str, Path, Path]]:
+def _split_pairs(prepared: Path, split: str, info: SplitEntry) -> list[tuple[str, Path, Path]]:
     """[(stem, image path, label path)] of a prepared split sorted by stem; UserError listing
     the stems of the manifest whose files are missing. Entries come from the manifest's
     "files" ("<city>/<stem>") when present, else its "stems" (looked up under the cities)."""
@@ -56,18 +47,15 @@ def _split_pairs(prepared: Path, split: str, info: dict[str, Any]) -> list[tuple
             raise UserError(f"stem {p.stem!r} appears in two cities: {by_stem[p.stem]} and {p}")
         by_stem[p.stem] = p.relative_to(images)
     pairs, missing = [], []
-    for stem in sorted(info.get("files") or info["stems"], key=lambda s: Path(s).name):
+    for stem in sorted(info.entries, key=lambda s: Path(s).name):
         rel = Path(f"{stem}.png") if "/" in stem else by_stem.get(stem)
         if rel is None or not (images / rel).is_file() or not (labels / rel).is_file():
             missing.append(stem)
             continue
         pairs.append((Path(stem).name, images / rel, labels / rel))
     if missing:
-        raise UserError(f"{len(missing)} stems of split {split!r} in {prepared / 'manifest.json'} have no image "
+        raise UserError(f"{len(missing)} stems of split {split!r} in {prepared / Manifest.FILE} have no image "
                         f"and label under {images} and {labels}, e.g. {missing[:3]}; re-run `urbanseg prepare`")
-    if "count" in info and info["count"] != len(pairs):
-        raise UserError(f"{prepared / 'manifest.json'}: split {split!r} count {info['count']} != "
-                        f"{len(pairs)} stems; re-run `urbanseg prepare`")
     return pairs
 
 
@@ -96,7 +84,7 @@ def _pixel_counts(pairs: list[tuple[str, Path, Path]], num_classes: int) -> list
     return counts[:num_classes].tolist()
 
 
-def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, int], desc: str) -> list[dict]:
+def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, int], desc: str) -> list[ShardEntry]:
     """Write `pairs` as `num_shards` contiguous, even shards (+ index files) into `stage`."""
     from tqdm import tqdm
 
@@ -114,8 +102,8 @@ def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, in
                     f.write(record)
                     bar.update()
             atomic_write_text(index_path(stage / name), "".join(f"{o} {m}\n" for o, m in rows))
-            shards.append({"file": name, "index": name + ".index", "first_id": bounds[k], "records": len(rows),
-                           "bytes": sum(m for _, m in rows)})
+            shards.append(ShardEntry(file=name, index=name + ".index", first_id=bounds[k], records=len(rows),
+                                     bytes=sum(m for _, m in rows)))
     return shards
 
 
@@ -145,40 +133,25 @@ def _swap_in(stage: Path, final: Path) -> None:
         os.replace(stage, final)
 
 
-def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: int, config: dict) -> dict:
+def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards: int, config: dict) -> ShardSpec:
     """Pack one prepared split into `out/<split>/`; returns its spec. The split is built in
     `out/.<split>.partial-*` (each shard under a temporary name, spec.json last) and swapped
     in place of any previous `out/<split>` only when complete."""
     import shutil
     import tempfile
 
-    from urbanseg import __version__
-    from urbanseg.labels import LabelSet
-    from urbanseg.util import atomic_write_text
-
-    info, label_set = manifest["splits"][split], LabelSet.from_dict(manifest["label_set"])
+    info, label_set = manifest.splits[split], manifest.label_set
     pairs = _split_pairs(prepared, split, info)
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(f".{split}.partial-*"):  # from an interrupted run
         shutil.rmtree(leftover, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
     try:
-        shard_list = _write_shards(stage, pairs, min(shards, len(pairs)), manifest["size"], f"pack {split}")
-        spec = {
-            "format_version": SPEC_FORMAT_VERSION, "urbanseg_version": __version__, "split": split,
-            "height": manifest["size"][1], "width": manifest["size"][0], "data_length": len(pairs),
-            "num_classes": label_set.num_classes, "classes": list(label_set.classes),
-            "palette": [list(c) for c in label_set.palette], "ignore_index": label_set.ignore_index,
-            "label_set": label_set.to_dict(),
-            "pixel_counts": info.get("pixel_counts") or _pixel_counts(pairs, label_set.num_classes),
-            "features": {"id": "int64", "name": "bytes", "image_data": "bytes (PNG, RGB)",
-                         "label_data": "bytes (PNG, uint8 class index, 255 ignore)", "height": "int64",
-                         "width": "int64"},
-            "shards": shard_list, "prepared": str(prepared.resolve()), "data": manifest.get("data"), "pack": config,
-        }
-        # one key per line, values compact: readable without a 300-line palette
-        atomic_write_text(stage / "spec.json", "{\n" + ",\n".join(
-            f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in spec.items()) + "\n}\n")
+        shard_list = _write_shards(stage, pairs, min(shards, len(pairs)), manifest.size, f"pack {split}")
+        spec = ShardSpec(split=split, width=manifest.size[0], height=manifest.size[1], label_set=label_set,
+                         pixel_counts=info.pixel_counts or tuple(_pixel_counts(pairs, label_set.num_classes)),
+                         shards=tuple(shard_list), prepared=str(prepared.resolve()), data=manifest.data, pack=config)
+        spec.save(stage / ShardSpec.FILE)
         _make_readable(stage)
         _swap_in(stage, out / split)
     except BaseException:
@@ -194,15 +167,15 @@ def pack(config: Any) -> None:
 
     prepared, out = Path(config.prepared), Path(config.out)
     manifest = _load_manifest(prepared)
-    todo = [s for s in config.splits if s in manifest["splits"] and manifest["splits"][s].get("stems")]
+    todo = [s for s in config.splits if s in manifest.splits and manifest.splits[s].count]
     if not todo:
         raise UserError(f"none of the splits {list(config.splits)} is prepared in {prepared} "
-                        f"(it has {sorted(manifest['splits'])}); choose others with --splits")
+                        f"(it has {sorted(manifest.splits)}); choose others with --splits")
     for split in config.splits:
         if split not in todo:
             print(f"pack: skipping split {split!r}: not prepared in {prepared}")
     for split in todo:
         spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
-        size = sum(s["bytes"] for s in spec["shards"]) / 1e6
-        print(f"pack: {split}: {spec['data_length']} records in {len(spec['shards'])} shards "
+        size = sum(s.bytes for s in spec.shards) / 1e6
+        print(f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
               f"({size:.1f} MB) -> {out / split}")

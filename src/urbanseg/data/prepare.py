@@ -36,8 +36,7 @@ from urbanseg.labels import LabelSet, get_label_set
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = {"labelIds": "_gtFine_labelIds.png", "color": "_gtFine_color.png"}
 STATE_FILE = ".urbanseg-prepare.json"
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # `urbanseg.data.formats.Manifest`
 _SHOW = 5  # offending names listed in an error message
 
 
@@ -425,11 +424,15 @@ def prepare(config: PrepareConfig) -> None:
 
 
 def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]) -> None:
+    """manifest.json (`urbanseg.data.formats.Manifest`) from the settings and the split
+    entries (dicts shaped like `SplitEntry.to_dict()`), checked like any reader checks it."""
     from urbanseg import __version__
+    from urbanseg.data.formats import MANIFEST_VERSION, Manifest
 
-    manifest = {"format_version": FORMAT_VERSION, "urbanseg_version": __version__, "label_set": settings["label_set"],
-                "size": settings["size"], "source": settings["source"], "data": data, "splits": splits}
-    _write_if_changed(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    manifest = Manifest.parse({"format_version": MANIFEST_VERSION, "urbanseg_version": __version__,
+                               "label_set": settings["label_set"], "size": settings["size"],
+                               "source": settings["source"], "data": data, "splits": splits}, out / MANIFEST)
+    _write_if_changed(out / MANIFEST, manifest.to_json())
 
 
 def _save_config(config: PrepareConfig, out: Path) -> None:

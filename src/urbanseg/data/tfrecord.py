@@ -1,4 +1,4 @@
-"""TFRecord shards: write, index, read, verify, and the `urbanseg pack` stage.
+"""TFRecord shards: write, index, read, verify (the split's spec.json is `urbanseg.data.formats.ShardSpec`).
 
 File format (TensorFlow's, byte for byte, so `tf.data.TFRecordDataset` reads our shards):
 each record is
@@ -18,12 +18,10 @@ framing>".
 from __future__ import annotations
 
 import functools
-import json
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -33,7 +31,6 @@ _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
 _FOOTER = struct.Struct("<I")  # masked crc of the data
 FRAMING = _HEADER.size + _FOOTER.size  # 16 bytes around every record's data
-SPEC_FORMAT_VERSION = 1
 
 
 class CorruptRecordError(UserError):
@@ -235,30 +232,21 @@ def read_index(shard: Path | str) -> np.ndarray:
     return index
 
 
-def load_spec(split_dir: Path | str) -> dict[str, Any]:
-    """`<split_dir>/spec.json` as a dict; UserError naming the file when missing or invalid."""
-    path = Path(split_dir) / "spec.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: {split_dir} is not a packed split; run `urbanseg pack`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-run `urbanseg pack`") from None
-
-
 def verify_shards(split_dir: Path | str, *, progress: bool = True) -> dict[str, int]:
     """Read every record of a packed split, checking CRCs, the index files, the spec's counts,
     and that `id` runs 0..n-1. Returns {"shards": n, "records": n, "bytes": n}; raises
     CorruptRecordError / UserError naming the shard, record and offset on the first problem."""
     from tqdm import tqdm
 
+    from urbanseg.data.formats import ShardSpec
+
     split_dir = Path(split_dir)
-    spec = load_spec(split_dir)
-    total = sum(s["bytes"] for s in spec["shards"])
+    spec = ShardSpec.load(split_dir / ShardSpec.FILE)
+    total = sum(s.bytes for s in spec.shards)
     record_id, nbytes = 0, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {split_dir.name}", disable=not progress) as bar:
-        for shard in spec["shards"]:
-            path, lengths = split_dir / shard["file"], []
+        for shard in spec.shards:
+            path, lengths = split_dir / shard.file, []
             for data in iter_records(path):  # CRCs and framing first: they name the bad record
                 got = decode_example(data).get("id", [None])[0]
                 if got != record_id:
@@ -267,10 +255,8 @@ def verify_shards(split_dir: Path | str, *, progress: bool = True) -> dict[str, 
                 record_id += 1
                 bar.update(lengths[-1])
             index = read_index(path)
-            if len(lengths) != shard["records"] or index[:, 1].tolist() != lengths:
-                raise CorruptRecordError(f"{path}: {len(lengths)} records, spec.json says {shard['records']} and "
+            if len(lengths) != shard.records or index[:, 1].tolist() != lengths:
+                raise CorruptRecordError(f"{path}: {len(lengths)} records, spec.json says {shard.records} and "
                                          f"the index {len(index)}; re-run `urbanseg pack`")
             nbytes += os.path.getsize(path)
-    if record_id != spec["data_length"]:
-        raise CorruptRecordError(f"{split_dir}: {record_id} records, spec.json data_length {spec['data_length']}")
-    return {"shards": len(spec["shards"]), "records": record_id, "bytes": nbytes}
+    return {"shards": len(spec.shards), "records": record_id, "bytes": nbytes}

@@ -19,7 +19,6 @@ images for the gallery of best and worst examples.
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import platform
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg.config import EvaluateConfig
+from urbanseg.data.formats import Manifest, ShardSpec
 from urbanseg.errors import UserError
 from urbanseg.labels import LabelSet
 
@@ -38,22 +38,23 @@ def evaluate(cfg: EvaluateConfig) -> int:
     """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
     checkpoint, shards, split or raw ground truth, or a label-set mismatch."""
 
-    from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint, summarize_checkpoint
     from urbanseg.data.loader import ShardDataset
     from urbanseg.device import pick_device
-    from urbanseg.rundir import resolve_checkpoint, run_data
     from urbanseg.evaluation.metrics import format_table
     from urbanseg.evaluation.report import write_report
+    from urbanseg.rundir import RunDir
 
-    run = Path(cfg.run)
-    if not run.is_dir():
-        raise UserError(f"run folder {run} does not exist; train one with `urbanseg train --data SHARDS --run {run}`")
-    ckpt_path = resolve_checkpoint(run, cfg.checkpoint)
+    run = RunDir(cfg.run)
+    if not run.path.is_dir():
+        raise UserError(f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS "
+                        f"--run {run.path}`")
+    ckpt_path = run.checkpoint(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
     label_set = LabelSet.from_dict(ckpt["label_set"])
-    shards = Path(cfg.data) if cfg.data is not None else run_data(run)
+    shards = Path(cfg.data) if cfg.data is not None else run.data
     dataset = ShardDataset(shards, cfg.split)
     _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / cfg.split)
     raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
@@ -65,11 +66,12 @@ def evaluate(cfg: EvaluateConfig) -> int:
     seconds = time.perf_counter() - start
     result = state.confusion.compute()
     official = state.official.compute() if state.official is not None else None
-    out = run / "eval" / cfg.split
-    info = _info(cfg, ckpt, ckpt_path, shards, dataset, device, seconds, state, raw)
-    title = f"Evaluation of {run.name} on {cfg.split}" + (" (full resolution)" if raw else "")
+    out = run.path / "eval" / cfg.split
+    summary = summarize_checkpoint(ckpt)
+    info = _info(cfg, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
+    title = f"Evaluation of {run.path.name} on {cfg.split}" + (" (full resolution)" if raw else "")
     paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
-                         header=_header(info), per_image=state.per_image, picks=state.picks(), info=info,
+                         header=_header(info, summary), per_image=state.per_image, picks=state.picks(), info=info,
                          official=official)
     print(format_table(result, label_set.classes))
     summary = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
@@ -120,20 +122,20 @@ def _stem(name: str) -> str:
     return Path(str(name)).name.removesuffix("_leftImg8bit")
 
 
-def raw_data_root(spec: dict[str, Any], split_dir: Path) -> Path:
+def raw_data_root(spec: ShardSpec, split_dir: Path, manifest: Manifest | None) -> Path:
     """The raw dataset folder behind the shards: spec.json `data`, else spec.json
-    `prepared` -> manifest.json `data`. UserError naming each place looked at."""
-    data = spec.get("data")
-    manifest = Path(str(spec.get("prepared", ""))) / "manifest.json"
-    if not data and spec.get("prepared"):
-        try:
-            data = json.loads(manifest.read_text()).get("data")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--full-res: cannot read {manifest} (named by {split_dir / 'spec.json'}) to find the raw "
-                            f"dataset: {e}; it needs the prepared folder, or shards packed with a newer urbanseg") from None
+    `prepared` -> manifest.json `data` (`manifest`: that prepared folder's, None when it
+    is gone). UserError naming each place looked at."""
+    data = spec.data
+    if not data and spec.prepared:
+        if manifest is None:
+            raise UserError(f"--full-res: cannot find {Path(spec.prepared) / 'manifest.json'} (named by "
+                            f"{split_dir / 'spec.json'}) to find the raw dataset; it needs the prepared folder, or "
+                            "shards packed with a newer urbanseg")
+        data = manifest.data
     if not data:
-        raise UserError(f"--full-res: neither {split_dir / 'spec.json'} nor {manifest} names the raw dataset (`data`); "
-                        "evaluate at the prepared size (drop --full-res)")
+        raise UserError(f"--full-res: neither {split_dir / 'spec.json'} nor the prepared manifest names the raw "
+                        "dataset (`data`); evaluate at the prepared size (drop --full-res)")
     root = Path(data)
     if not (root / "gtFine").is_dir():
         raise UserError(f"--full-res needs the raw dataset's ground truth, but {root / 'gtFine'} does not exist (the "
@@ -143,14 +145,17 @@ def raw_data_root(spec: dict[str, Any], split_dir: Path) -> Path:
 
 def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSet) -> RawTruth:
     """Index the raw split's ground-truth files and check every image of the split has one."""
-    root = raw_data_root(dataset.spec, shards / split)
+    manifest = _prepared_manifest(dataset.spec)
+    root = raw_data_root(dataset.spec, shards / split, manifest)
     kind = "labelIds" if label_set.from_cityscapes else "color"
     suffix = f"_gtFine_{kind}.png"
     files = {p.name[: -len(suffix)]: p for p in (root / "gtFine" / split).glob(f"*/*{suffix}")}
     if not files:
         raise UserError(f"--full-res: no *{suffix} files under {root / 'gtFine' / split}; "
                         "restore the raw dataset's gtFine folder or drop --full-res")
-    stems = _manifest_stems(dataset.spec, split)
+    entry = manifest.splits.get(split) if manifest is not None else None
+    # Without the manifest each image is checked as it is read.
+    stems = list(entry.stems) if entry is not None else []
     missing = [s for s in stems if _stem(s) not in files]
     if missing:
         raise UserError(f"--full-res: {len(missing)} of the {len(stems)} {split} images have no *{suffix} under "
@@ -158,14 +163,11 @@ def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSe
     return RawTruth(root, files, kind)
 
 
-def _manifest_stems(spec: dict[str, Any], split: str) -> list[str]:
-    """The split's stems from the prepared manifest, to check the raw files up front;
-    [] when the manifest is gone (each image is then checked as it is read)."""
-    try:
-        manifest = json.loads((Path(str(spec.get("prepared", ""))) / "manifest.json").read_text())
-        return [str(s) for s in manifest["splits"][split]["stems"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return []
+def _prepared_manifest(spec: ShardSpec) -> Manifest | None:
+    """The manifest of the prepared folder the shards were packed from, None when it is gone
+    (a manifest that is there but malformed is an error naming it)."""
+    path = Path(spec.prepared) / Manifest.FILE if spec.prepared else None
+    return Manifest.load(path) if path is not None and path.is_file() else None
 
 
 class FullResDataset:
@@ -368,9 +370,10 @@ def environment(device: Any) -> dict[str, Any]:
             "python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform()}
 
 
-def _info(cfg: EvaluateConfig, ckpt: dict, ckpt_path: Path, shards: Path, dataset: Any, device: Any,
-          seconds: float, state: EvalState, raw: RawTruth | None) -> dict[str, Any]:
-    """Everything metrics.json records about how the figures were made."""
+def _info(cfg: EvaluateConfig, summary: dict[str, Any], training: dict | None, ckpt_path: Path, shards: Path,
+          dataset: Any, device: Any, seconds: float, state: EvalState, raw: RawTruth | None) -> dict[str, Any]:
+    """Everything metrics.json records about how the figures were made; `summary` is
+    `checkpoint.summarize_checkpoint`, `training` the checkpoint's training config."""
     from datetime import datetime
 
     spec = dataset.spec
@@ -379,16 +382,17 @@ def _info(cfg: EvaluateConfig, ckpt: dict, ckpt_path: Path, shards: Path, datase
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "split": cfg.split,
         "protocol": "full-res" if cfg.full_res else "prepared",
-        "prepared_size": [spec.get("width"), spec.get("height")],
+        "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
         "label_set": dataset.label_set.name,
         "data": {"shards": str(shards), "raw": raw.root.as_posix() if raw else None},
-        "checkpoint": {"path": str(ckpt_path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
-                       "model": ckpt.get("model"), "input_size": ckpt.get("input_size"),
-                       "metrics_at_save": ckpt.get("metrics")},
+        "checkpoint": {"path": str(ckpt_path), "step": summary["step"], "epoch": summary["epoch"],
+                       "model": {"name": summary["model"], "kwargs": summary["model_kwargs"]},
+                       "parameters": summary["parameters"], "input_size": summary["input_size"],
+                       "metrics_at_save": summary["metrics"], "urbanseg_version": summary["urbanseg_version"]},
         "environment": environment(device),
-        "training_config": ckpt.get("config"),
+        "training_config": training,
     }
 
 
@@ -396,14 +400,13 @@ _TRAINING_KEYS = ("epochs", "iters", "batch_size", "crop", "optimizer", "lr", "s
                   "augment", "seed")
 
 
-def _header(info: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows of the report header, from `_info`."""
-    ck, env = info["checkpoint"], info["environment"]
-    model = ck.get("model") or {}
-    kwargs = ", ".join(f"{k}={v}" for k, v in (model.get("kwargs") or {}).items())
-    at_save = (ck.get("metrics_at_save") or {}).get("miou")
+def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the report header, from `_info` and the checkpoint's summary."""
+    from urbanseg.checkpoint import summary_rows
+
+    env, facts = info["environment"], dict(summary_rows(summary))
     train = info.get("training_config") or {}
-    summary = ", ".join(f"{k}={train[k]}" for k in _TRAINING_KEYS if train.get(k) is not None)
+    training = ", ".join(f"{k}={train[k]}" for k in _TRAINING_KEYS if train.get(k) is not None)
     w, h = info["prepared_size"]
     n, s = info["num_images"], info["seconds"]
     protocol = (f"full resolution: logits upsampled bilinearly to the raw ground truth in {info['data']['raw']}"
@@ -412,10 +415,9 @@ def _header(info: dict[str, Any]) -> list[tuple[str, str]]:
         f" ({env['gpu']})" if env["gpu"] else "")
     return [
         ("date", info["date"]),
-        ("checkpoint", f"{ck['path']} (step {ck.get('step')}, epoch {ck.get('epoch')}"
-                       + (f", validation mIoU when saved {at_save:.4f}" if isinstance(at_save, float) else "") + ")"),
-        ("model", f"{model.get('name', '?')}" + (f" ({kwargs})" if kwargs else "")),
-        ("training", summary or "config not recorded in the checkpoint"),
+        ("checkpoint", f"{info['checkpoint']['path']} ({facts['progress']}; written by {facts['written by']})"),
+        ("model", f"{facts['model']}, trained at {facts['input size']}"),
+        ("training", training or "config not recorded in the checkpoint"),
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
         ("protocol", protocol),
         ("hardware", hardware),

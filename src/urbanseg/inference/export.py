@@ -24,12 +24,11 @@ import numpy as np
 from urbanseg import __version__
 from urbanseg.config import ExportConfig
 from urbanseg.errors import UserError
-from urbanseg.inference.predictor import ONNX_META_KEY
+from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
 from urbanseg.rundir import resolve_checkpoint
 from urbanseg.util import atomic_path
 
 MIN_AGREEMENT = 0.999
-FORMAT_VERSION = 1
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -40,36 +39,16 @@ def export(cfg: ExportConfig) -> Path:
     ckpt = load_checkpoint(source)
     model = model_from_checkpoint(ckpt).eval()
     target = cfg.out or source.with_suffix(".onnx")
-    meta = onnx_metadata(ckpt, source, cfg.opset, cfg.dynamic)
+    meta = OnnxMetadata.from_checkpoint(ckpt, source, cfg.opset, cfg.dynamic)
     with atomic_path(target) as tmp:
-        export_onnx(model, tmp, tuple(ckpt["input_size"]), opset=cfg.opset, dynamic=cfg.dynamic, metadata=meta)
-        agreement = verify_onnx(model, tmp, tuple(ckpt["input_size"]), dynamic=cfg.dynamic)
+        export_onnx(model, tmp, meta.input_size, opset=cfg.opset, dynamic=cfg.dynamic, metadata=meta.to_dict())
+        agreement = verify_onnx(model, tmp, meta.input_size, dynamic=cfg.dynamic)
     sizes = ", ".join(f"{k}: {v:.4%}" for k, v in agreement.items())
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {cfg.opset}, "
           f"{'dynamic' if cfg.dynamic else 'fixed'} input) from {source}")
     print(f"argmax agreement with PyTorch: {sizes}")
     print(f"run it: urbanseg predict --model {target} --input IMAGES")
     return target
-
-
-def onnx_metadata(ckpt: dict[str, Any], source: Path, opset: int, dynamic: bool) -> dict[str, Any]:
-    """Everything a predictor needs besides the graph (plain JSON types)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "urbanseg_version": __version__,
-        "model": ckpt["model"],
-        "label_set": ckpt["label_set"],
-        "input_size": [int(v) for v in ckpt["input_size"]],
-        "normalization": ckpt.get("normalization"),
-        "step": ckpt.get("step"),
-        "epoch": ckpt.get("epoch"),
-        "metrics": ckpt.get("metrics"),
-        "checkpoint": str(source),
-        "opset": opset,
-        "dynamic": dynamic,
-        "input": "image: float32 (N, 3, H, W), RGB, 0..255 (normalised inside)",
-        "output": "logits: float32 (N, C, H, W)",
-    }
 
 
 def export_onnx(

@@ -30,7 +30,7 @@ from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
 from urbanseg.inference.predictor import Predictor, load_predictor
 from urbanseg.inference.segment import segment
-from urbanseg.rundir import resolve_checkpoint, run_data
+from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -226,7 +226,7 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
 
     from urbanseg.data.loader import ShardDataset
 
-    root = cfg.data or run_data(cfg.run)
+    root = cfg.data or RunDir(cfg.run).data
     dataset = ShardDataset(root, cfg.split)
     out = cfg.out or (cfg.run / "predict" / cfg.split if cfg.run else Path("predictions") / cfg.split)
     n = min(cfg.num, len(dataset))

@@ -8,7 +8,6 @@ shared (`urbanseg.inference.segment`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from urbanseg.errors import UserError
+from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
 from urbanseg.labels import LabelSet
-
-ONNX_META_KEY = "urbanseg"
 
 
 @dataclass
@@ -81,19 +79,17 @@ class OnnxPredictor(Predictor):
             self.session = ort.InferenceSession(str(path), providers=_ort_providers(ort))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
             raise UserError(f"cannot load ONNX model {path}: {e}") from None
-        raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
-        if raw is None:
-            raise UserError(
-                f"ONNX model {path} has no {ONNX_META_KEY!r} metadata (label set, input size); "
-                "export it with `urbanseg export` or predict from the checkpoint with --checkpoint"
-            )
-        meta = json.loads(raw)
+        meta = OnnxMetadata.parse(self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY), path)
         (inp,) = self.session.get_inputs()
         self.input_name = inp.name
         h, w = inp.shape[2], inp.shape[3]
         fixed = (w, h) if isinstance(h, int) and isinstance(w, int) else None
-        info = {k: meta.get(k) for k in ("model", "step", "metrics", "opset")}
-        super().__init__(LabelSet.from_dict(meta["label_set"]), tuple(meta["input_size"]), Path(path), info, fixed)
+        classes = self.session.get_outputs()[0].shape[1]
+        if isinstance(classes, int) and classes != meta.label_set.num_classes:
+            raise UserError(f"ONNX model {path} outputs {classes} classes, its metadata's label set "
+                            f"{meta.label_set.name!r} has {meta.label_set.num_classes}; export it again with "
+                            "`urbanseg export`")
+        super().__init__(meta.label_set, meta.input_size, Path(path), meta.info, fixed)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

@@ -153,10 +153,10 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
     """Load a local state dict into `model.encoder`. Accepts the encoder's own keys or
     the keys of a whole-model file with a known prefix; keys of other parts (e.g. an
     ImageNet classifier) are ignored. Missing or mis-shaped encoder weights -> UserError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"encoder weights {path}: not a readable PyTorch state dict ({e})") from e
+    from urbanseg.checkpoint import torch_load
+
+    state = torch_load(path, what="encoder weights file",
+                       fix="give a plain state dict (tensors only), e.g. from urbanseg.models.save_encoder_weights")
     for key in ("model_state", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

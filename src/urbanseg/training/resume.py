@@ -27,26 +27,16 @@ from urbanseg.errors import UserError
 # Flags that `--resume` may change: where things are and how fast they run, never what is
 # computed. Anything else must match the run's config.yaml (or be left at its default).
 RESUME_MUTABLE = ("data", "run", "resume", "workers", "device", "compile")
-_PATH_FIELDS = ("data", "run", "init")
 
 
 def load_run_config(run: Path) -> TrainConfig:
-    """The resolved TrainConfig saved in `run`/config.yaml."""
-    import yaml
+    """The resolved TrainConfig saved in `run`/config.yaml (`urbanseg.rundir.RunDir.config`)."""
+    from urbanseg.rundir import RunDir
 
-    path = run / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"--resume: {path} not found; {run} is not a run folder (start without --resume)")
-    try:
-        data = yaml.safe_load(path.read_text())
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}")
-        values = {k: (Path(v) if k in _PATH_FIELDS and v is not None else v) for k, v in data.items()}
-        return TrainConfig(**values)
-    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is not a urbanseg train config ({e}); start a new run folder instead") from e
+    if not (run / RunDir.CONFIG).is_file():
+        raise UserError(f"--resume: {run / RunDir.CONFIG} not found; {run} is not a run folder (start without "
+                        "--resume)")
+    return RunDir(run).config()
 
 
 def merge_for_resume(given: TrainConfig) -> TrainConfig:
@@ -152,7 +142,7 @@ def payload(t: Any, st: LoopState, *, with_train_state: bool) -> dict[str, Any]:
             "samples_in_epoch": st.step_in_epoch * t.config.batch_size,
         }
     spec = t.train_set.spec
-    return build_payload(t.raw, label_set=t.label_set, input_size=[spec["width"], spec["height"]],
+    return build_payload(t.raw, label_set=t.label_set, input_size=[spec.width, spec.height],
                          config=config_dict(t.config), step=st.step, epoch=st.epoch, metrics=st.last_val or {},
                          train_state=train_state)
 

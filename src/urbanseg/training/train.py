@@ -193,7 +193,7 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
-    counts = pixel_count_array(train_set.spec["pixel_counts"], label_set.classes)
+    counts = pixel_count_array(train_set.spec.pixel_counts, label_set.classes)
     criterion = SegmentationLoss(config.loss, weight=class_weights(counts, config.class_weights), ohem=config.ohem,
                                  ohem_thresh=config.ohem_thresh, ohem_min_kept=config.ohem_min_kept,
                                  ignore_index=label_set.ignore_index).to(device)
