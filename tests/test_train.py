@@ -16,7 +16,8 @@ from urbanseg.cli import main
 from urbanseg.config import TrainConfig
 from urbanseg.training.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
 from urbanseg.training.runlog import RunLog, read_metrics
-from urbanseg.training.train import augment_settings, build_optimizer
+from urbanseg.training.loop import augment_settings
+from urbanseg.training.train import build_optimizer
 
 
 @pytest.fixture(autouse=True)
