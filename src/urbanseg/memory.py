@@ -4,7 +4,7 @@ the machine's memory and the fix, instead of the kernel's OOM killer stopping it
 
 The per-pixel figures are the peak resident-memory growth of one worker, measured by
 `benchmarks/bench_checks.py` at 2048x1024 and 4096x2048 (docs/benchmarks.md#pre-flight-checks);
-each constant is the highest measured value. Training's activation memory depends on the
+each constant is the highest measured value, rounded up. Training's activation memory depends on the
 model and is not estimated: its check is a floor, the tensors no step can do without.
 """
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from urbanseg.config import PrepareConfig, SynthConfig
 
 SYNTH_BYTES_PER_PIXEL = 50  # one scene: layout masks, render buffers, label/instance/colour images, PNGs
-PREPARE_BYTES_PER_RAW_PIXEL = 12  # the decoded photo (BGR) and annotation, the class-index map
+PREPARE_BYTES_PER_RAW_PIXEL = 7  # the decoded photo (BGR) and annotation, the class-index map
 PREPARE_BYTES_PER_OUT_PIXEL = 17  # the resized photo, its RGB copy, the labels, the PNG encoders' buffers
 # a training step, per pixel of a sample: the uint8 image, its float32 copy, the int64 labels
 TRAIN_INPUT_BYTES_PER_PIXEL = 3 + 12 + 8
@@ -58,7 +58,7 @@ def total_bytes() -> int:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def require(need: int, what: str, fix: str, *, have: int | None = None, where: str = "this machine") -> None:
