@@ -62,6 +62,12 @@ def test_fewer_workers_are_suggested_when_one_fits():
         memory.require(10**9, "x", memory._scale_fix("--size", (8, 8), 10**9, 10**9, 1, 1, 10), have=10)
 
 
+def test_fitting_size_keeps_the_aspect_ratio():
+    assert memory.fitting_size((2000, 1000), 500_000) == (1000, 500)
+    assert memory.fitting_size((64, 32), 2 * 10**12) == (2000000, 1000000)  # larger: callers cap it
+    assert memory.fitting_size((64, 32), -5) == (0, 0)
+
+
 def test_available_memory_is_capped_by_the_container_limit(tmp_path):
     uncapped = memory.available_bytes(tmp_path / "no-cgroup")
     assert 0 < uncapped <= memory.total_bytes()

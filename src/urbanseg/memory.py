@@ -70,10 +70,10 @@ def require(need: int, what: str, fix: str, *, have: int | None = None, where: s
         raise UserError(f"{what} needs about {gb(need)} of memory, but {where} has {gb(have)} available{total}; {fix}")
 
 
-def fitting_size(size: tuple[int, int], pixels: float) -> str:
-    """The largest WxH with `size`'s aspect ratio and at most `pixels` pixels, e.g. "2896x1448"."""
+def fitting_size(size: tuple[int, int], pixels: float) -> tuple[int, int]:
+    """The largest (width, height) with `size`'s aspect ratio and at most `pixels` pixels."""
     scale = math.sqrt(max(pixels, 0) / (size[0] * size[1]))
-    return f"{max(int(size[0] * scale), 0)}x{max(int(size[1] * scale), 0)}"
+    return int(size[0] * scale), int(size[1] * scale)
 
 
 def _scale_fix(flag: str, size: tuple[int, int], per_worker: int, fixed: int, per_pixel: int, workers: int,
@@ -84,7 +84,8 @@ def _scale_fix(flag: str, size: tuple[int, int], per_worker: int, fixed: int, pe
         fixes.append(f"--workers {have // per_worker}")
     pixels = (have / workers - fixed) / per_pixel
     if pixels >= 64:
-        fixes.append(f"a smaller {flag} (about {fitting_size(size, pixels)} at most with {workers} worker(s))")
+        w, h = fitting_size(size, pixels)
+        fixes.append(f"a smaller {flag} (about {w}x{h} at most with {workers} worker(s))")
     return "use " + " or ".join(fixes) if fixes else "free memory or use a machine with more"
 
 

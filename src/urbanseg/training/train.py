@@ -197,21 +197,22 @@ def preflight(config: TrainConfig, info: dist_.DistInfo, device: torch.device, t
     """What must hold before the first step, checked in seconds rather than found hours in:
     the batch fits in memory (`check_memory`), a --crop no larger than the images (a
     warning), every record of both splits intact (`verify_data`)."""
-    spec = train_set.spec
-    size = parse_size(config.crop, "--crop") if config.crop else (spec["width"], spec["height"])
-    check_memory(config, info, device, size, train_set.label_set.num_classes)
-    if config.crop and info.is_main and (size[0] > spec["width"] or size[1] > spec["height"]):
+    data = (train_set.spec["width"], train_set.spec["height"])
+    size = parse_size(config.crop, "--crop") if config.crop else data
+    check_memory(config, info, device, size, data, train_set.label_set.num_classes)
+    if info.is_main and (size[0] > data[0] or size[1] > data[1]):
         print(f"urbanseg train: warning: --crop {config.crop} is larger than the training images "
-              f"({spec['width']}x{spec['height']} in {config.data / 'train'}): the crops are padded with ignored "
-              f"pixels, so every step computes on padding; use --crop {min(size[0], spec['width'])}x"
-              f"{min(size[1], spec['height'])} or smaller", file=sys.stderr)
+              f"({data[0]}x{data[1]} in {config.data / 'train'}): the crops are padded with ignored pixels, so "
+              f"every step computes on padding; use --crop {min(size[0], data[0])}x{min(size[1], data[1])} or "
+              f"smaller", file=sys.stderr)
     verify_data(config, info)
 
 
 def check_memory(config: TrainConfig, info: dist_.DistInfo, device: torch.device, size: tuple[int, int],
-                 num_classes: int) -> None:
-    """Refuse a crop (or whole images) whose batch alone cannot fit: `memory.train_step_floor`
-    of this process's batch, on its GPU, or on the CPU times the processes sharing this machine."""
+                 data: tuple[int, int], num_classes: int) -> None:
+    """Refuse a crop (or whole images) of `size` whose batch alone cannot fit:
+    `memory.train_step_floor` of this process's batch, on its GPU, or on the CPU times the
+    processes sharing this machine. The crop suggested is no larger than the `data`."""
     from urbanseg import memory
 
     local_batch = config.batch_size // info.world_size
@@ -221,8 +222,8 @@ def check_memory(config: TrainConfig, info: dist_.DistInfo, device: torch.device
     else:
         have, where, sharing = memory.available_bytes(), "this machine", info.local_world_size
     room = have // sharing  # for one process
-    pixels = room / local_batch / (per_sample / (size[0] * size[1]))
-    fixes = [f"a smaller --crop (about {memory.fitting_size(size, pixels)} at most at this batch size)"]
+    w, h = memory.fitting_size(size, room / local_batch / (per_sample / (size[0] * size[1])))
+    fixes = [f"a smaller --crop (about {min(w, data[0])}x{min(h, data[1])} at most at this batch size)"]
     if room >= per_sample and config.batch_size > info.world_size:
         fixes.append(f"--batch-size {room // per_sample * info.world_size}")
     what = (f"--crop {config.crop}" if config.crop else f"training on whole {size[0]}x{size[1]} images") + \
@@ -246,7 +247,8 @@ def verify_data(config: TrainConfig, info: dist_.DistInfo) -> None:
             problem = str(e)
     problem = dist_.broadcast_from_main(problem)
     if problem:
-        raise UserError(f"{problem} (found by the check of every record before the first step)")
+        raise UserError(f"{problem}. Found by checking every record before the first step: nothing was written "
+                        f"to {config.run}, and the same command runs once the shards are re-packed")
 
 
 # --------------------------------------------------------------------------- the command
