@@ -280,6 +280,34 @@ def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp
     assert [int(r["step"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"] == list(range(1, 61))
 
 
+def test_trainer_state_dict_round_trips(shards, tmp_path):
+    """load_state_dict(state_dict()) puts weights, optimizer, scheduler and scaler back
+    exactly, after a step has changed them all."""
+    import copy
+
+    from urbanseg.training.distributed import DistInfo
+    from urbanseg.training.loop import make_loader, train_step
+    from urbanseg.training.train import resolve_config, setup
+    from urbanseg.training.trainer import LoopState
+
+    config = resolve_config(TrainConfig(data=shards, run=tmp_path / "run", model="unet-original", iters=4,
+                                        model_args='{"base_channels": 4}', batch_size=4, workers=0))
+    t = setup(config, DistInfo(), torch.device("cpu"))
+    batch = next(iter(make_loader(t, "train", LoopState())))
+    train_step(t, batch, False)
+    saved = copy.deepcopy(t.state_dict())
+    assert set(saved) == {"model", "optimizer", "scheduler", "scaler"} and saved["scheduler"]["last_epoch"] == 1
+    train_step(t, batch, False)
+    assert not torch.equal(t.state_dict()["model"]["net.head.weight"], saved["model"]["net.head.weight"])
+    t.load_state_dict(saved)
+    again = t.state_dict()
+    assert again["scheduler"] == saved["scheduler"] and again["scaler"] == saved["scaler"]
+    for k, v in saved["model"].items():
+        assert torch.equal(again["model"][k], v), k
+    for k, v in saved["optimizer"]["state"].items():
+        assert all(torch.equal(again["optimizer"]["state"][k][n], x) for n, x in v.items()), k
+
+
 def _factors(schedule, warmup, total=10):
     config = TrainConfig(data="d", run="r", lr=1.0, schedule=schedule, warmup=warmup, weight_decay=0.1)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
