@@ -63,8 +63,9 @@ def seconds_per_step(shards: Path, name: str, batch: int, steps: int = 3) -> flo
     """CPU seconds of one real training step (data loading included), after a warm-up step."""
     from urbanseg.config import TrainConfig
     from urbanseg.training.distributed import DistInfo
-    from urbanseg.training.resume import LoopState
-    from urbanseg.training.train import make_loader, resolve_config, setup, train_step
+    from urbanseg.training.loop import make_loader, train_step
+    from urbanseg.training.train import resolve_config, setup
+    from urbanseg.training.trainer import LoopState
 
     config = resolve_config(TrainConfig(data=shards, run=Path("/nonexistent"), model=name, batch_size=batch,
                                         workers=0, threads=1, iters=1000))

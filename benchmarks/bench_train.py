@@ -1,7 +1,7 @@
 """Training throughput (images/s) of every model at 512x256 on this CPU, as a ratio to
 unet-original measured in the same run, with and without bf16 autocast.
 
-Each timed step is the real `urbanseg.training.train.train_step` (forward, cross-entropy, backward,
+Each timed step is the real `urbanseg.training.loop.train_step` (forward, cross-entropy, backward,
 AdamW step) on a fixed random batch. Models are timed round-robin, so a change in machine
 load hits them alike; the median of the timed rounds is reported.
 
@@ -21,7 +21,9 @@ from urbanseg.config import TrainConfig, parse_size
 from urbanseg.training.distributed import DistInfo
 from urbanseg.training.losses import SegmentationLoss
 from urbanseg.models import DEFAULT_MODEL, MODELS, create_model
-from urbanseg.training.train import Trainer, build_optimizer, train_step
+from urbanseg.training.loop import train_step
+from urbanseg.training.train import build_optimizer
+from urbanseg.training.trainer import Trainer
 
 BASE = "unet-original"
 

@@ -16,7 +16,8 @@ from urbanseg.cli import main
 from urbanseg.config import TrainConfig
 from urbanseg.training.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
 from urbanseg.training.runlog import RunLog, read_metrics
-from urbanseg.training.train import augment_settings, build_optimizer
+from urbanseg.training.loop import augment_settings
+from urbanseg.training.train import build_optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +73,9 @@ def test_checkpoints_are_self_describing_and_load_weights_only(trained):
         assert ckpt["config"]["model"] == "unet-original"
     ts = last["train_state"]
     assert last["step"] == 6 and last["epoch"] == 3 and ts["step_in_epoch"] == 0
-    assert {"optimizer", "scheduler", "scaler", "rng", "best_miou", "best_step", "bad_validations"} <= set(ts)
+    # the format older last.pt files have: --resume reads exactly these keys
+    assert set(ts) == {"optimizer", "scheduler", "scaler", "rng", "world_size", "step", "epoch", "step_in_epoch",
+                       "best_miou", "best_step", "bad_validations", "samples_in_epoch"}
     assert "train_state" not in best and best["step"] == ts["best_step"]
     assert best["metrics"]["miou"] == pytest.approx(ts["best_miou"])
     model = model_from_checkpoint(best)
@@ -93,12 +96,83 @@ def test_it_learns(shards, tmp_path):
     (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
     (["--model-args", "[1]"], "--model-args '[1]' is not a JSON object"),
     (["--epochs", "2", "--iters", "3"], "give --epochs or --iters, not both"),
+    (["--iters", "0"], "--iters 0 must be >= 1"),
+    (["--crop", "100000x50000"], "--crop 100000x50000 at --batch-size 4 (inputs and logits alone"),
     (["--resume"], "config.yaml not found"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(shards, tmp_path, capsys, extra, message):
     assert main(train_args(shards, tmp_path / "run", "--iters", "1", *extra, deterministic=False)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_epochs_0_is_refused_and_nothing_is_written(shards, tmp_path, capsys):
+    assert main(train_args(shards, tmp_path / "run", "--epochs", "0", deterministic=False)) == 2
+    assert "--epochs 0 must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_larger_than_memory_is_refused_before_any_work(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(shards, run, "--iters", "1", "--crop", "100000x50000", deterministic=False)) == 2
+    err = capsys.readouterr().err
+    # the estimate, the machine's memory and the fix
+    assert "needs about" in err and " GB of memory, but this machine has " in err and " GB in all)" in err
+    assert "use a smaller --crop (about 64x32 at most at this batch size)" in err  # the data's size: it fits
+    assert not run.exists()
+
+
+def test_a_crop_larger_than_the_data_warns_once(shards, tmp_path, capsys):
+    assert main(train_args(shards, tmp_path / "run", "--iters", "1", "--crop", "96x24", deterministic=False)) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: --crop 96x24 is larger than the training images (64x32 in ") == 1
+    assert "use --crop 64x24 or smaller" in err
+
+
+def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repacking(tmp_path, capsys):
+    from train_fixtures import repack
+
+    from urbanseg.data.tfrecord import read_index
+
+    shards = make_shards(tmp_path, train=4, val=2)
+    shard = shards / "val" / "00001-of-00002.tfrecord"
+    offset = int(read_index(shard)[0, 0]) + 100  # inside the first record's data
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    args = train_args(shards, run, "--iters", "2", deterministic=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}: record 0 at byte offset 0: data CRC mismatch" in err and "re-run `urbanseg pack`" in err
+    assert f"Found by checking every record before the first step: nothing was written to {run}" in err
+    assert "Traceback" not in err
+    assert not run.exists()  # nothing written: the same command can run again
+    repack(tmp_path, shards)
+    assert main(args) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_ctrl_c_before_the_first_validation_reports_only_last_pt(shards, tmp_path, capsys, monkeypatch):
+    """The real signal handler: SIGINT arrives during step 1, training stops after step 2."""
+    import os
+
+    from urbanseg.training import loop
+
+    real_step = loop.train_step
+
+    def step_then_interrupt(t, batch, stop_requested):
+        if not stop_requested:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(t, batch, stop_requested)
+
+    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
+    run = tmp_path / "run"
+    assert main(train_args(shards, run, "--iters", "10", "--val-every", "5", deterministic=False)) == 130
+    out = capsys.readouterr().out
+    assert f"training interrupted at step 2/10; no validation yet; state -> {run / 'last.pt'}" in out
+    assert "best" not in out and not (run / "best.pt").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_missing_or_incomplete_shards_exit_2(shards, tmp_path, capsys):
@@ -195,6 +269,7 @@ def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp
     assert proc.returncode == 130, err
     assert "stopping after this step and saving last.pt" in err and "Traceback" not in err
     assert "training interrupted at step" in out and "--resume" in out
+    assert "best.pt" not in out and not (run / "best.pt").exists()  # --val-every 1000: not validated yet
     step = torch.load(run / "last.pt", weights_only=True)["step"]
     assert 3 <= step < 60
     rows = read_metrics(run / "metrics.csv")
@@ -203,6 +278,34 @@ def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp
     assert result.returncode == 0, result.stderr
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 60
     assert [int(r["step"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"] == list(range(1, 61))
+
+
+def test_trainer_state_dict_round_trips(shards, tmp_path):
+    """load_state_dict(state_dict()) puts weights, optimizer, scheduler and scaler back
+    exactly, after a step has changed them all."""
+    import copy
+
+    from urbanseg.training.distributed import DistInfo
+    from urbanseg.training.loop import make_loader, train_step
+    from urbanseg.training.train import resolve_config, setup
+    from urbanseg.training.trainer import LoopState
+
+    config = resolve_config(TrainConfig(data=shards, run=tmp_path / "run", model="unet-original", iters=4,
+                                        model_args='{"base_channels": 4}', batch_size=4, workers=0))
+    t = setup(config, DistInfo(), torch.device("cpu"))
+    batch = next(iter(make_loader(t, "train", LoopState())))
+    train_step(t, batch, False)
+    saved = copy.deepcopy(t.state_dict())
+    assert set(saved) == {"model", "optimizer", "scheduler", "scaler"} and saved["scheduler"]["last_epoch"] == 1
+    train_step(t, batch, False)
+    assert not torch.equal(t.state_dict()["model"]["net.head.weight"], saved["model"]["net.head.weight"])
+    t.load_state_dict(saved)
+    again = t.state_dict()
+    assert again["scheduler"] == saved["scheduler"] and again["scaler"] == saved["scaler"]
+    for k, v in saved["model"].items():
+        assert torch.equal(again["model"][k], v), k
+    for k, v in saved["optimizer"]["state"].items():
+        assert all(torch.equal(again["optimizer"]["state"][k][n], x) for n, x in v.items()), k
 
 
 def _factors(schedule, warmup, total=10):

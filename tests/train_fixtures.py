@@ -31,6 +31,13 @@ def make_shards(root: Path, *, train: int = 11, val: int = 5, labels: str = "cat
     return shards
 
 
+def repack(root: Path, shards: Path, *, labels: str = "categories8") -> None:
+    """`urbanseg pack` again from `make_shards`' prepared pairs into `shards`."""
+    from urbanseg.data.pack import pack
+
+    pack(PackConfig(prepared=root / f"prepared-{labels}", out=shards, shards=2, splits=["train", "val"]))
+
+
 def train_args(shards: Path, run: Path, *extra: str, deterministic: bool = True) -> list[str]:
     """`urbanseg train` arguments for a tiny, quick CPU run (deterministic by default)."""
     return ["train", "--data", str(shards), "--run", str(run), *TINY_MODEL, "--batch-size", "4",

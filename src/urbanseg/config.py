@@ -282,7 +282,8 @@ class TrainConfig:
         if self.crop is not None:
             parse_size(self.crop, "--crop")
         check(not (self.epochs is not None and self.iters is not None), "give --epochs or --iters, not both")
-        check((self.epochs or 1) >= 1 and (self.iters or 1) >= 1, "--epochs and --iters must be >= 1")
+        for flag, value in (("--epochs", self.epochs), ("--iters", self.iters)):
+            check(value is None or value >= 1, f"{flag} {value} must be >= 1 (it counts what to train)")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be > 0")
         check(self.new_head <= (self.init is not None), "--new-head only applies with --init CHECKPOINT")

@@ -32,6 +32,7 @@ from urbanseg.config import PrepareConfig, parse_size, save, to_dict
 from urbanseg.errors import UserError
 from urbanseg.imaging import resize_image, resize_labels, save_png
 from urbanseg.labels import LabelSet, get_label_set
+from urbanseg.memory import check_prepare as check_prepare_memory
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = {"labelIds": "_gtFine_labelIds.png", "color": "_gtFine_color.png"}
@@ -386,6 +387,7 @@ def _check_headers(todo: list[Pair], total: int, source: str, workers: int) -> N
 
 def prepare(config: PrepareConfig) -> None:
     """`urbanseg prepare`: resize every raw pair of the requested splits into config.out."""
+    check_prepare_memory(config)
     size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
     label_set = get_label_set(config.labels)
     if config.source == "labelIds" and not label_set.from_cityscapes:

@@ -26,6 +26,7 @@ from urbanseg import config as cfg
 from urbanseg.config import SynthConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
+from urbanseg.memory import check_synth as check_synth_memory
 from urbanseg.util import atomic_write_bytes, default_workers, progress_map
 
 SPLITS = ("train", "val", "test")
@@ -174,6 +175,7 @@ def _check_output(config: SynthConfig, planned: set[Path]) -> None:
 
 def synthesize(config: SynthConfig) -> None:
     """Write the dataset described by `config` (see the module docstring)."""
+    check_synth_memory(config)
     width, height = cfg.parse_size(config.size)
     out = Path(config.out)
     counts = {"train": config.train, "val": config.val, "test": config.test}

@@ -17,11 +17,13 @@ import torch.distributed as dist
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job: global rank, number of processes, rank on its node."""
+    """This process's place in the job: global rank, number of processes, rank on its node,
+    number of processes on its node."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -34,9 +36,10 @@ class DistInfo:
 
 
 def from_env() -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK (defaults: one process)."""
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (defaults: one process)."""
     env = os.environ
-    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                    int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def setup(info: DistInfo, device: torch.device) -> None:

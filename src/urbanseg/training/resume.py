@@ -2,8 +2,9 @@
 and deterministic kernels, and the random-number-generator states kept in checkpoints.
 
 A checkpoint's `train_state` holds everything else (optimizer, scheduler, scaler, data
-position, best score, patience counter); see `urbanseg.training.train`. Everything here is made of
-tensors and plain Python values, so checkpoints load with `torch.load(weights_only=True)`.
+position, best score, patience counter): `urbanseg.training.trainer.Trainer` owns it.
+The RNG states are tensors and plain Python values, so checkpoints load with
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from urbanseg import config as cfg
-from urbanseg.training import distributed as dist_
 from urbanseg.config import TrainConfig
 from urbanseg.errors import UserError
 
@@ -108,105 +105,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """The resolved config as plain values (for checkpoints and config.yaml)."""
-    return cfg.to_dict(config)
-
-
-@dataclasses.dataclass
-class LoopState:
-    """Where training is: saved in every last.pt so `--resume` continues exactly there."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch
-    step_in_epoch: int = 0  # steps done in the current epoch (x global batch = samples consumed)
-    best_miou: float = -1.0
-    best_step: int = -1
-    bad_validations: int = 0  # validations since the best one (early stopping)
-    last_val: dict[str, Any] | None = None
-
-
-def payload(t: Any, st: LoopState, *, with_train_state: bool) -> dict[str, Any]:
-    """A self-describing checkpoint (`urbanseg.checkpoint.build_payload`), with the full
-    training state for last.pt. Collective under torchrun: every process must call it
-    (each one's RNG states are gathered on rank 0)."""
-    from urbanseg.checkpoint import build_payload
-
-    train_state = None
-    if with_train_state:
-        train_state = {
-            "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(), "rng": dist_.gather_to_main(rng_state()),
-            "world_size": t.info.world_size,
-            **{k: v for k, v in dataclasses.asdict(st).items() if k != "last_val"},
-            "samples_in_epoch": st.step_in_epoch * t.config.batch_size,
-        }
-    spec = t.train_set.spec
-    return build_payload(t.raw, label_set=t.label_set, input_size=[spec.width, spec.height],
-                         config=config_dict(t.config), step=st.step, epoch=st.epoch, metrics=st.last_val or {},
-                         train_state=train_state)
-
-
-def save(t: Any, st: LoopState, name: str, *, with_train_state: bool = True) -> None:
-    from urbanseg.checkpoint import save_checkpoint
-
-    data = payload(t, st, with_train_state=with_train_state)
-    if t.info.is_main:
-        save_checkpoint(t.config.run / name, data)
-
-
-def restore(t: Any, path: Path) -> LoopState:
-    """Load last.pt into the trainer (weights, optimizer, scheduler, scaler, RNG) and
-    return the loop position it was saved at."""
-    from urbanseg.checkpoint import load_checkpoint
-    from urbanseg.labels import LabelSet
-
-    ckpt = load_checkpoint(path, map_location=t.device)
-    if LabelSet.from_dict(ckpt["label_set"]).classes != t.label_set.classes:
-        raise UserError(f"--resume: {path} was trained on classes {ckpt['label_set'].get('classes')}, but "
-                        f"{t.config.data} holds {list(t.label_set.classes)}; resume with the run's own data")
-    ts = ckpt.get("train_state")
-    if ts is None:
-        raise UserError(f"{path} holds no training state (a best.pt or exported model?); resume needs last.pt")
-    t.raw.load_state_dict(ckpt["model_state"])
-    t.optimizer.load_state_dict(ts["optimizer"])
-    t.scheduler.load_state_dict(ts["scheduler"])
-    t.scaler.load_state_dict(ts["scaler"])
-    rngs = ts["rng"]
-    if len(rngs) != t.info.world_size and t.info.is_main:
-        print(f"note: {path} was written by {len(rngs)} processes, this run has {t.info.world_size}: "
-              f"training continues, but not bit-identically", file=sys.stderr)
-    set_rng_state(rngs[t.info.rank] if len(rngs) == t.info.world_size else rngs[0])
-    fields = {f.name for f in dataclasses.fields(LoopState)}
-    return LoopState(**{k: v for k, v in ts.items() if k in fields}, last_val=ckpt.get("metrics") or None)
-
-
 def remove_stale_temporaries(run: Path) -> None:
     """Temporary files of writes a killed process never renamed (util.atomic_path names)."""
     for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):
         for tmp in run.glob(f".{name}.*.tmp*"):
             tmp.unlink(missing_ok=True)
-
-
-class StopSignal:
-    """First Ctrl-C (or SIGTERM, e.g. a cluster's pre-emption notice): finish the current
-    step, save last.pt and exit. A second one aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving last.pt (again to abort at once)", file=sys.stderr)

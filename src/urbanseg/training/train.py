@@ -1,10 +1,12 @@
 """`urbanseg train`: TFRecord shards -> a trained model in a run folder.
 
-Reads top-down: setting up (config, data, model, loss, optimizer), one training step,
-validation, checkpoints, the loop, the entry point. The run folder holds config.yaml,
-last.pt / best.pt (self-describing checkpoints, see `urbanseg.checkpoint`), metrics.csv,
-tb/ and curves.png (`urbanseg.training.runlog`). Under torchrun every process trains on its own
-part of each global batch (DistributedDataParallel); only rank 0 writes.
+Reads top-down: the config (defaults, --resume), the data, model, loss and optimizer
+(`setup` builds the `Trainer`), the checks made before the first step (memory, crop size,
+every shard's CRCs), the entry point and its final report. The loop itself is
+`urbanseg.training.loop`. The run folder holds config.yaml, last.pt / best.pt
+(self-describing checkpoints, see `urbanseg.checkpoint`), metrics.csv, tb/ and curves.png
+(`urbanseg.training.runlog`). Under torchrun every process trains on its own part of each
+global batch (DistributedDataParallel); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -13,51 +15,29 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from urbanseg.config import TrainConfig, parse_size
+from urbanseg.config import save as save_config
 from urbanseg.device import pick_device
 from urbanseg.errors import UserError
 from urbanseg.training import distributed as dist_
-from urbanseg.training import resume as rs
-from urbanseg.training.resume import LoopState, StopSignal, remove_stale_temporaries, restore, save
+from urbanseg.training.loop import NonFiniteLoss, StopSignal, fit
+from urbanseg.training.resume import configure_determinism, merge_for_resume, remove_stale_temporaries
 from urbanseg.training.runlog import RunLog, plot_curves
+from urbanseg.training.trainer import LoopState, Trainer
+
+if TYPE_CHECKING:
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.labels import LabelSet
+    from urbanseg.models import SegmentationModel
 
 EXIT_DIVERGED = 3  # the loss became NaN/inf: not a usage error, but not a success either
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: last.pt saved, `--resume` continues
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass
-class Trainer:
-    """Everything the loop needs, built once by `setup`."""
-
-    config: TrainConfig
-    info: dist_.DistInfo
-    device: torch.device
-    raw: nn.Module  # the SegmentationModel (state dicts, eval)
-    model: nn.Module  # what the training forward goes through (DDP / compiled)
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    train_set: Any
-    val_set: Any
-    label_set: Any
-    steps_per_epoch: int
-    total_steps: int
-    local_batch: int
-    val_loader: Any = None
-    last_result: dict[str, Any] | None = None  # the latest validation, for the final report
 
 
 # --------------------------------------------------------------------------- setup
@@ -67,7 +47,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other flags (model, lr, epochs), or take the run's
     saved config on --resume."""
     if config.resume:
-        return rs.merge_for_resume(config)
+        return merge_for_resume(config)
     if (config.run / "config.yaml").exists() or (config.run / "last.pt").exists():
         raise UserError(f"{config.run} already holds a training run; continue it with --resume, or choose a new --run")
     model, model_args = config.model, config.model_args
@@ -90,7 +70,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, model=model, model_args=model_args, lr=lr, epochs=epochs)
 
 
-def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[Any, Any]:
+def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[ShardDataset, ShardDataset]:
     """The train and val ShardDatasets, checked against each other and the batch size."""
     from urbanseg.data.loader import ShardDataset
 
@@ -112,7 +92,7 @@ def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[Any, Any]:
     return train_set, val_set
 
 
-def build_model(config: TrainConfig, label_set: Any) -> nn.Module:
+def build_model(config: TrainConfig, label_set: LabelSet) -> SegmentationModel:
     """create_model from the config; with --init, that checkpoint's weights (a new head if the
     class count differs or --new-head is given)."""
     from urbanseg.models import create_model
@@ -124,7 +104,7 @@ def build_model(config: TrainConfig, label_set: Any) -> nn.Module:
     return model
 
 
-def load_init_weights(model: nn.Module, path: Path, label_set: Any, new_head: bool) -> None:
+def load_init_weights(model: SegmentationModel, path: Path, label_set: LabelSet, new_head: bool) -> None:
     """--init: every weight of checkpoint `path`; the head too unless the class count
     differs or `new_head`. The same count with other class names needs `new_head`."""
     from urbanseg.checkpoint import load_checkpoint, load_pretrained
@@ -144,12 +124,14 @@ def load_init_weights(model: nn.Module, path: Path, label_set: Any, new_head: bo
               file=sys.stderr)
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+def build_optimizer(model: nn.Module, config: TrainConfig,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW or SGD (no weight decay on biases and norm weights) and a LambdaLR: linear
     warm-up, then poly (power 0.9, as in DeepLab) or cosine decay to 0 at `total_steps`."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer: torch.optim.Optimizer
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
     else:
@@ -176,202 +158,100 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Trainer:
+    """Build the Trainer, after the checks that must pass before any step (see `preflight`)."""
     from urbanseg.training.losses import SegmentationLoss, class_weights, pixel_count_array
 
-    rs.configure_determinism(config)
+    configure_determinism(config)
     train_set, val_set = open_data(config, info)
     label_set = train_set.label_set
-    raw = build_model(config, label_set).to(device)
+    preflight(config, info, device, train_set)
+    model = build_model(config, label_set).to(device)
     if config.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and info.enabled:
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    model = raw
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped: nn.Module = model
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
-        model = torch.compile(model)
+        wrapped = cast(nn.Module, torch.compile(wrapped))
     counts = pixel_count_array(train_set.spec.pixel_counts, label_set.classes)
     criterion = SegmentationLoss(config.loss, weight=class_weights(counts, config.class_weights), ohem=config.ohem,
                                  ohem_thresh=config.ohem_thresh, ohem_min_kept=config.ohem_min_kept,
                                  ignore_index=label_set.ignore_index).to(device)
     steps_per_epoch = len(train_set) // config.batch_size  # every process: the same count, see `fit`
-    total = config.iters or config.epochs * steps_per_epoch
-    optimizer, scheduler = build_optimizer(raw, config, total)
+    total = config.iters if config.iters is not None else cast(int, config.epochs) * steps_per_epoch  # resolved
+    optimizer, scheduler = build_optimizer(model, config, total)
     dtype = amp_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Trainer(config, info, device, raw, model, criterion, optimizer, scheduler, scaler, dtype, train_set,
+    return Trainer(config, info, device, model, wrapped, criterion, optimizer, scheduler, scaler, dtype, train_set,
                    val_set, label_set, steps_per_epoch, total, config.batch_size // info.world_size)
 
 
-# --------------------------------------------------------------------------- steps
+# --------------------------------------------------------------------------- before the first step
 
 
-def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple[float, bool]:
-    """One optimizer step on this process's part of a global batch.
-
-    Returns (mean loss over all processes, whether any process asked to stop). Raises
-    NonFiniteLoss, on every process, before the weights are touched."""
-    images = batch["image"].to(t.device, non_blocking=True).float()  # (N, 3, H, W) 0..255
-    labels = batch["label"].to(t.device, non_blocking=True)  # (N, H, W) int64, 255 ignore
-    if t.config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
-        logits = t.model(images)
-    loss = t.criterion(logits, labels)
-    t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
-    t.scaler.unscale_(t.optimizer)  # a no-op without fp16
-    grads = [p.grad for p in t.raw.parameters() if p.grad is not None]
-    norm = nn.utils.get_total_norm(grads)  # (all-reduced by DDP already: the same on every process)
-    bad = ~torch.isfinite(loss.detach())
-    if not t.scaler.is_enabled():  # with fp16 an inf gradient is routine: the scaler skips the step
-        bad = bad | ~torch.isfinite(norm)
-    # one small all-reduce carries the loss and both flags, so all processes agree
-    flags = torch.stack([loss.detach().float(), bad.float().to(loss.device),
-                         torch.tensor(float(stop_requested), device=loss.device)])
-    flags = dist_.all_reduce_sum(flags).cpu()
-    if flags[1] > 0:
-        raise NonFiniteLoss(f"the training loss is {loss.item():.4g} (gradient norm {norm.item():.4g}) "
-                            f"on at least one process")
-    if t.config.clip_grad:
-        nn.utils.clip_grads_with_norm_(t.raw.parameters(), t.config.clip_grad, norm)
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.scheduler.step()
-    return float(flags[0]) / t.info.world_size, bool(flags[2] > 0)
+def preflight(config: TrainConfig, info: dist_.DistInfo, device: torch.device, train_set: ShardDataset) -> None:
+    """What must hold before the first step, checked in seconds rather than found hours in:
+    the batch fits in memory (`check_memory`), a --crop no larger than the images (a
+    warning), every record of both splits intact (`verify_data`)."""
+    data = (train_set.spec.width, train_set.spec.height)
+    size = parse_size(config.crop, "--crop") if config.crop else data
+    check_memory(config, info, device, size, data, train_set.label_set.num_classes)
+    if info.is_main and (size[0] > data[0] or size[1] > data[1]):
+        print(f"urbanseg train: warning: --crop {config.crop} is larger than the training images "
+              f"({data[0]}x{data[1]} in {config.data / 'train'}): the crops are padded with ignored pixels, so "
+              f"every step computes on padding; use --crop {min(size[0], data[0])}x{min(size[1], data[1])} or "
+              f"smaller", file=sys.stderr)
+    verify_data(config, info)
 
 
-@torch.no_grad()
-def validate(t: Trainer) -> tuple[float, dict[str, Any]]:
-    """Mean loss and dataset-level scores (metrics.ConfusionMatrix, all-reduced) on `val`."""
-    from urbanseg.evaluation.metrics import ConfusionMatrix
+def check_memory(config: TrainConfig, info: dist_.DistInfo, device: torch.device, size: tuple[int, int],
+                 data: tuple[int, int], num_classes: int) -> None:
+    """Refuse a crop (or whole images) of `size` whose batch alone cannot fit:
+    `memory.train_step_floor` of this process's batch, on its GPU, or on the CPU times the
+    processes sharing this machine. The crop suggested is no larger than the `data`."""
+    from urbanseg import memory
 
-    t.raw.eval()
-    cm = ConfusionMatrix(t.label_set.num_classes, t.label_set.ignore_index)
-    sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss x images, images
-    for batch in _iterate(t.val_loader):
-        images = batch["image"].to(t.device).float()
-        labels = batch["label"].to(t.device)
-        with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
-            logits = t.raw(images)
-        sums += torch.tensor([float(t.criterion(logits, labels)) * len(images), len(images)], device=t.device)
-        cm.update(logits.argmax(1), labels)
-    cm.all_reduce()
-    dist_.all_reduce_sum(sums)
-    t.raw.train()
-    return float(sums[0] / sums[1].clamp_min(1)), cm.compute()
-
-
-def augment_settings(config: TrainConfig) -> dict[str, Any] | bool:
-    """build_loader's `augment`: transforms.Augment's defaults (plus --crop), or only the
-    crop with --no-augment, or nothing."""
-    crop = None if config.crop is None else parse_size(config.crop, "--crop")
-    if config.augment:
-        return {"crop": crop}
-    if crop is None:
-        return False
-    return {"crop": crop, "scale": (1.0, 1.0), "flip": 0.0, "brightness": 0.0, "contrast": 0.0,
-            "saturation": 0.0, "hue": 0.0}
-
-
-def make_loader(t: Trainer, split: str, st: LoopState | None = None):
-    """This process's DataLoader over `split`: train shuffles per (seed, epoch), augments
-    per (seed, epoch, index) and starts at `st`'s position; val keeps file order."""
-    from urbanseg.data.loader import build_loader
-
-    c, train = t.config, split == "train"
-    return build_loader(c.data, split, batch_size=t.local_batch, train=train, workers=c.workers, seed=c.seed,
-                        epoch=st.epoch if train else 0, start=st.step_in_epoch * t.local_batch if train else 0,
-                        rank=t.info.rank, world_size=t.info.world_size,
-                        augment=augment_settings(c) if train else False, drop_last=train)
-
-
-def _iterate(loader):
-    """Iterate `loader` without touching the global torch generator: creating a DataLoader
-    iterator draws a seed from it, which would make a resumed run's dropout differ."""
-    with torch.random.fork_rng(devices=[]):
-        it = iter(loader)
-    yield from it
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def run_validation(t: Trainer, st: LoopState, log: RunLog) -> dict[str, Any]:
-    """Validate, log, keep best.pt and the early-stopping counter up to date."""
-    loss, result = validate(t)
-    st.last_val = {"step": st.step, "val_loss": loss, "miou": result["miou"], "pixel_accuracy":
-                   result["pixel_accuracy"], "mean_accuracy": result["mean_accuracy"],
-                   "iou": result["per_class"]["iou"]}
-    log.val(st.step, st.epoch, loss, result, t.label_set.classes)
-    if (result["miou"] or 0.0) > st.best_miou:
-        st.best_miou, st.best_step, st.bad_validations = result["miou"], st.step, 0
-        save(t, st, "best.pt", with_train_state=False)
+    local_batch = config.batch_size // info.world_size
+    per_sample = memory.train_step_floor(1, size, num_classes)
+    if device.type == "cuda":
+        have, where, sharing = torch.cuda.mem_get_info(device)[0], f"{device}", 1
     else:
-        st.bad_validations += 1
-    return result
+        have, where, sharing = memory.available_bytes(), "this machine", info.local_world_size
+    room = have // sharing  # for one process
+    w, h = memory.fitting_size(size, room / local_batch / (per_sample / (size[0] * size[1])))
+    fixes = [f"a smaller --crop (about {min(w, data[0])}x{min(h, data[1])} at most at this batch size)"]
+    if room >= per_sample and config.batch_size > info.world_size:
+        fixes.append(f"--batch-size {room // per_sample * info.world_size}")
+    what = (f"--crop {config.crop}" if config.crop else f"training on whole {size[0]}x{size[1]} images") + \
+        f" at --batch-size {config.batch_size} (inputs and logits alone, before the model's activations)"
+    memory.require(per_sample * local_batch * sharing, what, "use " + " or ".join(fixes), have=have, where=where)
 
 
-def after_step(t: Trainer, st: LoopState, log: RunLog, end_of_epoch: bool, stopping: bool) -> str | None:
-    """Validate and save when due; return why training ends now, or None to go on."""
-    c = t.config
-    last = st.step >= t.total_steps
-    validated = (c.val_every and st.step % c.val_every == 0) or (not c.val_every and end_of_epoch) or last
-    if validated or stopping or (c.save_every and st.step % c.save_every == 0):
-        # a finite loss and gradient can still make a huge update: never save such weights
-        if not all(torch.isfinite(v).all() for v in t.raw.state_dict().values() if v.is_floating_point()):
-            raise NonFiniteLoss(f"the weights or batch-norm statistics overflowed to inf/NaN at step {st.step}")
-    if validated:
-        t.last_result = run_validation(t, st, log)
-    early = bool(c.patience) and st.bad_validations >= c.patience
-    if validated or stopping or last or early or (c.save_every and st.step % c.save_every == 0):
-        save(t, st, "last.pt")
-    return "interrupted" if stopping else "early stop" if early else "done" if last else None
+def verify_data(config: TrainConfig, info: dist_.DistInfo) -> None:
+    """Read every record of the train and val splits once, checking both CRCs, the index
+    files and the record ids (`tfrecord.verify_shards`): a corrupt shard stops the run here,
+    not hours in. Rank 0 reads (about 1 s per GB from the page cache, docs/benchmarks.md),
+    the other processes wait for its verdict."""
+    from urbanseg.data.tfrecord import verify_shards
+
+    problem = None
+    if info.is_main:
+        try:
+            for split in ("train", "val"):
+                verify_shards(config.data / split)
+        except UserError as e:
+            problem = str(e)
+    problem = dist_.broadcast_from_main(problem)
+    if problem:
+        raise UserError(f"{problem}. Found by checking every record before the first step: nothing was written "
+                        f"to {config.run}, and the same command runs once the shards are re-packed")
 
 
-def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
-    """Train until the step budget, early stopping or a stop request; returns which."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=t.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not t.info.is_main)
-    window = [0.0, 0, time.perf_counter()]  # loss sum, steps, start time of this logging window
-    t.raw.train()
-    loader = make_loader(t, "train", st)  # persistent workers: one loader, set_epoch per epoch
-    t.val_loader = make_loader(t, "val")
-    try:
-        while st.step < t.total_steps:
-            end_of_epoch, steps_before = False, st.step
-            loader.sampler.set_epoch(st.epoch, st.step_in_epoch * t.local_batch)
-            for batch in _iterate(loader):
-                lr = t.optimizer.param_groups[0]["lr"]
-                try:
-                    loss, stopping = train_step(t, batch, stop.requested)
-                except NonFiniteLoss as e:
-                    raise NonFiniteLoss(f"{e} at step {st.step + 1}") from None
-                st.step, st.step_in_epoch = st.step + 1, st.step_in_epoch + 1
-                if st.step_in_epoch >= t.steps_per_epoch:  # every process stops here: equal step counts
-                    st.epoch, st.step_in_epoch, end_of_epoch = st.epoch + 1, 0, True
-                window[0], window[1] = window[0] + loss, window[1] + 1
-                speed = window[1] * t.config.batch_size / max(time.perf_counter() - window[2], 1e-9)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed:.1f} img/s", refresh=False)
-                if st.step % t.config.log_every == 0:
-                    log.train(st.step, st.epoch, window[0] / window[1], lr, speed)
-                    window = [0.0, 0, time.perf_counter()]
-                reason = after_step(t, st, log, end_of_epoch, stopping)
-                if reason:
-                    return reason
-                if end_of_epoch:
-                    break
-            if st.step == steps_before:
-                raise RuntimeError(f"the train loader yielded no batch at epoch {st.epoch}, step {st.step}")
-        return "done"
-    finally:
-        bar.close()
+# --------------------------------------------------------------------------- the command
 
 
 def train(config: TrainConfig) -> int:
@@ -387,15 +267,13 @@ def train(config: TrainConfig) -> int:
 
 
 def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> int:
-    from urbanseg import config as cfg
-
     t = setup(config, info, device)
     last = config.run / "last.pt"
     if info.is_main and config.resume:
         remove_stale_temporaries(config.run)
-    st = restore(t, last) if config.resume and last.is_file() else LoopState()
+    st = t.restore(last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
-        cfg.save(config, config.run / "config.yaml")
+        save_config(config, config.run / "config.yaml")
     log = RunLog(config.run, enabled=info.is_main, resume_step=st.step if config.resume else None)
     try:
         with StopSignal() as stop:
@@ -416,12 +294,21 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
 
 
 def report(t: Trainer, st: LoopState, reason: str) -> None:
+    """The final lines: where training ended and the files it left, only those that exist
+    (no best.pt before the first validation), then the last validation's table."""
     from urbanseg.evaluation.metrics import format_table
 
     run = t.config.run
-    print(f"training {reason} at step {st.step}/{t.total_steps}; best val mIoU "
-          f"{st.best_miou:.4f} at step {st.best_step} -> {run / 'best.pt'}; state -> {run / 'last.pt'}")
+    best, last = run / "best.pt", run / "last.pt"
+    parts = [f"training {reason} at step {st.step}/{t.total_steps}"]
+    if st.best_step >= 0 and best.is_file():
+        parts.append(f"best val mIoU {st.best_miou:.4f} at step {st.best_step} -> {best}")
+    else:
+        parts.append("no validation yet")
+    if last.is_file():
+        parts.append(f"state -> {last}")
+    print("; ".join(parts))
     if reason == "interrupted":
         print(f"continue with: urbanseg train --data {t.config.data} --run {run} --resume")
-    if t.last_result is not None:
-        print(f"\nvalidation at step {st.step}:\n" + format_table(t.last_result, t.label_set.classes))
+    if t.last_result is not None and st.last_val is not None:
+        print(f"\nvalidation at step {st.last_val['step']}:\n" + format_table(t.last_result, t.label_set.classes))
