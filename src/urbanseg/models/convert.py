@@ -144,9 +144,9 @@ def convert(src: Source, snap: Snapshot, *, labels: str | None = None,
 
     entry = find_pretrained(src.text) if src.repo_id is not None else None
     loaded = read_folder(snap.folder, src.library)
-    model = _rebuild(loaded, snap.folder)
     label_set = _label_set(loaded, labels, snap.folder)
     protocol = entry.protocol if entry else Protocol("whole", _input_size(loaded, input_size, snap.folder))
+    model = _rebuild(loaded, snap.folder)
     metrics = {"miou": round(entry.miou / 100, 6), "miou_source": entry.miou_source} \
         if entry and entry.miou is not None else {}
     payload = build_payload(model, label_set=label_set, input_size=protocol.size, config={
