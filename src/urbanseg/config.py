@@ -347,14 +347,14 @@ class ImportConfig:
 
     source: str = opt(help="an smp hub id (smp-hub/segformer-b0-512x1024-city-160k), hf:ID for a transformers "
                            "model (hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024), or a local folder "
-                           "written by save_pretrained; see `urbanseg models --pretrained`", positional=True)
+                           "written by save_pretrained; the known models: docs/pretrained.md", positional=True)
     out: Path | None = opt(None, "checkpoint to write (default: the conversion cache $HF_HOME/urbanseg/, "
                                  "which later commands reuse)", short="-o")
-    folder: Path | None = opt(None, "with a hub id: read the files from this folder (fetched on another machine "
-                                    "with `hf download ID --local-dir DIR`) instead of the hub")
+    folder: Path | None = opt(None, "with a hub id: read its files from this folder (downloaded on another "
+                                    "machine with `hf download`) instead of the hub")
     labels: str | None = opt(None, "label set of the model's classes: classes19 (the default for 19 classes), "
                                    "categories8, categories7 or a labelmap.json path")
-    input_size: str | None = opt(None, "input size WIDTHxHEIGHT of a model not in `urbanseg models --pretrained` "
+    input_size: str | None = opt(None, "input size WIDTHxHEIGHT of a model not in the pretrained table "
                                        "(default: the size of its preprocessing config)", metavar="WxH")
     overwrite: bool = opt(False, "replace an existing --out file")
 

@@ -3,6 +3,7 @@
 `resolve_pretrained`). Heavy: importing this imports PyTorch."""
 
 from urbanseg.models.builders import IMAGENET_MEAN, IMAGENET_STD
+from urbanseg.models.convert import resolve_pretrained
 from urbanseg.models.registry import (
     DEFAULT_MODEL,
     IMPORTED,
@@ -24,5 +25,6 @@ __all__ = [
     "create_model",
     "load_encoder_weights",
     "model_stats",
+    "resolve_pretrained",
     "save_encoder_weights",
 ]
