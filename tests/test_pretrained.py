@@ -9,12 +9,15 @@ Hugging Face home: nothing is downloaded.
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_hub import FakeHub
 from PIL import Image
 
 from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
@@ -268,6 +271,52 @@ def test_a_folder_fetched_elsewhere_imports_as_its_hub_id(hf_folder, hf_home, ca
     assert "NON-COMMERCIAL" in out and PRETRAINED[HF_ID].licence.url in out
     assert resolve_pretrained(HF_ID) == cache_path(parse_source(HF_ID))
     assert "using the conversion" in capsys.readouterr().out
+
+
+# ------------------------------------------------------ the download, from a stand-in hub
+
+
+@pytest.fixture
+def fake_hub(smp_folder):
+    hub = FakeHub({SMP_ID: ("a" * 40, smp_folder)})
+    yield hub
+    hub.close()
+
+
+@pytest.mark.slow
+def test_a_hub_model_downloads_once_and_converts_again_for_a_new_revision(fake_hub, tmp_path):
+    """`urbanseg import ID` against a hub on 127.0.0.1 (HF_ENDPOINT): the first run
+    downloads and converts into the cache, the second only asks the hub for its revision
+    and reuses the conversion, a new revision on the hub is fetched and converted again."""
+    env = {**os.environ, "HF_ENDPOINT": fake_hub.url, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    path = tmp_path / "hf" / "urbanseg" / ("smp--" + SMP_ID.replace("/", "--")) / "model.pt"
+
+    def run():
+        fake_hub.requests.clear()
+        out = subprocess.run([sys.executable, "-m", "urbanseg", "import", SMP_ID], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    assert "NON-COMMERCIAL" in run()
+    assert sorted(fake_hub.downloads()) == ["albumentations_config_eval.json", "config.json", "model.safetensors"]
+    assert load_checkpoint(path)["source"]["revision"] == "a" * 40
+    stamp = path.stat().st_mtime_ns
+    run()
+    assert fake_hub.downloads() == [] and path.stat().st_mtime_ns == stamp
+    fake_hub.repos[SMP_ID] = ("b" * 40, fake_hub.repos[SMP_ID][1])  # same files: the hub's blobs are reused
+    run()
+    assert load_checkpoint(path)["source"]["revision"] == "b" * 40 and path.stat().st_mtime_ns != stamp
+
+
+def test_a_missing_repository_is_a_clear_error(fake_hub, hf_home, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.url)
+    with pytest.raises(UserError, match="no model smp-hub/segformer-b9-1024x1024-city-160k on the Hugging Face hub"):
+        resolve_pretrained("smp-hub/segformer-b9-1024x1024-city-160k")
 
 
 # ------------------------------------------------------------------------- offline, fast

@@ -270,7 +270,7 @@ def describe(path: Path) -> str:
     licence = (f"{src['licence']}: {src['licence_summary']} ({src['licence_url']})" if "licence_url" in src
                else f"{src['licence']}: {src['licence_summary']}")
     lines = [
-        f"converted {src['id']} (revision {src['revision'][:12]}) -> {path}",
+        f"{path}: converted from {src['id']} (revision {src['revision'][:12]})",
         (f"  {src.get('architecture') or architecture_name(ckpt['model'])}, {params / 1e6:.2f} M parameters, "
          f"{ckpt['label_set']['name']} ({len(ckpt['label_set']['classes'])} classes)"),
         (f"  input {ckpt['input_size'][0]}x{ckpt['input_size'][1]}, {protocol.describe()}; normalisation mean "

@@ -138,7 +138,7 @@ def _wanted(names: dict[str, int | None]) -> tuple[str, ...]:
 def _hub_error(repo_id: str, error: Exception) -> str:
     """A missing, private or gated repository is the user's to fix (UserError now); any
     other failure means the hub cannot be used: its reason, for the offline path."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError  # also in huggingface_hub < 0.24
 
     if isinstance(error, GatedRepoError):
         raise UserError(f"{repo_id} is gated on the Hugging Face hub: accept its terms on "
