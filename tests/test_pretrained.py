@@ -222,6 +222,22 @@ def test_predict_and_export_take_the_imported_checkpoint(family, request, tmp_pa
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
 
+@pytest.mark.parametrize("family", ["smp", "hf"])
+def test_the_imported_architecture_takes_a_new_head(family, request):
+    """What `train --init` does with another label set: the same architecture with 8
+    classes loads every imported tensor but the classifier (urbanseg.checkpoint.load_pretrained)."""
+    from urbanseg.checkpoint import load_pretrained
+    from urbanseg.models import create_model
+
+    ckpt = load_checkpoint(request.getfixturevalue(f"{family}_ckpt"))
+    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "num_classes"}
+    model = create_model(ckpt["model"]["name"], 8, **kwargs)
+    report = load_pretrained(model, ckpt)
+    assert report.skipped and all(k.startswith(model.head_prefixes) for k in report.skipped)
+    assert len(report.loaded) == len(ckpt["model_state"]) - len(report.skipped)
+    assert torch.equal(model.mean, ckpt["model_state"]["mean"])
+
+
 # -------------------------------------------------------------- the conversion cache
 
 
