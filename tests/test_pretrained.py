@@ -367,8 +367,9 @@ def test_an_unreachable_hub_fails_fast_without_the_offline_flag(hf_home, monkeyp
 
 
 def test_bad_sources_and_options_are_user_errors(smp_folder, hf_folder, tmp_path, hf_home, capsys):
-    assert main(["import", "no such thing"]) == 2
-    assert "not a folder, an smp hub id" in capsys.readouterr().err
+    for missing in ("no such thing", "./no/folder"):
+        assert main(["import", missing]) == 2
+        assert "not a folder, an smp hub id" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["import", str(tmp_path / "empty")]) == 2
     assert "config.json" in capsys.readouterr().err
