@@ -54,6 +54,8 @@ def _is_required(f: dataclasses.Field) -> bool:
 
 
 def _flag_cell(f: dataclasses.Field, tp: Any) -> str:
+    if f.metadata.get("positional"):
+        return f"`{f.name.upper()}`"
     long = "--" + f.name.replace("_", "-")
     if tp is bool:
         return f"`{long}` / `--no-{long[2:]}`"

@@ -30,7 +30,7 @@ def test_every_flag_has_help(name, capsys):
     cls = COMMANDS[name][0]
     for f in dataclasses.fields(cls):
         assert f.metadata.get("help"), f"{name} --{f.name} has no help"
-        assert "--" + f.name.replace("_", "-") in text
+        assert (f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")) in text
 
 
 def test_bad_value_exits_2_without_traceback(tmp_path, capsys):

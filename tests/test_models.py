@@ -127,27 +127,36 @@ def test_encoder_weights_of_another_model_are_refused(tmp_path):
 
 
 OFFLINE_PROBE = textwrap.dedent("""
-    import sys
+    import sys, time
     from urbanseg.errors import UserError
     from urbanseg.models import create_model
+    create_model("unet-original", 3)  # imports torch and the model libraries before the clock starts
     for name in sys.argv[1:]:
+        start = time.perf_counter()
         try:
             create_model(name, 3, encoder_weights="imagenet")
-            print(name, "DOWNLOADED")
+            result = "DOWNLOADED"
         except UserError as e:
-            print(name, "USERERROR", str(e).replace("\\n", " "))
+            result = "USERERROR " + str(e).replace("\\n", " ")
+        print(name, f"{time.perf_counter() - start:.2f}", result)
 """)
 
 
 @pytest.mark.slow
-def test_imagenet_weights_offline_fail_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("hub", ["offline-flag", "unreachable"])
+def test_imagenet_weights_offline_fail_fast_with_a_clear_message(hub, tmp_path):
     """No network: every HTTP(S) request goes to a proxy port nothing listens on (what
-    torchvision's torch.hub download meets), the Hugging Face hub (smp and timm weights)
-    is in offline mode (the same error as a failed connection, without its ~25 s of
-    retries), and the download caches are empty. Each family must end in a UserError
-    that says how to pass a local file."""
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch"),
-           "HF_HUB_OFFLINE": "1"}
+    torchvision's torch.hub download meets), and the Hugging Face hub (smp and timm
+    weights) is either in offline mode or at an address that refuses connections, which
+    without urbanseg's probe costs huggingface_hub ~25 s of retries per model. The caches
+    are empty. Each family must end, within seconds, in a UserError that says how to
+    pass a local file."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    env.pop("HF_HUB_OFFLINE", None)
+    if hub == "offline-flag":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
         env[var] = "http://127.0.0.1:9"
     for var in ("no_proxy", "NO_PROXY"):
@@ -155,13 +164,33 @@ def test_imagenet_weights_offline_fail_with_a_clear_message(tmp_path):
     names = ["unet-resnet18", "fpn-mobilenetv3", "segformer-mit_b0", "lraspp-mobilenetv3"]
     out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE, *names], env=env, capture_output=True,
                          text=True, timeout=300)
-    results = [line.split(maxsplit=1) for line in out.stdout.splitlines()]
-    lines = {r[0]: r[1] for r in results if len(r) == 2 and r[1].startswith(("USERERROR", "DOWNLOADED"))}
+    results = [line.split(maxsplit=2) for line in out.stdout.splitlines()]
+    lines = {r[0]: (float(r[1]), r[2]) for r in results if len(r) == 3 and r[2].startswith(("USERERROR", "DOWNL"))}
     assert sorted(lines) == sorted(names), out.stderr[-2000:]
-    for name, line in lines.items():
+    for name, (seconds, line) in lines.items():
         assert "USERERROR" in line, line
         assert f"could not get the ImageNet weights for '{name}'" in line
         assert f"--encoder-weights {name}-imagenet.pth" in line and "save_encoder_weights" in line
+        assert seconds < 10, f"{name}: {seconds:.1f} s to fail offline (the bound is a few seconds)"
+
+
+def test_imported_families_take_their_own_normalisation():
+    """An imported model normalises with the mean/std it was trained with (kept in
+    model_args, and as buffers in the state dict)."""
+    mean, std = [100.0, 110.0, 120.0], [50.0, 60.0, 70.0]
+    model = create_model("smp", 4, arch="Segformer", config={"encoder_name": "mit_b0",
+                                                             "decoder_segmentation_channels": 16},
+                         mean=mean, std=std).eval()
+    assert model.mean.flatten().tolist() == mean and model.std.flatten().tolist() == std
+    assert model.model_args["kwargs"]["mean"] == mean and "smp" not in MODELS
+    x = torch.rand(1, 3, 64, 64) * 255
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), model.net((x - m) / s), atol=1e-5)
+    with pytest.raises(UserError, match="bring their own weights"):
+        create_model("smp", 4, encoder_weights="imagenet", arch="Segformer", config={"encoder_name": "mit_b0"})
+    with pytest.raises(UserError, match="not a segmentation-models-pytorch architecture"):
+        create_model("smp", 4, arch="create_model", config={})
 
 
 def test_model_stats_counts_parameters_and_flops():

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "prepare": (cfg.PrepareConfig, "urbanseg.data.prepare:prepare"),
     "pack": (cfg.PackConfig, "urbanseg.data.pack:pack"),
     "models": (cfg.ModelsConfig, "urbanseg.models.listing:list_models"),
+    "import": (cfg.ImportConfig, "urbanseg.models.convert:import_model"),
     "train": (cfg.TrainConfig, "urbanseg.training.train:train"),
     "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluation.evaluate:evaluate"),
     "predict": (cfg.PredictConfig, "urbanseg.inference.predict:predict"),

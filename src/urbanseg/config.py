@@ -21,7 +21,8 @@ from urbanseg.errors import UserError
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:
-    """A config field with its command-line help. `extra` may hold `short` (e.g. "-o")."""
+    """A config field with its command-line help. `extra` may hold `short` (e.g. "-o"),
+    `metavar`, or `positional=True` (an argument without a flag, e.g. `urbanseg import SOURCE`)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
     return dataclasses.field(default=default, metadata={"help": help, **extra})
@@ -145,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=tp, metavar=f.name.upper(), help=f.metadata.get("help", ""))
+            continue
         flag = "--" + f.name.replace("_", "-")
         names = [f.metadata["short"], flag] if "short" in f.metadata else [flag]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -386,11 +390,40 @@ class ModelsConfig:
     repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
     threads: int = opt(1, "CPU threads per model with --measure")
     only: list[str] = opt([], "show only these models (default: all)")
+    pretrained: bool = opt(False, "list the pretrained Cityscapes models instead (for `urbanseg import`), "
+                                  "with protocol, published mIoU and licence")
 
     def __post_init__(self) -> None:
         parse_size(self.size)
         check(self.repeats >= 1, f"--repeats {self.repeats} must be >= 1")
         check(self.threads >= 1, f"--threads {self.threads} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+    """`urbanseg import`: convert a pretrained model (smp hub id, hf:ID or a save_pretrained folder) to a checkpoint."""
+
+    source: str = opt(help="an smp hub id (smp-hub/segformer-b0-512x1024-city-160k), hf:ID for a transformers "
+                           "model (hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024), or a local folder "
+                           "written by save_pretrained; the known models: docs/pretrained.md", positional=True)
+    out: Path | None = opt(None, "checkpoint to write (default: the conversion cache $HF_HOME/urbanseg/, "
+                                 "which later commands reuse)", short="-o")
+    folder: Path | None = opt(None, "with a hub id: read its files from this folder (downloaded on another "
+                                    "machine with `hf download`) instead of the hub")
+    labels: str | None = opt(None, "label set of the model's classes: classes19 (the default for 19 classes), "
+                                   "categories8, categories7 or a labelmap.json path")
+    input_size: str | None = opt(None, "input size WIDTHxHEIGHT of a model not in the pretrained table "
+                                       "(default: the size of its preprocessing config)", metavar="WxH")
+    overwrite: bool = opt(False, "replace an existing --out file")
+
+    def __post_init__(self) -> None:
+        check(bool(self.source.strip()), "give a SOURCE: an smp hub id, hf:ID or a folder")
+        if self.input_size is not None:
+            parse_size(self.input_size, "--input-size")
+        check(self.out is not None or (self.labels is None and self.input_size is None),
+              "--labels and --input-size change the conversion: write it to a file of your own with --out model.pt")
+        check(self.out is None or self.out.suffix == ".pt", f"--out {self.out}: give a .pt file name")
+        check(self.overwrite <= (self.out is not None), "--overwrite only applies with --out")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,9 +25,12 @@ def load_figures() -> dict[str, Any] | None:
 
 
 def list_models(config: ModelsConfig) -> int:
-    """`urbanseg models`: print a table of the models (parameters, FLOPs, CPU latency)."""
+    """`urbanseg models`: print a table of the models (parameters, FLOPs, CPU latency), or
+    with --pretrained the table of pretrained Cityscapes models."""
     from urbanseg.models.latency import measure_latency
 
+    if config.pretrained:
+        return list_pretrained()
     size, base = parse_size(config.size), "unet-original"
     key = f"{size[0]}x{size[1]}"
     unknown = [n for n in config.only if n not in MODELS]
@@ -56,4 +59,17 @@ def list_models(config: ModelsConfig) -> int:
               f"(batch 1, models timed round-robin); re-measure here with --measure")
     else:
         print(f"\nno latency figures for {key}; measure them here with --measure")
+    return 0
+
+
+def list_pretrained() -> int:
+    """`urbanseg models --pretrained`: the table of `urbanseg.models.pretrained.PRETRAINED`."""
+    from urbanseg.models.pretrained import pretrained_table, table_notes
+
+    print(pretrained_table())
+    print()
+    print(table_notes())
+    print("\nConvert one into a checkpoint (downloads on first use, into the Hugging Face cache):\n"
+          "  urbanseg import smp-hub/segformer-b0-512x1024-city-160k --out segformer-b0.pt\n"
+          "NOTE: NVIDIA's SegFormer weights are for NON-COMMERCIAL use only.")
     return 0

@@ -2,10 +2,14 @@
 
 Every model is wrapped in `SegmentationModel`, which fixes the contract the rest of
 urbanseg relies on: it takes float32 (N, 3, H, W) images with values 0..255 (a uint8
-batch `.float()`), normalises them inside with ImageNet mean/std, pads H and W to the
-network's stride, and returns float32 logits (N, num_classes, H, W) at the input size.
-`model.model_args` ({"name", "kwargs"}) rebuilds the architecture; the weights come
-from a state dict (see `urbanseg.checkpoint`).
+batch `.float()`), normalises them inside with the model's mean/std (ImageNet's, or an
+imported model's own), pads H and W to the network's stride, and returns float32 logits
+(N, num_classes, H, W) at the input size. `model.model_args` ({"name", "kwargs"})
+rebuilds the architecture; the weights come from a state dict (see `urbanseg.checkpoint`).
+
+`IMPORTED` holds the families that rebuild a pretrained model from its library's own
+config (written by `urbanseg import`): not trainable by name, so not in `MODELS`, which
+`urbanseg models`, the benchmarks and the per-model tests walk.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from urbanseg.errors import UserError
-from urbanseg.models.builders import Built, LrasppBuilder, SmpBuilder, UNetOriginalBuilder
+from urbanseg.models.builders import (
+    Built,
+    HfConfigBuilder,
+    LrasppBuilder,
+    SmpBuilder,
+    SmpConfigBuilder,
+    UNetOriginalBuilder,
+)
 from urbanseg.util import atomic_path
-
-# ImageNet statistics on the 0..255 scale, as used by every pretrained encoder here
-# (torchvision, timm and smp all train their ImageNet weights with these).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 _MBV3, _MBV4 = "tu-mobilenetv3_large_100", "tu-mobilenetv4_conv_small"
 # name -> builder. The one list of model names (the CLI, the benchmark and the tests read it).
@@ -42,6 +48,9 @@ MODELS: dict[str, Any] = {
     "segformer-mit_b0": SmpBuilder("Segformer", "mit_b0", "smp SegFormer, MiT-B0 encoder"),
     "lraspp-mobilenetv3": LrasppBuilder(),
 }
+# name -> builder of an imported model (`urbanseg import`): smp's or transformers' own config
+# in the kwargs ("arch"/"config"), with the model's own "mean"/"std".
+IMPORTED: dict[str, Any] = {"smp": SmpConfigBuilder(), "hf": HfConfigBuilder()}
 # Chosen by measurement (see benchmarks/bench_models.py and the README): at least 20x
 # faster than unet-original at 512x256 on the CPU.
 DEFAULT_MODEL = "lraspp-mobilenetv3"
@@ -50,7 +59,7 @@ DEFAULT_MODEL = "lraspp-mobilenetv3"
 class SegmentationModel(nn.Module):
     """(N, 3, H, W) float images 0..255 -> (N, num_classes, H, W) float logits.
 
-    Normalises with `mean`/`std` (buffers, 0..255 scale), pads the bottom and right
+    Normalises with `mean`/`std` (buffers, 0..255 scale, from the builder), pads the bottom and right
     edges to a multiple of `stride` with zeros *after* normalisation (i.e. with the mean
     colour, as mmsegmentation does), runs `net` and crops the logits back.
     """
@@ -63,8 +72,8 @@ class SegmentationModel(nn.Module):
         self.model_args = {"name": name, "kwargs": {"num_classes": num_classes, **kwargs}}
         self.encoder_weights: str | None = None  # provenance only, set by create_model
         self._encoder = [built.encoder]  # a list so it is not registered twice as a submodule
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(built.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(built.std, dtype=torch.float32).view(1, 3, 1, 1))
 
     @property
     def num_classes(self) -> int:
@@ -90,15 +99,19 @@ class SegmentationModel(nn.Module):
 
 def create_model(name: str, num_classes: int, *, encoder_weights: str | None = None,
                  **kwargs: Any) -> SegmentationModel:
-    """Build model `name` (a key of `MODELS`) with a new `num_classes`-way head.
+    """Build model `name` (a key of `MODELS`, or of `IMPORTED` with that family's config
+    in kwargs) with a new `num_classes`-way head.
 
     encoder_weights: None (random init), "imagenet" (the libraries' own download, cached
-    under ~/.cache), or the path of a local state dict for the encoder / backbone (see
-    `save_encoder_weights`). Other kwargs go to the builder (e.g. `base_channels` for
-    unet-original, `decoder_channels` for smp models) and are kept in `model_args`.
+    under ~/.cache; offline, only what is cached, failing at once otherwise), or the path
+    of a local state dict for the encoder / backbone (see `save_encoder_weights`). Other
+    kwargs go to the builder (e.g. `base_channels` for unet-original, `decoder_channels`
+    for smp models) and are kept in `model_args`.
     """
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    builder = MODELS.get(name) or IMPORTED.get(name)
+    if builder is None:
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)} "
+                        f"(pretrained models come from `urbanseg import`, see `urbanseg models --pretrained`)")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     local = None
@@ -108,7 +121,8 @@ def create_model(name: str, num_classes: int, *, encoder_weights: str | None = N
             raise UserError(f"--encoder-weights {encoder_weights!r}: expected 'imagenet' or an existing "
                             f"weights file (a state dict saved with urbanseg.models.save_encoder_weights)")
     try:
-        built = MODELS[name](num_classes, encoder_weights == "imagenet", **kwargs)
+        built = _build_imagenet(builder, num_classes, kwargs) if encoder_weights == "imagenet" \
+            else builder(num_classes, False, **kwargs)
     except TypeError as e:
         raise UserError(f"model {name!r} does not accept the arguments {sorted(kwargs)}: {e}") from e
     except UserError:
@@ -124,11 +138,25 @@ def create_model(name: str, num_classes: int, *, encoder_weights: str | None = N
     return model
 
 
+def _build_imagenet(builder: Any, num_classes: int, kwargs: dict[str, Any]) -> Built:
+    """Build with the libraries' ImageNet weights. When the hub cannot be reached, build
+    in the hub's offline mode: cached weights still load, missing ones fail at once
+    instead of after huggingface_hub's ~25 s of connection retries."""
+    from urbanseg.models.hub import hub_offline, hub_reachable
+
+    if hub_reachable():
+        return builder(num_classes, True, **kwargs)
+    with hub_offline():
+        return builder(num_classes, True, **kwargs)
+
+
 def _offline_message(name: str, error: Exception) -> str:
+    from urbanseg.models.hub import hf_hub_cache
+
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
     return (
         f"could not get the ImageNet weights for {name!r} ({type(error).__name__}: {first_line}). "
-        f"The libraries download them on first use (into ~/.cache/huggingface or ~/.cache/torch), "
+        f"The libraries download them on first use (into {hf_hub_cache()} or ~/.cache/torch), "
         f"which needs internet access. Offline: on a machine with internet run\n"
         f"  python -c \"from urbanseg.models import create_model, save_encoder_weights; "
         f"save_encoder_weights(create_model('{name}', 1, encoder_weights='imagenet'), '{name}-imagenet.pth')\"\n"
