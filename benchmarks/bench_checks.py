@@ -42,9 +42,16 @@ def write_split(split: Path, total_bytes: float, shards: int = 4) -> int:
         with open(split / name, "wb") as f:
             for _ in range(n // shards):
                 payload = os.urandom(RECORD_BYTES)
-                record = frame_record(encode_example({"id": record_id, "name": f"r{record_id}",
-                                                      "image_data": payload[:-RECORD_BYTES // 10],
-                                                      "label_data": payload[-RECORD_BYTES // 10:]}))
+                record = frame_record(
+                    encode_example(
+                        {
+                            "id": record_id,
+                            "name": f"r{record_id}",
+                            "image_data": payload[: -RECORD_BYTES // 10],
+                            "label_data": payload[-RECORD_BYTES // 10 :],
+                        }
+                    )
+                )
                 rows.append((f.tell(), len(record)))
                 f.write(record)
                 record_id += 1
@@ -70,8 +77,10 @@ def bench_verify(gb: float, rounds: int) -> None:
         size = write_split(split, gb * 1e9)
         times: dict[str, list[float]] = {"verify_shards (urbanseg train)": [], "read + CRC32C only": []}
         for _ in range(rounds):
-            for name, fn in (("verify_shards (urbanseg train)", lambda: verify_shards(split, progress=False)),
-                             ("read + CRC32C only", lambda: read_and_crc(split))):
+            for name, fn in (
+                ("verify_shards (urbanseg train)", lambda: verify_shards(split, progress=False)),
+                ("read + CRC32C only", lambda: read_and_crc(split)),
+            ):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -125,8 +134,9 @@ def peak_bytes(stage: str, size: tuple[int, int], raw: tuple[int, int]) -> int:
         if stage == "prepare":
             _make_one((Path(tmp) / "raw", 0, "train", 0, *raw))
             _make_one((Path(tmp) / "tiny", 0, "train", 0, 64, 32))
-        out = subprocess.run([sys.executable, "-c", PEAK, stage, *map(str, size), tmp], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK, stage, *map(str, size), tmp], check=True, capture_output=True, text=True
+        ).stdout
     return int(out.split()[-1])
 
 
@@ -137,21 +147,34 @@ def bench_memory(sizes: list[tuple[int, int]]) -> None:
     for w, h in sizes:
         rows = [("synth", (w, h), (0, 0), memory.SYNTH_BYTES_PER_PIXEL * w * h)]
         for raw in dict.fromkeys([(2048, 1024), (w, h)]):  # Cityscapes' size, and no resize
-            rows.append(("prepare", (w, h), raw, memory.PREPARE_BYTES_PER_RAW_PIXEL * raw[0] * raw[1]
-                         + memory.PREPARE_BYTES_PER_OUT_PIXEL * w * h))
+            rows.append(
+                (
+                    "prepare",
+                    (w, h),
+                    raw,
+                    memory.PREPARE_BYTES_PER_RAW_PIXEL * raw[0] * raw[1] + memory.PREPARE_BYTES_PER_OUT_PIXEL * w * h,
+                )
+            )
         for stage, size, raw, estimate in rows:
             measured = peak_bytes(stage, size, raw)
             what = f"{raw[0]}x{raw[1]} -> {w}x{h}" if stage == "prepare" else f"{w}x{h}"
-            print(f"| {stage} | {what} | {measured / (w * h):.1f} | {estimate / (w * h):.1f} | "
-                  f"{estimate / max(measured, 1):.2f} |", flush=True)
+            print(
+                f"| {stage} | {what} | {measured / (w * h):.1f} | {estimate / (w * h):.1f} | "
+                f"{estimate / max(measured, 1):.2f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=0.5, help="size of the verified split")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sizes", nargs="+", default=["512x256", "2048x1024", "4096x2048"],
-                        help="output sizes WxH for the memory table")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["512x256", "2048x1024", "4096x2048"],
+        help="output sizes WxH for the memory table",
+    )
     args = parser.parse_args()
     bench_verify(args.gb, args.rounds)
     bench_memory([tuple(int(v) for v in s.split("x")) for s in args.sizes])

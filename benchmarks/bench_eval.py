@@ -11,7 +11,8 @@ With --data, the ground truth is a real Cityscapes layout (gtFine/<split>/<city>
 from it (shifted, with random blocks and car -> truck swaps) so that the scores are not
 trivial. Both sides read the same PNG files (the official script with PIL, ours with
 OpenCV); "update only" is our time once the arrays are in memory. The two run image by
-image in turn so that the varying load of a shared machine hits both alike. The official script needs a shim for numpy >= 2.4 (np.in1d).
+image in turn so that the varying load of a shared machine hits both alike. The official
+script needs a shim for numpy >= 2.4 (np.in1d).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the scenes of the correctness test
 
 from test_metrics import _flat, _Numpy24Shim, corrupt_prediction, make_scene
-
 from urbanseg.evaluation import official as ce
 
 
@@ -141,9 +141,7 @@ def main() -> None:
     print("| implementation | ms / image | speed-up over official (official ms / ours) |")
     print("|-|-|-|")
     print(f"| cityscapesscripts evalPixelLevelSemanticLabeling (Python path) | {per['official']:.1f} | 1.00 |")
-    print(
-        f"| urbanseg OfficialEvaluator (read + update) | {per['ours']:.1f} | {per['official'] / per['ours']:.2f}x |"
-    )
+    print(f"| urbanseg OfficialEvaluator (read + update) | {per['ours']:.1f} | {per['official'] / per['ours']:.2f}x |")
     print(
         f"| urbanseg OfficialEvaluator (update only, arrays in memory) | {per['update']:.1f} | "
         f"{per['official'] / per['update']:.2f}x |"

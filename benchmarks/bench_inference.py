@@ -83,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    print(f"\nCPU, batch 1, torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
-          f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end; ratios to {REFERENCE} "
-          "at the same size and runtime (lower is faster)\n")
-    print("| model | size | PyTorch ms | ONNX Runtime ms | PyTorch / unet-original | ORT / unet-original "
-          "| ORT / PyTorch |")
+    print(
+        f"\nCPU, batch 1, torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
+        f"{onnxruntime.__version__}, load average {os.getloadavg()[0]:.1f} at the end; ratios to {REFERENCE} "
+        "at the same size and runtime (lower is faster)\n"
+    )
+    print(
+        "| model | size | PyTorch ms | ONNX Runtime ms | PyTorch / unet-original | ORT / unet-original "
+        "| ORT / PyTorch |"
+    )
     print("|-|-|-|-|-|-|-|")
     for name, size_text, t, o, rt, ro, ot in rows:
         print(f"| {name} | {size_text} | {t:.0f} | {o:.0f} | {rt:.3f} | {ro:.3f} | {ot:.2f} |")

@@ -32,9 +32,11 @@ def build_shards(root: Path, images: int) -> Path:
     from urbanseg.cli import main
 
     raw, prepared, shards = root / "raw", root / "prepared", root / "shards"
-    steps = [["synth", "--out", str(raw), "--train", str(images), "--val", "0", "--size", "1024x512"],
-             ["prepare", "--data", str(raw), "--out", str(prepared), "--size", "512x256", "--splits", "train"],
-             ["pack", "--prepared", str(prepared), "--out", str(shards), "--shards", "4", "--splits", "train"]]
+    steps = [
+        ["synth", "--out", str(raw), "--train", str(images), "--val", "0", "--size", "1024x512"],
+        ["prepare", "--data", str(raw), "--out", str(prepared), "--size", "512x256", "--splits", "train"],
+        ["pack", "--prepared", str(prepared), "--out", str(shards), "--shards", "4", "--splits", "train"],
+    ]
     for argv in steps:
         if main(argv) != 0:
             sys.exit(f"failed: urbanseg {' '.join(argv)}")
@@ -58,12 +60,17 @@ def loader_table(shards: Path, rounds: int, batch_size: int) -> list[tuple[str, 
     from urbanseg.data.loader import build_loader
 
     default = torch.get_num_threads()
-    configs = {f"augmented, 0 workers ({default} torch threads)": (0, None, None),
-               "augmented, 0 workers (1 torch thread)": (0, None, 1),
-               "augmented, 1 worker": (1, None, None), "augmented, 2 workers": (2, None, None),
-               f"no augmentation, 0 workers ({default} torch threads)": (0, False, None)}
-    loaders = {name: build_loader(shards, "train", batch_size=batch_size, train=True, workers=w, augment=aug)
-               for name, (w, aug, _) in configs.items()}
+    configs = {
+        f"augmented, 0 workers ({default} torch threads)": (0, None, None),
+        "augmented, 0 workers (1 torch thread)": (0, None, 1),
+        "augmented, 1 worker": (1, None, None),
+        "augmented, 2 workers": (2, None, None),
+        f"no augmentation, 0 workers ({default} torch threads)": (0, False, None),
+    }
+    loaders = {
+        name: build_loader(shards, "train", batch_size=batch_size, train=True, workers=w, augment=aug)
+        for name, (w, aug, _) in configs.items()
+    }
     rates: dict[str, list[float]] = {name: [] for name in loaders}
     for r in range(rounds + 1):  # round 0 starts the workers and warms the page cache
         for name, loader in loaders.items():
@@ -107,26 +114,40 @@ def step_table(shards: Path) -> list[tuple[str, float]]:
     g = torch.Generator()
     rows = [
         ("read record + CRC checks + parse Example", best_ms(lambda: ds.read_example(1))),
-        ("  of which CRC32C of the record",
-         best_ms(lambda: records.masked_crc(ex["image_data"][0] + ex["label_data"][0]))),
-        ("decode image PNG (cv2.imdecode)", best_ms(lambda: cv2.imdecode(np.frombuffer(ex["image_data"][0], np.uint8),
-                                                                          cv2.IMREAD_COLOR_RGB))),
-        ("decode label PNG (cv2.imdecode)", best_ms(lambda: cv2.imdecode(np.frombuffer(ex["label_data"][0], np.uint8),
-                                                                          cv2.IMREAD_UNCHANGED))),
+        (
+            "  of which CRC32C of the record",
+            best_ms(lambda: records.masked_crc(ex["image_data"][0] + ex["label_data"][0])),
+        ),
+        (
+            "decode image PNG (cv2.imdecode)",
+            best_ms(lambda: cv2.imdecode(np.frombuffer(ex["image_data"][0], np.uint8), cv2.IMREAD_COLOR_RGB)),
+        ),
+        (
+            "decode label PNG (cv2.imdecode)",
+            best_ms(lambda: cv2.imdecode(np.frombuffer(ex["label_data"][0], np.uint8), cv2.IMREAD_UNCHANGED)),
+        ),
         ("dataset[i] without augmentation (all of the above)", best_ms(lambda: ds[1])),
         ("TrainTransform (defaults), per sample", best_ms(lambda: t(image, label, g.manual_seed(3)))),
     ]
     for zoom in (0.6, 1.5):
         size = [round(256 * zoom), round(512 * zoom)]
         rows += [
-            (f"resize image {zoom}x: torchvision bilinear+antialias (used)",
-             best_ms(lambda: F.resize(image, size, antialias=True))),
-            (f"resize image {zoom}x: cv2 INTER_LINEAR (aliases when shrinking)",
-             best_ms(lambda: cv2.resize(hwc, size[::-1]))),
-            (f"resize image {zoom}x: cv2 INTER_AREA",
-             best_ms(lambda: cv2.resize(hwc, size[::-1], interpolation=cv2.INTER_AREA))),
-            (f"resize label {zoom}x: torchvision NEAREST_EXACT (used)",
-             best_ms(lambda: F.resize(label[None], size, interpolation=InterpolationMode.NEAREST_EXACT))),
+            (
+                f"resize image {zoom}x: torchvision bilinear+antialias (used)",
+                best_ms(lambda size=size: F.resize(image, size, antialias=True)),
+            ),
+            (
+                f"resize image {zoom}x: cv2 INTER_LINEAR (aliases when shrinking)",
+                best_ms(lambda size=size: cv2.resize(hwc, size[::-1])),
+            ),
+            (
+                f"resize image {zoom}x: cv2 INTER_AREA",
+                best_ms(lambda size=size: cv2.resize(hwc, size[::-1], interpolation=cv2.INTER_AREA)),
+            ),
+            (
+                f"resize label {zoom}x: torchvision NEAREST_EXACT (used)",
+                best_ms(lambda size=size: F.resize(label[None], size, interpolation=InterpolationMode.NEAREST_EXACT)),
+            ),
         ]
     return rows + [
         ("hue shift: torchvision adjust_hue", best_ms(lambda: F.adjust_hue(image, 0.05), 10)),

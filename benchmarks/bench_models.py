@@ -21,8 +21,8 @@ import torch
 
 from urbanseg.config import parse_size
 from urbanseg.models import DEFAULT_MODEL, MODELS, model_stats
-from urbanseg.models.listing import FIGURES_PATH
 from urbanseg.models.latency import measure_latency
+from urbanseg.models.listing import FIGURES_PATH
 from urbanseg.util import atomic_write_text
 
 BASE = "unet-original"
@@ -42,11 +42,13 @@ def machine(threads: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["512x256", "2048x1024"], help="input sizes WxH")
-    parser.add_argument("--repeats", nargs="+", type=int, default=[7, 2],
-                        help="timed passes per model for each size (median reported)")
+    parser.add_argument(
+        "--repeats", nargs="+", type=int, default=[7, 2], help="timed passes per model for each size (median reported)"
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads per model (1: stable ratios on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per model (1: stable ratios on a shared machine)"
+    )
     parser.add_argument("--no-write", action="store_true", help=f"do not update {FIGURES_PATH.name}")
     args = parser.parse_args()
     names = args.models if BASE in args.models else [BASE, *args.models]
@@ -60,8 +62,9 @@ def main() -> None:
             figures[n][size_text] = {"ms": round(ms[n], 2), "speedup": round(ms[BASE] / ms[n], 2)}
 
     first = args.sizes[0]
-    print(f"\nCPU latency, batch 1, median; speed-up = {BASE} ms / model ms in the same run "
-          f"({machine(args.threads)})\n")
+    print(
+        f"\nCPU latency, batch 1, median; speed-up = {BASE} ms / model ms in the same run ({machine(args.threads)})\n"
+    )
     head = " | ".join(f"ms @ {s} | x @ {s}" for s in args.sizes)
     print(f"| model | params (M) | GFLOPs @ {first} | {head} | >= {REQUIRED_SPEEDUP:.0f}x @ {first} |")
     print("|-|-|-|" + "-|-|" * len(args.sizes) + "-|")

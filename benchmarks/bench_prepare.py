@@ -34,12 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from cityscapes_fixture import write_raw_cityscapes
-
 from urbanseg.config import PrepareConfig
-from urbanseg.labels import get_label_set
 from urbanseg.data.prepare import prepare
-from urbanseg.imaging import resize_labels
-from urbanseg.imaging import save_png
+from urbanseg.imaging import resize_labels, save_png
+from urbanseg.labels import get_label_set
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -77,23 +75,41 @@ def step_table(image_path: Path, ids_path: Path, color_path: Path, repeat: int) 
     b, g, r = (bgr[..., k].astype(np.int32) for k in range(3))
     return [
         ("decode image: cv2.imread (used)", best_ms(lambda: cv2.imread(str(image_path), cv2.IMREAD_COLOR), repeat)),
-        ("decode image: PIL open + RGB array", best_ms(lambda: np.asarray(Image.open(image_path).convert("RGB")), repeat)),
-        ("resize image: cv2 INTER_AREA (used)", best_ms(lambda: cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), repeat)),
+        (
+            "decode image: PIL open + RGB array",
+            best_ms(lambda: np.asarray(Image.open(image_path).convert("RGB")), repeat),
+        ),
+        (
+            "resize image: cv2 INTER_AREA (used)",
+            best_ms(lambda: cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), repeat),
+        ),
         ("resize image: PIL reduce(4)", best_ms(lambda: pil.reduce(4), repeat)),
         ("resize image: PIL BOX", best_ms(lambda: pil.resize(size, Image.BOX), repeat)),
         ("resize image: PIL LANCZOS", best_ms(lambda: pil.resize(size, Image.LANCZOS), repeat)),
-        ("labelIds: LabelSet.labels_from_ids (cv2.LUT) + nearest (used)", best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat)),
+        (
+            "labelIds: LabelSet.labels_from_ids (cv2.LUT) + nearest (used)",
+            best_ms(lambda: resize_labels(ls.labels_from_ids(ids), size), repeat),
+        ),
         ("labelIds: numpy gather full size + nearest", best_ms(lambda: resize_labels(lut[ids], size), repeat)),
-        ("labelIds: nearest + lookup (leaves pixels unchecked)", best_ms(lambda: lut[resize_labels(ids, size)], repeat)),
-        ("color: LabelSet.labels_from_colors (BGRA-as-uint32) + nearest (used)",
-         best_ms(lambda: resize_labels(ls.labels_from_colors(bgr, bgr=True), size), repeat)),
-        ("color: int32 channel shifts + nearest", best_ms(lambda: resize_labels(ls.color_lut()[(r << 16) | (g << 8) | b], size), repeat)),
+        (
+            "labelIds: nearest + lookup (leaves pixels unchecked)",
+            best_ms(lambda: lut[resize_labels(ids, size)], repeat),
+        ),
+        (
+            "color: LabelSet.labels_from_colors (BGRA-as-uint32) + nearest (used)",
+            best_ms(lambda: resize_labels(ls.labels_from_colors(bgr, bgr=True), size), repeat),
+        ),
+        (
+            "color: int32 channel shifts + nearest",
+            best_ms(lambda: resize_labels(ls.color_lut()[(r << 16) | (g << 8) | b], size), repeat),
+        ),
         ("write outputs: image + label PNGs (util.save_png)", best_ms(lambda: write_outputs(small, labels), repeat)),
     ]
 
 
 def run_prepare(data: Path, out: Path, workers: int, splits: list[str]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process and its finished worker processes)."""
+
     def cpu() -> float:
         own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -120,7 +136,7 @@ def main() -> None:
         steps = step_table(first, Path(f"{gt}labelIds.png"), Path(f"{gt}color.png"), args.repeat)
         count = len(list((data / "leftImg8bit/train").glob("*/*_leftImg8bit.png")))
         runs: dict[int, tuple[float, float]] = {}
-        for attempt in range(2):  # alternate, keep each one's best: fairer on a shared machine
+        for _attempt in range(2):  # alternate, keep each one's best: fairer on a shared machine
             for workers in (1, 2):
                 out = tmp / f"out{workers}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -129,17 +145,23 @@ def main() -> None:
         load = os.getloadavg()[0]
 
     base = steps[0][1]
-    print(f"\n| step (one {first.name[:-len('_leftImg8bit.png')]}, 2048x1024 -> 512x256) | CPU ms | x decode (cv2) |")
+    print(f"\n| step (one {first.name[: -len('_leftImg8bit.png')]}, 2048x1024 -> 512x256) | CPU ms | x decode (cv2) |")
     print("|-|-|-|")
     for name, ms in steps:
         print(f"| {name} | {ms:.1f} | {ms / base:.2f} |")
-    print(f"\n| urbanseg prepare, {count} pairs (load average {load:.1f} on {os.cpu_count()} cores) "
-          "| images/s | ratio to 1 worker | CPU ms/image |")
+    print(
+        f"\n| urbanseg prepare, {count} pairs (load average {load:.1f} on {os.cpu_count()} cores) "
+        "| images/s | ratio to 1 worker | CPU ms/image |"
+    )
     print("|-|-|-|-|")
     for workers, (seconds, cpu) in runs.items():
-        print(f"| --workers {workers} | {count / seconds:.1f} | {runs[1][0] / seconds:.2f} | {1000 * cpu / count:.0f} |")
-    print(f"| re-run, all up to date (1 worker) | {count / rerun[0]:.1f} | {runs[1][0] / rerun[0]:.2f} | "
-          f"{1000 * rerun[1] / count:.0f} |")
+        print(
+            f"| --workers {workers} | {count / seconds:.1f} | {runs[1][0] / seconds:.2f} | {1000 * cpu / count:.0f} |"
+        )
+    print(
+        f"| re-run, all up to date (1 worker) | {count / rerun[0]:.1f} | {runs[1][0] / rerun[0]:.2f} | "
+        f"{1000 * rerun[1] / count:.0f} |"
+    )
 
 
 if __name__ == "__main__":

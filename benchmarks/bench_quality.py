@@ -34,8 +34,8 @@ REQUIRED_SPEEDUP = 20.0
 
 def make_data(work: Path, train: int, val: int, size: str) -> Path:
     from urbanseg.config import PackConfig, PrepareConfig, SynthConfig
-    from urbanseg.data.prepare import prepare
     from urbanseg.data.pack import pack
+    from urbanseg.data.prepare import prepare
     from urbanseg.synth import synthesize
 
     shards = work / "shards"
@@ -50,8 +50,8 @@ def make_data(work: Path, train: int, val: int, size: str) -> Path:
 
 def speedups(names: list[str]) -> dict[str, float]:
     """Inference speed-up over unet-original at 512x256 (batch 1, one thread)."""
-    from urbanseg.models.listing import load_figures
     from urbanseg.models.latency import measure_latency
+    from urbanseg.models.listing import load_figures
 
     figures = (load_figures() or {}).get("latency_ms", {}).get("512x256")
     if not figures or not all(n in figures for n in [BASE, *names]):
@@ -67,8 +67,11 @@ def seconds_per_step(shards: Path, name: str, batch: int, steps: int = 3) -> flo
     from urbanseg.training.train import resolve_config, setup
     from urbanseg.training.trainer import LoopState
 
-    config = resolve_config(TrainConfig(data=shards, run=Path("/nonexistent"), model=name, batch_size=batch,
-                                        workers=0, threads=1, iters=1000))
+    config = resolve_config(
+        TrainConfig(
+            data=shards, run=Path("/nonexistent"), model=name, batch_size=batch, workers=0, threads=1, iters=1000
+        )
+    )
     t = setup(config, DistInfo(), torch.device("cpu"))
     it = iter(make_loader(t, "train", LoopState()))
     start = time.process_time()
@@ -84,9 +87,30 @@ def seconds_per_step(shards: Path, name: str, batch: int, steps: int = 3) -> flo
 def train(shards: Path, run: Path, name: str, iters: int, batch: int) -> tuple[float, float]:
     """Train in a subprocess; returns (its CPU seconds, wall seconds)."""
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    cmd = [sys.executable, "-m", "urbanseg", "train", "--data", str(shards), "--run", str(run), "--model", name,
-           "--iters", str(iters), "--batch-size", str(batch), "--workers", "0", "--threads", "1",
-           "--val-every", str(max(1, iters // 4)), "--log-every", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "urbanseg",
+        "train",
+        "--data",
+        str(shards),
+        "--run",
+        str(run),
+        "--model",
+        name,
+        "--iters",
+        str(iters),
+        "--batch-size",
+        str(batch),
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--val-every",
+        str(max(1, iters // 4)),
+        "--log-every",
+        "5",
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, time.perf_counter() - start
@@ -138,10 +162,14 @@ def main() -> None:
     classes = get_label_set("categories8").classes
     for name in names:
         print(f"\n### {name}\n\n{format_table(results[name], classes)}")
-    print(f"\nbudget {args.budget:.0f} CPU s per model (1 thread), batch {args.batch_size}, {args.size}, "
-          f"{args.train} train / {args.val} val synthetic scenes\n")
-    print("| model | inference x unet-original | CPU s/step | steps | train CPU s (with start-up, val) | wall s "
-          "| val mIoU |")
+    print(
+        f"\nbudget {args.budget:.0f} CPU s per model (1 thread), batch {args.batch_size}, {args.size}, "
+        f"{args.train} train / {args.val} val synthetic scenes\n"
+    )
+    print(
+        "| model | inference x unet-original | CPU s/step | steps | train CPU s (with start-up, val) | wall s "
+        "| val mIoU |"
+    )
     print("|-|-|-|-|-|-|-|")
     for name, speed, cost, iters, cpu, wall, miou in rows:
         mark = " (current default)" if name == DEFAULT_MODEL else ""
@@ -149,8 +177,10 @@ def main() -> None:
     eligible = [r for r in rows if r[1] >= REQUIRED_SPEEDUP]
     if eligible:
         best = max(eligible, key=lambda r: r[6])
-        print(f"\nrecommended default: {best[0]} (best val mIoU {best[6]:.4f} among models >= "
-              f"{REQUIRED_SPEEDUP:.0f}x faster than {BASE} at inference)")
+        print(
+            f"\nrecommended default: {best[0]} (best val mIoU {best[6]:.4f} among models >= "
+            f"{REQUIRED_SPEEDUP:.0f}x faster than {BASE} at inference)"
+        )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def colour_mlp(images: np.ndarray, labels: np.ndarray, steps: int = 1500):
     g = torch.Generator().manual_seed(0)
     x = torch.from_numpy(images.reshape(-1, 3)).float() / 255
     y = torch.from_numpy(labels.reshape(-1)).long()
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                              torch.nn.Linear(64, N))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, N)
+    )
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for _ in range(steps):
         idx = torch.randint(len(x), (2048,), generator=g)
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr = load("train", args.train, size, args.seed)
     xva, yva = load("val", args.val, size, args.seed)
     rows = []
-    for name, fit in (("colour lookup (RGB 5 bit)", lambda: colour_lookup(xtr, ytr)),
-                      ("colour MLP (RGB)", lambda: colour_mlp(xtr, ytr))):
+    for name, fit in (
+        ("colour lookup (RGB 5 bit)", lambda: colour_lookup(xtr, ytr)),
+        ("colour MLP (RGB)", lambda: colour_mlp(xtr, ytr)),
+    ):
         t = time.perf_counter()
         predict = fit()
         rows.append((name, *miou(predict(xva), yva), time.perf_counter() - t, "-"))

@@ -18,10 +18,10 @@ import time
 import torch
 
 from urbanseg.config import TrainConfig, parse_size
-from urbanseg.training.distributed import DistInfo
-from urbanseg.training.losses import SegmentationLoss
 from urbanseg.models import DEFAULT_MODEL, MODELS, create_model
+from urbanseg.training.distributed import DistInfo
 from urbanseg.training.loop import train_step
+from urbanseg.training.losses import SegmentationLoss
 from urbanseg.training.train import build_optimizer
 from urbanseg.training.trainer import Trainer
 
@@ -35,8 +35,24 @@ def make_trainer(name: str, amp: str, num_classes: int = 8) -> Trainer:
     model.train()
     optimizer, scheduler = build_optimizer(model, config, 10**6)
     dtype = torch.bfloat16 if amp == "bf16" else None
-    return Trainer(config, DistInfo(), torch.device("cpu"), model, model, SegmentationLoss("ce"), optimizer,
-                   scheduler, torch.amp.GradScaler("cpu", enabled=False), dtype, None, None, None, 1, 10**6, 4)
+    return Trainer(
+        config,
+        DistInfo(),
+        torch.device("cpu"),
+        model,
+        model,
+        SegmentationLoss("ce"),
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler("cpu", enabled=False),
+        dtype,
+        None,
+        None,
+        None,
+        1,
+        10**6,
+        4,
+    )
 
 
 def time_step(trainer: Trainer, batch: dict) -> float:
@@ -59,8 +75,10 @@ def main() -> None:
     names = args.models if BASE in args.models else [BASE, *args.models]
     w, h = parse_size(args.size)
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randint(0, 256, (args.batch_size, 3, h, w), dtype=torch.uint8, generator=g),
-             "label": torch.randint(0, 8, (args.batch_size, h, w), generator=g)}
+    batch = {
+        "image": torch.randint(0, 256, (args.batch_size, 3, h, w), dtype=torch.uint8, generator=g),
+        "label": torch.randint(0, 8, (args.batch_size, h, w), generator=g),
+    }
     trainers = {(n, a): make_trainer(n, a) for n in names for a in args.amp}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in trainers}
     for r in range(args.rounds + 1):
@@ -70,10 +88,13 @@ def main() -> None:
                 times[key].append(t)
         print(f"round {r}/{args.rounds} done", flush=True)
     ips = {key: args.batch_size / statistics.median(v) for key, v in times.items()}
-    print(f"\ntraining throughput at {args.size}, batch {args.batch_size}, {args.threads} thread(s), "
-          f"torch {torch.__version__}; median of {args.rounds} rounds\n")
+    print(
+        f"\ntraining throughput at {args.size}, batch {args.batch_size}, {args.threads} thread(s), "
+        f"torch {torch.__version__}; median of {args.rounds} rounds\n"
+    )
     head = "| model | images/s (fp32) | x unet-original |" + "".join(
-        f" images/s ({a}) | {a} / fp32 |" for a in args.amp if a != "off")
+        f" images/s ({a}) | {a} / fp32 |" for a in args.amp if a != "off"
+    )
     print(head)
     print("|" + "-|" * (head.count("|") - 1))
     for n in names:

@@ -22,7 +22,9 @@ def main(names: list[str]) -> int:
     if names:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in names]
         if not scripts:
-            print(f"no benchmark named {names}; have: {[s.stem.removeprefix('bench_') for s in HERE.glob('bench_*.py')]}")
+            print(
+                f"no benchmark named {names}; have: {[s.stem.removeprefix('bench_') for s in HERE.glob('bench_*.py')]}"
+            )
             return 2
     failed = []
     for script in scripts:

@@ -42,8 +42,14 @@ def _escape(text: str) -> str:
     """Markdown-safe table cell text: escape outside `code` spans only."""
     parts = text.split("`")
     for i in range(0, len(parts), 2):
-        parts[i] = (parts[i].replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
-                    .replace("<", "&lt;").replace(">", "&gt;"))
+        parts[i] = (
+            parts[i]
+            .replace("\\", "\\\\")
+            .replace("|", "\\|")
+            .replace("*", "\\*")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+        )
     for i in range(1, len(parts), 2):
         parts[i] = parts[i].replace("|", "\\|")
     return "`".join(parts)

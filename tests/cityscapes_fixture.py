@@ -18,9 +18,30 @@ from urbanseg.labels import NAME_TO_LABEL
 
 # Labels the random polygons use: every category, the shared colours (pole/polegroup,
 # the black void labels, car/license plate) and the group suffix Cityscapes uses.
-SCENE_LABELS = ("building", "wall", "fence", "vegetation", "terrain", "pole", "polegroup", "traffic sign",
-                "traffic light", "person", "rider", "car", "cargroup", "truck", "bicycle", "dynamic", "ground",
-                "parking", "static", "license plate", "ego vehicle", "rectification border")
+SCENE_LABELS = (
+    "building",
+    "wall",
+    "fence",
+    "vegetation",
+    "terrain",
+    "pole",
+    "polegroup",
+    "traffic sign",
+    "traffic light",
+    "person",
+    "rider",
+    "car",
+    "cargroup",
+    "truck",
+    "bicycle",
+    "dynamic",
+    "ground",
+    "parking",
+    "static",
+    "license plate",
+    "ego vehicle",
+    "rectification border",
+)
 VOID_LABELS = ("unlabeled", "ego vehicle", "rectification border", "out of roi")
 
 
@@ -67,9 +88,14 @@ def image_for(ids: np.ndarray, rng: np.random.Generator, noise: float = 12.0) ->
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
-def write_raw_cityscapes(root: Path, splits: dict[str, int] | None = None, size: tuple[int, int] = (64, 32),
-                         seed: int = 0, cities: tuple[str, ...] = ("aachen", "bremen"),
-                         noise: float = 12.0) -> list[Path]:
+def write_raw_cityscapes(
+    root: Path,
+    splits: dict[str, int] | None = None,
+    size: tuple[int, int] = (64, 32),
+    seed: int = 0,
+    cities: tuple[str, ...] = ("aachen", "bremen"),
+    noise: float = 12.0,
+) -> list[Path]:
     """Write scenes in Cityscapes layout under `root`; returns the image paths.
 
     `splits` maps split -> number of scenes (default train 3, val 2); the "test" split
@@ -87,7 +113,8 @@ def write_raw_cityscapes(root: Path, splits: dict[str, int] | None = None, size:
             gt = root / "gtFine" / split / city
             gt.mkdir(parents=True, exist_ok=True)
             (gt / f"{stem}_gtFine_polygons.json").write_text(
-                json.dumps({"imgHeight": h, "imgWidth": w, "objects": objects}))
+                json.dumps({"imgHeight": h, "imgWidth": w, "objects": objects})
+            )
             ids = render(objects, w, h, "ids")
             ids.save(gt / f"{stem}_gtFine_labelIds.png")
             render(objects, w, h, "color").save(gt / f"{stem}_gtFine_color.png")

@@ -75,12 +75,23 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             commit, folder = hub.repos[repo]
             files = _files(folder)
             if rest[:1] == ["tree"]:
-                body: object = [{"type": "file", "path": str(p.relative_to(folder)), "size": p.stat().st_size,
-                                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files]
+                body: object = [
+                    {
+                        "type": "file",
+                        "path": str(p.relative_to(folder)),
+                        "size": p.stat().st_size,
+                        "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                    }
+                    for p in files
+                ]
             else:
-                body = {"id": repo, "modelId": repo, "sha": commit, "private": False,
-                        "siblings": [{"rfilename": str(p.relative_to(folder)), "size": p.stat().st_size}
-                                     for p in files]}
+                body = {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": commit,
+                    "private": False,
+                    "siblings": [{"rfilename": str(p.relative_to(folder)), "size": p.stat().st_size} for p in files],
+                }
             self._send(200, json.dumps(body).encode(), (("Content-Type", "application/json"),))
 
         def _file(self, repo: str, name: str) -> None:

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from urbanseg import __version__
-from urbanseg.checkpoint import (FORMAT_VERSION, build_payload, format_summary, load_checkpoint, load_pretrained,
-                                 model_from_checkpoint, save_checkpoint, summarize_checkpoint)
+from urbanseg.checkpoint import (
+    FORMAT_VERSION,
+    build_payload,
+    format_summary,
+    load_checkpoint,
+    load_pretrained,
+    model_from_checkpoint,
+    save_checkpoint,
+    summarize_checkpoint,
+)
 from urbanseg.errors import UserError
 from urbanseg.labels import get_label_set
 from urbanseg.models import MODELS, create_model
@@ -23,8 +31,16 @@ def make(name, label_set, seed=0, **kwargs):
 
 
 def payload(model, label_set, **extra):
-    return build_payload(model, label_set=label_set, input_size=(64, 32), config={"model": "x", "lr": 1e-3},
-                         step=12, epoch=2, metrics={"miou": 0.5, "per_class": [0.1, None]}, **extra)
+    return build_payload(
+        model,
+        label_set=label_set,
+        input_size=(64, 32),
+        config={"model": "x", "lr": 1e-3},
+        step=12,
+        epoch=2,
+        metrics={"miou": 0.5, "per_class": [0.1, None]},
+        **extra,
+    )
 
 
 def train_state(model):
@@ -33,8 +49,12 @@ def train_state(model):
     model(torch.rand(1, 3, 32, 64) * 255).mean().backward()
     opt.step()
     rng = np.random.default_rng(0).bit_generator.state
-    return {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-            "numpy_rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"])}, "position": [3, 17]}
+    return {
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": {"state": str(rng["state"]["state"]), "inc": str(rng["state"]["inc"])},
+        "position": [3, 17],
+    }
 
 
 # One model per library always (ours, torchvision, smp); the other families under `slow`.
@@ -124,8 +144,11 @@ def test_bad_files_are_user_errors_naming_them(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
     # A pickled class: torch.load(weights_only=True) refuses it, and so do we, clearly.
     torch.save({"format_version": 1, "model": zipfile.ZipInfo("x"), "model_state": {}}, tmp_path / "unsafe.pt")
-    with pytest.raises(UserError, match=r"unsafe.pt refused: not a plain checkpoint \(it contains pickled Python "
-                                        r"objects \(zipfile.ZipInfo\)"):
+    with pytest.raises(
+        UserError,
+        match=r"unsafe.pt refused: not a plain checkpoint \(it contains pickled Python "
+        r"objects \(zipfile.ZipInfo\)",
+    ):
         load_checkpoint(tmp_path / "unsafe.pt")
     newer = torch.load(tmp_path / "good.pt", weights_only=True)
     newer["format_version"] = FORMAT_VERSION + 1

@@ -15,9 +15,16 @@ def test_help_is_instant_and_lists_every_command():
     for name in COMMANDS:
         assert name in out.stdout
     heavy = subprocess.run(
-        [sys.executable, "-c", "import sys, urbanseg.cli as c; c.build_parser(); "
-         "print(sorted(m for m in ('torch', 'tensorflow', 'onnxruntime', 'cv2') if m in sys.modules))"],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, urbanseg.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'onnxruntime', 'cv2') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert heavy.stdout.strip() == "[]"
 
 

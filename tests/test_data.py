@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_records import corrupt, pack_dir
 
+from test_records import corrupt, pack_dir
 from urbanseg.data import tfrecord as records
 from urbanseg.data.loader import EpochSampler, ShardDataset, build_loader, sample_seed
 from urbanseg.errors import UserError

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
 
+from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
 from urbanseg.training.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -25,8 +25,26 @@ MODEL = ["--model", "unet-original", "--model-args", json.dumps({"base_channels"
 
 
 def _args(shards, run):
-    return ["train", "--data", str(shards), "--run", str(run), *MODEL, "--batch-size", "4", "--epochs", "2",
-            "--workers", "0", "--no-augment", "--lr", "0.01", "--log-every", "1", "--deterministic"]
+    return [
+        "train",
+        "--data",
+        str(shards),
+        "--run",
+        str(run),
+        *MODEL,
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--no-augment",
+        "--lr",
+        "0.01",
+        "--log-every",
+        "1",
+        "--deterministic",
+    ]
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -34,8 +52,18 @@ def test_two_processes_match_one_process(tmp_path):
     single = run_cli(_args(shards, tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     # `--`: torchrun's parser would otherwise take our --run for an abbreviation of its --run-path
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "urbanseg", "--", *_args(shards, tmp_path / "ddp")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "urbanseg",
+        "--",
+        *_args(shards, tmp_path / "ddp"),
+    ]
     ddp = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     run = tmp_path / "ddp"
@@ -47,8 +75,9 @@ def test_two_processes_match_one_process(tmp_path):
     for k, v in a["model_state"].items():
         # the same global batches; only the order of float additions differs
         torch.testing.assert_close(b["model_state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    rows = {r: [x for x in read_metrics(tmp_path / r / "metrics.csv") if x["split"] == "val"]
-            for r in ("single", "ddp")}
+    rows = {
+        r: [x for x in read_metrics(tmp_path / r / "metrics.csv") if x["split"] == "val"] for r in ("single", "ddp")
+    }
     assert [x["step"] for x in rows["ddp"]] == [x["step"] for x in rows["single"]] == ["2", "4"]
     for x, y in zip(rows["single"], rows["ddp"]):  # every val image scored once: the uneven 3 + 2 split
         assert float(x["miou"]) == pytest.approx(float(y["miou"]), abs=1e-3)
@@ -56,8 +85,18 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def _torchrun(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "urbanseg", "--", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "urbanseg",
+        "--",
+        *args,
+    ]
 
 
 def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
@@ -66,16 +105,41 @@ def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
     shards = make_shards(tmp_path)
 
     def args(run, *extra):
-        return ["train", "--data", str(shards), "--run", str(run), *MODEL, "--batch-size", "4", "--iters", "8",
-                "--save-every", "1", "--val-every", "4", "--workers", "0", "--lr", "0.01", "--deterministic",
-                *extra]
+        return [
+            "train",
+            "--data",
+            str(shards),
+            "--run",
+            str(run),
+            *MODEL,
+            "--batch-size",
+            "4",
+            "--iters",
+            "8",
+            "--save-every",
+            "1",
+            "--val-every",
+            "4",
+            "--workers",
+            "0",
+            "--lr",
+            "0.01",
+            "--deterministic",
+            *extra,
+        ]
 
-    ref = subprocess.run(_torchrun(args(tmp_path / "ref")), capture_output=True, text=True, timeout=600,
-                         env=subprocess_env())
+    ref = subprocess.run(
+        _torchrun(args(tmp_path / "ref")), capture_output=True, text=True, timeout=600, env=subprocess_env()
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "run"
-    job = subprocess.Popen(_torchrun(args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=subprocess_env(), start_new_session=True)
+    job = subprocess.Popen(
+        _torchrun(args(run)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while saved_step(run / "last.pt") < 3:
         assert job.poll() is None, "the job ended before step 3: nothing was tested"
@@ -85,11 +149,11 @@ def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
     job.wait()
     killed_at = saved_step(run / "last.pt")
     assert 3 <= killed_at < 8, killed_at
-    resumed = subprocess.run(_torchrun(args(run, "--resume")), capture_output=True, text=True, timeout=600,
-                             env=subprocess_env())
+    resumed = subprocess.run(
+        _torchrun(args(run, "--resume")), capture_output=True, text=True, timeout=600, env=subprocess_env()
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (torch.load(r / "last.pt", weights_only=True) for r in (tmp_path / "ref", run))
     assert a["step"] == b["step"] == 8
     for k, v in a["model_state"].items():
         assert torch.equal(b["model_state"][k], v), k
-

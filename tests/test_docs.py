@@ -43,7 +43,7 @@ def _code_spans(line: str) -> list[tuple[int, int]]:
     while (start := line.find("`", i)) != -1:
         n = len(line[start:]) - len(line[start:].lstrip("`"))
         end = line.find("`" * n, start + n)
-        while end != -1 and line[end + n:end + n + 1] == "`":
+        while end != -1 and line[end + n : end + n + 1] == "`":
             end = line.find("`" * n, end + n + 1)
         if end == -1:
             break
@@ -55,7 +55,7 @@ def _code_spans(line: str) -> list[tuple[int, int]]:
 def github_slug(heading: str, seen: dict[str, int]) -> str:
     """GitHub's anchor for a heading (github-slugger): the rendered text, lowercased,
     punctuation other than - and _ dropped, each space -> '-'; repeats get -1, -2, ..."""
-    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)   # a link renders as its text
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link renders as its text
     text = re.sub(r"<[^>]+>", "", text).replace("`", "")
     base = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
     slug = base
@@ -68,8 +68,7 @@ def github_slug(heading: str, seen: dict[str, int]) -> str:
 
 def anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
-    return {github_slug(m.group(2), seen) for _, line in _prose_lines(path.read_text())
-            if (m := _HEADING.match(line))}
+    return {github_slug(m.group(2), seen) for _, line in _prose_lines(path.read_text()) if (m := _HEADING.match(line))}
 
 
 def links(path: Path) -> list[tuple[int, str]]:
@@ -87,7 +86,7 @@ def broken_links(path: Path) -> list[str]:
     """Every relative link of `path` whose file is missing or whose #anchor is no heading."""
     problems = []
     for number, target in links(path):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):   # http:, https:, mailto: ...
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto: ...
             continue
         file_part, _, anchor = target.partition("#")
         dest = (path.parent / unquote(file_part)).resolve() if file_part else path
@@ -115,9 +114,10 @@ def test_links_and_anchors_resolve(path):
 def test_readme_is_a_front_door():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, (
-        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move details to docs/")
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move details to docs/"
+    )
     text = "\n".join(lines)
-    for command in ("make demo", "make test"):   # CI calls `make test`
+    for command in ("make demo", "make test"):  # CI calls `make test`
         assert command in text
     for page in ("commands", "flags", "formats", "api", "benchmarks", "correctness"):
         assert f"(docs/{page}.md" in text, f"README.md does not link docs/{page}.md"
@@ -134,7 +134,8 @@ def _gen_flags():
 def test_flag_reference_is_up_to_date():
     generated = _gen_flags().render()
     assert (ROOT / "docs" / "flags.md").read_text() == generated, (
-        "docs/flags.md is out of date: run python docs/gen_flags.py")
+        "docs/flags.md is out of date: run python docs/gen_flags.py"
+    )
 
 
 def test_flag_reference_lists_the_flags_help_shows():
@@ -153,7 +154,8 @@ def test_flag_reference_lists_the_flags_help_shows():
         assert documented, name
         assert documented <= shown, f"urbanseg {name}: {sorted(documented - shown)} not in --help"
         assert {f for f in shown if f.startswith("--")} - {"--help"} <= documented, (
-            f"urbanseg {name}: flags missing from docs/flags.md")
+            f"urbanseg {name}: flags missing from docs/flags.md"
+        )
 
 
 # ------------------------------------------------------------- the checker itself
@@ -162,7 +164,8 @@ def test_flag_reference_lists_the_flags_help_shows():
 def test_slugs_follow_github_rules():
     seen: dict[str, int] = {}
     assert github_slug("`urbanseg prepare`: raw layout -> resized image/label pairs", seen) == (
-        "urbanseg-prepare-raw-layout---resized-imagelabel-pairs")
+        "urbanseg-prepare-raw-layout---resized-imagelabel-pairs"
+    )
     assert github_slug("Checkpoints (`best.pt`, `last.pt`)", seen) == "checkpoints-bestpt-lastpt"
     assert github_slug("Loading shards: `urbanseg.data`", seen) == "loading-shards-urbansegdata"
     assert github_slug("model_figures.json", seen) == "model_figuresjson"
@@ -176,7 +179,8 @@ def test_checker_catches_broken_links(tmp_path):
         "# Doc\n\n"
         "[ok](other.md#same-1) [ok](#doc) [ok](https://example.com/x#y) `[code](missing.md)`\n"
         "```\n[fenced](missing.md)\n```\n"
-        "[gone](missing.md) [bad anchor](other.md#same-2) [bad local](#nope)\n")
+        "[gone](missing.md) [bad anchor](other.md#same-2) [bad local](#nope)\n"
+    )
     problems = broken_links(doc)
     assert len(problems) == 3, problems
     assert "missing.md does not exist" in problems[0]

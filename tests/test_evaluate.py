@@ -31,9 +31,35 @@ def tiny(tmp_path_factory):
     assert main(["synth", "--out", str(raw), "--train", "3", "--val", "5", "--size", "128x64", "--workers", "1"]) == 0
     assert main(["prepare", "--data", str(raw), "--out", str(prepared), "--size", "64x32", "--workers", "1"]) == 0
     assert main(["pack", "--prepared", str(prepared), "--out", str(shards), "--shards", "2"]) == 0
-    assert main(["train", "--data", str(shards), "--run", str(run), "--model", "unet-original", "--model-args",
-                 '{"base_channels": 4}', "--iters", "8", "--batch-size", "2", "--lr", "0.03", "--workers", "0", "--val-every", "4",
-                 "--seed", "0", "--deterministic"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(shards),
+                "--run",
+                str(run),
+                "--model",
+                "unet-original",
+                "--model-args",
+                '{"base_channels": 4}',
+                "--iters",
+                "8",
+                "--batch-size",
+                "2",
+                "--lr",
+                "0.03",
+                "--workers",
+                "0",
+                "--val-every",
+                "4",
+                "--seed",
+                "0",
+                "--deterministic",
+            ]
+        )
+        == 0
+    )
     return {"raw": raw, "prepared": prepared, "shards": shards, "run": run}
 
 
@@ -95,7 +121,11 @@ def test_evaluate_writes_every_file_with_independently_checked_figures(tiny):
         reference.update(pred, gt)
     assert doc["metrics"] == reference.compute()
     assert doc["confusion_matrix"] == _plain_confusion([(p, g) for _, p, g in preds], LS.num_classes).tolist()
-    assert doc["protocol"] == "prepared" and doc["num_images"] == 5 and doc["checkpoint"]["model"]["name"] == "unet-original"
+    assert (
+        doc["protocol"] == "prepared"
+        and doc["num_images"] == 5
+        and doc["checkpoint"]["model"]["name"] == "unet-original"
+    )
     rows = {r["name"]: r for r in csv.DictReader((out / "per_image.csv").open())}
     assert sorted(rows) == sorted(name for name, _, _ in preds)
     for name, pred, gt in preds:
@@ -103,21 +133,30 @@ def test_evaluate_writes_every_file_with_independently_checked_figures(tiny):
         assert float(rows[name]["pixel_accuracy"]) == pytest.approx((pred == gt).mean(), abs=1e-6)
     # The gallery holds the two best and two worst images by per-image mIoU, named after their stems.
     ranked = sorted(rows, key=lambda n: (-float(rows[n]["miou"]), n))
-    expected = [f"best_01_{ranked[0]}.png", f"best_02_{ranked[1]}.png", f"worst_01_{ranked[-1]}.png",
-                f"worst_02_{ranked[-2]}.png"]
+    expected = [
+        f"best_01_{ranked[0]}.png",
+        f"best_02_{ranked[1]}.png",
+        f"worst_01_{ranked[-1]}.png",
+        f"worst_02_{ranked[-2]}.png",
+    ]
     assert sorted(p.name for p in (out / "gallery").iterdir()) == sorted(expected)
     md = (out / "report.md").read_text()
     assert "| class | iou | precision | recall | f1_score |" in md and "| average |" in md
     step = doc["checkpoint"]["step"]
     assert isinstance(step, int) and step > 0
-    for text in ("**checkpoint:**", f"best.pt (step {step}", "**hardware:**", "torch " + torch.__version__,
-                 "unet-original"):
+    for text in (
+        "**checkpoint:**",
+        f"best.pt (step {step}",
+        "**hardware:**",
+        "torch " + torch.__version__,
+        "unet-original",
+    ):
         assert text in md, text
 
 
 def test_full_res_scores_at_raw_size_with_official_scores(tiny):
-    from urbanseg.evaluation.official import OfficialEvaluator
     from urbanseg.evaluation.metrics import ConfusionMatrix
+    from urbanseg.evaluation.official import OfficialEvaluator
 
     assert main(["evaluate", "--run", str(tiny["run"]), "--full-res", "--gallery", "1"]) == 0
     out = tiny["run"] / "eval" / "val"
@@ -130,7 +169,8 @@ def test_full_res_scores_at_raw_size_with_official_scores(tiny):
         official.update_classes(pred, ids, inst, name=name)
     assert doc["protocol"] == "full-res" and doc["data"]["raw"] == tiny["raw"].resolve().as_posix()
     assert doc["metrics"] == reference.compute() and doc["metrics"]["pixels"] == 5 * 64 * 128 - int(
-        sum((g == 255).sum() for _, _, g, _, _ in preds))
+        sum((g == 255).sum() for _, _, g, _, _ in preds)
+    )
     assert doc["official"] == official.compute() and "category_iou" in doc["official"]
     md = (out / "report.md").read_text()
     assert "## Official Cityscapes scores" in md and "| category | IoU | iIoU |" in md
@@ -142,12 +182,34 @@ def test_full_res_with_a_colour_only_label_set_reads_gtfine_color(tiny, tmp_path
     With the categories8 classes and colours, that equals the labelIds-based evaluation."""
     from urbanseg.checkpoint import load_checkpoint, save_checkpoint
 
-    labelmap = {name: {"id": k, "colors": [list(c) for c, kk in LS.color_to_class if kk == k]}
-                for k, name in enumerate(LS.classes)}
+    labelmap = {
+        name: {"id": k, "colors": [list(c) for c, kk in LS.color_to_class if kk == k]}
+        for k, name in enumerate(LS.classes)
+    }
     (tmp_path / "colours.json").write_text(json.dumps(labelmap))
     prepared, shards = tmp_path / "prepared", tmp_path / "shards"
-    assert main(["prepare", "--data", str(tiny["raw"]), "--out", str(prepared), "--size", "64x32", "--labels",
-                 str(tmp_path / "colours.json"), "--source", "color", "--splits", "val", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(tiny["raw"]),
+                "--out",
+                str(prepared),
+                "--size",
+                "64x32",
+                "--labels",
+                str(tmp_path / "colours.json"),
+                "--source",
+                "color",
+                "--splits",
+                "val",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["pack", "--prepared", str(prepared), "--out", str(shards), "--splits", "val"]) == 0
     ckpt = load_checkpoint(tiny["run"] / "best.pt")
     ckpt["label_set"] = json.loads((shards / "val" / "spec.json").read_text())["label_set"]
@@ -155,8 +217,23 @@ def test_full_res_with_a_colour_only_label_set_reads_gtfine_color(tiny, tmp_path
     save_checkpoint(tmp_path / "colours.pt", ckpt)
     run = tmp_path / "run"
     run.mkdir()
-    assert main(["evaluate", "--run", str(run), "--checkpoint", str(tmp_path / "colours.pt"), "--data", str(shards),
-                 "--full-res", "--gallery", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(run),
+                "--checkpoint",
+                str(tmp_path / "colours.pt"),
+                "--data",
+                str(shards),
+                "--full-res",
+                "--gallery",
+                "0",
+            ]
+        )
+        == 0
+    )
     colour = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert main(["evaluate", "--run", str(tiny["run"]), "--full-res", "--gallery", "0"]) == 0
     ids = json.loads((tiny["run"] / "eval" / "val" / "metrics.json").read_text())
@@ -197,8 +274,26 @@ def test_user_errors_exit_2_naming_the_problem(tiny, tmp_path, capsys):
         shutil.move(moved, tiny["raw"] / "gtFine")
     # Shards with another label set than the model's.
     other = tmp_path / "prepared19"
-    assert main(["prepare", "--data", str(tiny["raw"]), "--out", str(other), "--size", "64x32", "--labels", "classes19",
-                 "--splits", "val", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(tiny["raw"]),
+                "--out",
+                str(other),
+                "--size",
+                "64x32",
+                "--labels",
+                "classes19",
+                "--splits",
+                "val",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["pack", "--prepared", str(other), "--out", str(tmp_path / "shards19"), "--splits", "val"]) == 0
     capsys.readouterr()
     fails(["--run", str(run), "--data", str(tmp_path / "shards19")], "categories8", "classes19", "--labels")

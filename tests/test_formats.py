@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+
 from test_predict import make_checkpoint
 from train_fixtures import TINY_MODEL, make_shards
-
 from urbanseg import config as cfg
 from urbanseg.cli import main
 from urbanseg.data import tfrecord
@@ -60,6 +60,7 @@ def edit_json(path: Path, change) -> None:
 
 def setter(dotted: str, value):
     """change(doc) that sets doc["a"]["b"][0] for "a.b.0" (or deletes it when value is DELETE)."""
+
     def change(doc):
         *parents, last = dotted.split(".")
         node = doc
@@ -70,6 +71,7 @@ def setter(dotted: str, value):
             del node[key]
         else:
             node[key] = value
+
     return change
 
 
@@ -104,8 +106,10 @@ MANIFEST_CASES = {
     "negative pixel count": (setter("splits.train.pixel_counts.0", -5), "`splits.train.pixel_counts[0]` is -5"),
     "palette colour of 2": (setter("label_set.palette.0", [1, 2]), "`label_set.palette[0]`"),
     "palette value 300": (setter("label_set.palette.1.0", 300), "`label_set.palette[1][0]` is 300"),
-    "fewer classes than the palette": (lambda d: d["label_set"].update(classes=d["label_set"]["classes"][:7]),
-                                       "`label_set.palette`"),
+    "fewer classes than the palette": (
+        lambda d: d["label_set"].update(classes=d["label_set"]["classes"][:7]),
+        "`label_set.palette`",
+    ),
     "class index out of range": (setter("label_set.id_to_class.7", 9), "`label_set.id_to_class[7]` is 9"),
     "ignore index inside the classes": (setter("label_set.ignore_index", 3), "`label_set.ignore_index` is 3"),
     "unknown source": (setter("source", "jpeg"), '`source` is "jpeg"'),
@@ -121,8 +125,12 @@ def test_malformed_manifest_is_named_by_pack(case, data, tmp_path, capsys):
     prepared = tmp_path / "prepared"
     shutil.copytree(data["prepared"], prepared)
     edit_json(prepared / "manifest.json", change)
-    err = fails(["pack", "--prepared", str(prepared), "--out", str(tmp_path / "shards")], capsys,
-                str(prepared / "manifest.json"), needle)
+    err = fails(
+        ["pack", "--prepared", str(prepared), "--out", str(tmp_path / "shards")],
+        capsys,
+        str(prepared / "manifest.json"),
+        needle,
+    )
     assert ("upgrade urbanseg" if case == "newer version" else "re-run `urbanseg prepare`") in err
     assert not (tmp_path / "shards" / "train").exists()
 
@@ -133,8 +141,12 @@ def test_malformed_manifest_is_named_by_evaluate_full_res(data, tmp_path, capsys
     shutil.copytree(data["shards"], shards)
     edit_json(prepared / "manifest.json", setter("splits.val.stems", None))
     edit_json(shards / "val" / "spec.json", lambda d: d.update(prepared=str(prepared), data=None))
-    fails(["evaluate", "--run", str(data["run"]), "--data", str(shards), "--full-res", "--gallery", "0"], capsys,
-          str(prepared / "manifest.json"), "`splits.val.stems` is null")
+    fails(
+        ["evaluate", "--run", str(data["run"]), "--data", str(shards), "--full-res", "--gallery", "0"],
+        capsys,
+        str(prepared / "manifest.json"),
+        "`splits.val.stems` is null",
+    )
 
 
 # --------------------------------------------------------------------------- spec.json -> train, evaluate, predict
@@ -163,11 +175,34 @@ SPEC_CASES = {
     "no version": (setter("format_version", DELETE), "`format_version` is missing"),
 }
 COMMANDS = {
-    "train": lambda d, s: ["train", "--data", str(s), "--run", str(d["root"] / "new-run"), *TINY_MODEL,
-                           "--iters", "1", "--batch-size", "2", "--workers", "0"],
+    "train": lambda d, s: [
+        "train",
+        "--data",
+        str(s),
+        "--run",
+        str(d["root"] / "new-run"),
+        *TINY_MODEL,
+        "--iters",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ],
     "evaluate": lambda d, s: ["evaluate", "--run", str(d["run"]), "--data", str(s), "--gallery", "0"],
-    "predict --split": lambda d, s: ["predict", "--checkpoint", str(d["run"] / "best.pt"), "--data", str(s),
-                                     "--split", "val", "--num", "1", "-o", str(d["root"] / "pictures")],
+    "predict --split": lambda d, s: [
+        "predict",
+        "--checkpoint",
+        str(d["run"] / "best.pt"),
+        "--data",
+        str(s),
+        "--split",
+        "val",
+        "--num",
+        "1",
+        "-o",
+        str(d["root"] / "pictures"),
+    ],
 }
 
 
@@ -228,9 +263,11 @@ def test_malformed_checkpoint_is_named(case, data, tmp_path, capsys):
     bad = _edited_checkpoint(data["run"] / "best.pt", tmp_path / "bad.pt", change)
     image = tmp_path / "a.png"
     cv2.imwrite(str(image), np.zeros((32, 64, 3), np.uint8))
-    for argv in (["predict", "--checkpoint", str(bad), "-i", str(image), "-o", str(tmp_path / "out")],
-                 ["evaluate", "--run", str(data["run"]), "--checkpoint", str(bad), "--data", str(data["shards"])],
-                 ["export", "--checkpoint", str(bad)]):
+    for argv in (
+        ["predict", "--checkpoint", str(bad), "-i", str(image), "-o", str(tmp_path / "out")],
+        ["evaluate", "--run", str(data["run"]), "--checkpoint", str(bad), "--data", str(data["shards"])],
+        ["export", "--checkpoint", str(bad)],
+    ):
         fails(argv, capsys, f"checkpoint {bad}", needle)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.onnx"))
 
@@ -246,15 +283,34 @@ def test_pickled_code_is_refused_and_never_run(how, data, tmp_path, capsys):
         evil.write_bytes(pickle.dumps(payload, protocol=2))
     else:
         torch.save(payload, evil, pickle_protocol=4 if how == "pickle protocol 4" else 2)
-    for argv in (["predict", "--checkpoint", str(evil), "-i", str(tmp_path)],
-                 ["evaluate", "--run", str(data["run"]), "--checkpoint", str(evil)],
-                 ["train", "--data", str(data["shards"]), "--run", str(tmp_path / "r"), "--init", str(evil)]):
-        err = fails(argv, capsys, f"checkpoint {evil} refused: not a plain checkpoint (it contains pickled Python "
-                    "objects (io.open), which urbanseg never loads because loading them can run code)")
+    for argv in (
+        ["predict", "--checkpoint", str(evil), "-i", str(tmp_path)],
+        ["evaluate", "--run", str(data["run"]), "--checkpoint", str(evil)],
+        ["train", "--data", str(data["shards"]), "--run", str(tmp_path / "r"), "--init", str(evil)],
+    ):
+        err = fails(
+            argv,
+            capsys,
+            f"checkpoint {evil} refused: not a plain checkpoint (it contains pickled Python "
+            "objects (io.open), which urbanseg never loads because loading them can run code)",
+        )
         assert "weights_only" not in err and "truncated" not in err
-    fails(["train", "--data", str(data["shards"]), "--run", str(tmp_path / "r"), "--batch-size", "2",
-           "--encoder-weights", str(evil)], capsys,
-          f"encoder weights file {evil} refused: not a plain encoder weights file", "can run code")
+    fails(
+        [
+            "train",
+            "--data",
+            str(data["shards"]),
+            "--run",
+            str(tmp_path / "r"),
+            "--batch-size",
+            "2",
+            "--encoder-weights",
+            str(evil),
+        ],
+        capsys,
+        f"encoder weights file {evil} refused: not a plain encoder weights file",
+        "can run code",
+    )
     assert not marker.exists()
 
 
@@ -265,8 +321,13 @@ def test_truncated_checkpoint_is_named(data, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")  # starts like a pickle: PyTorch's unpickler rejects it
     for bad in (cut, junk):
-        err = fails(["predict", "--checkpoint", str(bad), "-i", str(tmp_path)], capsys, str(bad),
-                    "cannot be read", "truncated, corrupt")
+        err = fails(
+            ["predict", "--checkpoint", str(bad), "-i", str(tmp_path)],
+            capsys,
+            str(bad),
+            "cannot be read",
+            "truncated, corrupt",
+        )
         assert "refused" not in err and "weights_only" not in err
 
 
@@ -303,8 +364,9 @@ def _meta_with(onnx_model: Path, change) -> str:
     return json.dumps(meta)
 
 
-@pytest.mark.parametrize("case", ["not JSON", "absent", "no label_set", "input size 0", "7 classes for 8 outputs",
-                                  "a list", "newer version"])
+@pytest.mark.parametrize(
+    "case", ["not JSON", "absent", "no label_set", "input size 0", "7 classes for 8 outputs", "a list", "newer version"]
+)
 def test_malformed_onnx_metadata_is_named(case, onnx_model, tmp_path, capsys):
     text, needle = {
         "not JSON": ("label_set: categories8", "metadata is not JSON"),
@@ -322,24 +384,31 @@ def test_malformed_onnx_metadata_is_named(case, onnx_model, tmp_path, capsys):
 # --------------------------------------------------------------------------- config.yaml
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("- 1\n- 2\n", "expected a mapping"),
-    ("data: [1, 2]\n", "`data` is [1, 2]"),
-    ("data: shards\nbatch_size: big\n", '`batch_size` is "big"'),
-    ("data: shards\nbatch_size: 0\n", "--batch-size 0 must be >= 1"),
-    ("data: shards\noptimizer: adam\n", '`optimizer` is "adam"'),
-    ("data: shards\nbogus: 1\n", "unknown keys ['bogus']"),
-    ("batch_size: 2\n", "`data` is missing"),
-    ("data: [unclosed\n", "cannot be read as YAML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("data: [1, 2]\n", "`data` is [1, 2]"),
+        ("data: shards\nbatch_size: big\n", '`batch_size` is "big"'),
+        ("data: shards\nbatch_size: 0\n", "--batch-size 0 must be >= 1"),
+        ("data: shards\noptimizer: adam\n", '`optimizer` is "adam"'),
+        ("data: shards\nbogus: 1\n", "unknown keys ['bogus']"),
+        ("batch_size: 2\n", "`data` is missing"),
+        ("data: [unclosed\n", "cannot be read as YAML"),
+    ],
+)
 def test_malformed_run_config_is_named(text, needle, data, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(data["run"] / "best.pt", run / "best.pt")
     (run / "config.yaml").write_text(text)
     fails(["evaluate", "--run", str(run)], capsys, str(run / "config.yaml"), needle)
-    fails(["train", "--data", str(data["shards"]), "--run", str(run), "--resume"], capsys,
-          str(run / "config.yaml"), needle)
+    fails(
+        ["train", "--data", str(data["shards"]), "--run", str(run), "--resume"],
+        capsys,
+        str(run / "config.yaml"),
+        needle,
+    )
 
 
 # --------------------------------------------------------------------------- label values (issue 8.4)
@@ -356,8 +425,10 @@ def _put_bad_label(split_dir: Path, record: int, value: int) -> Path:
     label = cv2.imdecode(np.frombuffer(ex["label_data"][0], np.uint8), cv2.IMREAD_UNCHANGED)
     label[:2, :3] = value
     ex["label_data"] = [cv2.imencode(".png", label)[1].tobytes()]
-    blob = b"".join(tfrecord.frame_record(tfrecord.encode_example({k: v if len(v) > 1 else v[0] for k, v in e.items()}))
-                    for e in examples)
+    blob = b"".join(
+        tfrecord.frame_record(tfrecord.encode_example({k: v if len(v) > 1 else v[0] for k, v in e.items()}))
+        for e in examples
+    )
     path.write_bytes(blob)
     tfrecord.build_index(path)
     shards = tuple(dataclasses.replace(s, bytes=len(blob)) if s.file == shard.file else s for s in spec.shards)
@@ -371,10 +442,22 @@ def test_label_outside_the_label_set_is_named_by_train(workers, data, tmp_path, 
     shutil.copytree(data["shards"], shards)
     shard = _put_bad_label(shards / "train", 3, 77)
     local = 3 - ShardSpec.load(shards / "train" / "spec.json").shards[-1].first_id
-    argv = ["train", "--data", str(shards), "--run", str(tmp_path / "run"), *TINY_MODEL, "--iters", "2",
-            "--batch-size", "2", "--workers", workers, "--augment" if workers == "2" else "--no-augment"]
-    err = fails(argv, capsys, f"{shard}: record {local}", "label values [77]", "'categories8'",
-                "0..7, 255 = ignore")
+    argv = [
+        "train",
+        "--data",
+        str(shards),
+        "--run",
+        str(tmp_path / "run"),
+        *TINY_MODEL,
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--workers",
+        workers,
+        "--augment" if workers == "2" else "--no-augment",
+    ]
+    err = fails(argv, capsys, f"{shard}: record {local}", "label values [77]", "'categories8'", "0..7, 255 = ignore")
     assert "DataLoader worker" not in err and "Original Traceback" not in err
 
 
@@ -383,8 +466,12 @@ def test_label_outside_the_label_set_is_named_by_evaluate(data, tmp_path, capsys
     shutil.copytree(data["shards"], shards)
     shard = _put_bad_label(shards / "val", 0, 77)
     for workers in ("0", "2"):
-        err = fails(["evaluate", "--run", str(data["run"]), "--data", str(shards), "--workers", workers], capsys,
-                    f"{shard}: record 0", "label values [77]")
+        err = fails(
+            ["evaluate", "--run", str(data["run"]), "--data", str(shards), "--workers", workers],
+            capsys,
+            f"{shard}: record 0",
+            "label values [77]",
+        )
         assert "Original Traceback" not in err
     assert tfrecord.verify_shards(shards / "val", progress=False)["records"] == 2  # the framing itself is fine
 
@@ -425,8 +512,17 @@ def test_onnx_metadata_round_trip(onnx_model):
 
 
 def test_run_config_round_trip(data, tmp_path):
-    config = cfg.TrainConfig(data=data["shards"], run=tmp_path, model="unet-original", lr=0.01, epochs=3,
-                             crop="32x16", init=None, optimizer="sgd", clip_grad=1.0)
+    config = cfg.TrainConfig(
+        data=data["shards"],
+        run=tmp_path,
+        model="unet-original",
+        lr=0.01,
+        epochs=3,
+        crop="32x16",
+        init=None,
+        optimizer="sgd",
+        clip_grad=1.0,
+    )
     cfg.save(config, tmp_path / "config.yaml")
     run = RunDir(tmp_path)
     assert run.config() == config and run.data == data["shards"]

@@ -1,4 +1,5 @@
-"""urbanseg.inference (engines, segmenting) and urbanseg.imaging on stand-in models: image decoding, resizing, tiling, batching."""
+"""urbanseg.inference (engines, segmenting) and urbanseg.imaging on stand-in models: image
+decoding, resizing, tiling, batching."""
 
 import cv2
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 from PIL import Image
 
 from urbanseg.errors import UserError
-from urbanseg.inference.predictor import Predictor
 from urbanseg.imaging import read_image, to_rgb8
+from urbanseg.inference.predictor import Predictor
 from urbanseg.inference.segment import segment, segment_tiled, tile_starts, upsample_argmax, upsample_logits
 from urbanseg.labels import get_label_set
 
@@ -36,8 +37,11 @@ class PointwisePredictor(Predictor):
 
 def scene(h, w, seed=0):
     rng = np.random.default_rng(seed)
-    return cv2.resize(rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8), (w, h),
-                      interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(
+        rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8),
+        (w, h),
+        interpolation=cv2.INTER_NEAREST,
+    )
 
 
 def test_to_rgb8_converts_every_layout():
@@ -90,13 +94,26 @@ def test_read_image_names_a_corrupt_file(tmp_path):
         read_image(bad)
 
 
-@pytest.mark.parametrize("shape,size", [((5, 7, 9), (31, 20)), ((3, 16, 32), (64, 32)), ((4, 20, 30), (13, 9)),
-                                        ((2, 8, 8), (8, 40)), ((1, 6, 4), (30, 6))])
+@pytest.mark.parametrize(
+    "shape,size",
+    [
+        ((5, 7, 9), (31, 20)),
+        ((3, 16, 32), (64, 32)),
+        ((4, 20, 30), (13, 9)),
+        ((2, 8, 8), (8, 40)),
+        ((1, 6, 4), (30, 6)),
+    ],
+)
 def test_upsample_logits_matches_torch_bilinear(shape, size):
     torch = pytest.importorskip("torch")
     logits = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=(size[1], size[0]), mode="bilinear",
-                                          align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(logits)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert upsample_logits(logits, size).shape == ref.shape
     assert np.abs(upsample_logits(logits, size) - ref).max() < 1e-5
     assert np.abs(upsample_logits(logits, size, (3, 5)) - ref[3:5]).max() < 1e-5

@@ -36,8 +36,9 @@ def test_classes19_is_trainids():
     assert ls.num_classes == 19 and ls.classes[0] == "road" and ls.classes[-1] == "bicycle"
     for label in L.LABELS:
         assert ls.id_to_class[label.id & 0xFF] == (255 if label.trainId < 0 else label.trainId)
-    assert [tuple(c) for c in ls.palette] == [l.color for l in sorted(
-        (l for l in L.LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)]
+    assert [tuple(c) for c in ls.palette] == [
+        l.color for l in sorted((l for l in L.LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+    ]
 
 
 @pytest.mark.parametrize("name", ["categories8", "categories7", "classes19"])
@@ -64,8 +65,11 @@ def test_unknown_ids_and_colours_are_named():
 
 def test_custom_label_map(tmp_path):
     path = tmp_path / "labelmap.json"
-    path.write_text(json.dumps({"road": {"id": 1, "colors": [[128, 64, 128]]},
-                                "other": {"id": 0, "colors": [[0, 0, 0], [70, 70, 70]]}}))
+    path.write_text(
+        json.dumps(
+            {"road": {"id": 1, "colors": [[128, 64, 128]]}, "other": {"id": 0, "colors": [[0, 0, 0], [70, 70, 70]]}}
+        )
+    )
     ls = L.get_label_set(path)
     assert ls.classes == ("other", "road") and not ls.from_cityscapes
     rgb = np.array([[[128, 64, 128], [70, 70, 70], [0, 0, 0]]], np.uint8)

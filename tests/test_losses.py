@@ -62,8 +62,12 @@ def test_cross_entropy_matches_torch(weighted):
 def test_all_ignored_batch_gives_zero_not_nan():
     logits, target = _batch()
     target[:] = 255
-    for loss in (cross_entropy(logits, target), ohem_cross_entropy(logits, target),
-                 SegmentationLoss("ce+dice")(logits, target), SegmentationLoss("ce+lovasz")(logits, target)):
+    for loss in (
+        cross_entropy(logits, target),
+        ohem_cross_entropy(logits, target),
+        SegmentationLoss("ce+dice")(logits, target),
+        SegmentationLoss("ce+lovasz")(logits, target),
+    ):
         assert loss.shape == () and torch.isfinite(loss) and float(loss.detach()) == 0.0
     assert torch.isnan(F.cross_entropy(logits, target, ignore_index=255))  # what we guard against
 
@@ -92,7 +96,7 @@ def test_ohem_keeps_the_hardest_fraction_when_few_are_below_threshold():
 
 
 def test_ohem_is_above_plain_ce_on_a_mostly_easy_batch():
-    logits, target = _batch(seed=3)
+    _, target = _batch(seed=3)
     easy = F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2).float() * 8
     easy[:, :, :2] = 0  # two rows stay uncertain: the hard pixels
     assert float(ohem_cross_entropy(easy, target)) > 3 * float(cross_entropy(easy, target))

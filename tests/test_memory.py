@@ -16,12 +16,16 @@ def _suggested_size(err: str) -> tuple[int, int]:
 
 def test_synth_refuses_a_size_beyond_memory_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "synth"
-    assert main(["synth", "--out", str(out), "--size", "100000x50000", "--train", "3", "--val", "0",
-                 "--workers", "2"]) == 2
+    assert (
+        main(["synth", "--out", str(out), "--size", "100000x50000", "--train", "3", "--val", "0", "--workers", "2"])
+        == 2
+    )
     err = capsys.readouterr().err
     per_scene = memory.SYNTH_BYTES_PER_PIXEL * 100000 * 50000
-    assert f"--size 100000x50000 with 2 worker(s) ({memory.gb(per_scene)} per scene) needs about " \
-           f"{memory.gb(2 * per_scene)} of memory, but this machine has " in err
+    assert (
+        f"--size 100000x50000 with 2 worker(s) ({memory.gb(per_scene)} per scene) needs about "
+        f"{memory.gb(2 * per_scene)} of memory, but this machine has " in err
+    )
     assert f"({memory.gb(memory.total_bytes())} in all)" in err and "Traceback" not in err
     w, h = _suggested_size(err)
     assert w == pytest.approx(2 * h, abs=2) and 2 * memory.SYNTH_BYTES_PER_PIXEL * w * h <= memory.available_bytes()
@@ -30,8 +34,24 @@ def test_synth_refuses_a_size_beyond_memory_and_writes_nothing(tmp_path, capsys)
 
 def test_synth_counts_only_the_workers_it_can_use(tmp_path, capsys):
     # one scene: one worker whatever --workers says
-    assert main(["synth", "--out", str(tmp_path / "s"), "--size", "100000x50000", "--train", "1", "--val", "0",
-                 "--workers", "8"]) == 2
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / "s"),
+                "--size",
+                "100000x50000",
+                "--train",
+                "1",
+                "--val",
+                "0",
+                "--workers",
+                "8",
+            ]
+        )
+        == 2
+    )
     assert "with 1 worker(s)" in capsys.readouterr().err
 
 
@@ -42,8 +62,10 @@ def test_prepare_refuses_an_output_size_beyond_memory(tmp_path, capsys):
     assert main(["prepare", "--data", str(raw), "--out", str(out), "--size", "100000x50000", "--workers", "2"]) == 2
     err = capsys.readouterr().err
     per_pair = memory.PREPARE_BYTES_PER_RAW_PIXEL * 128 * 64 + memory.PREPARE_BYTES_PER_OUT_PIXEL * 100000 * 50000
-    assert f"--size 100000x50000 from 128x64 images with 2 worker(s) ({memory.gb(per_pair)} per pair) " \
-           f"needs about {memory.gb(2 * per_pair)} of memory" in err
+    assert (
+        f"--size 100000x50000 from 128x64 images with 2 worker(s) ({memory.gb(per_pair)} per pair) "
+        f"needs about {memory.gb(2 * per_pair)} of memory" in err
+    )
     w, h = _suggested_size(err)
     assert 2 * memory.PREPARE_BYTES_PER_OUT_PIXEL * w * h <= memory.available_bytes()
     assert not out.exists()
@@ -54,9 +76,12 @@ def test_prepare_refuses_an_output_size_beyond_memory(tmp_path, capsys):
 def test_fewer_workers_are_suggested_when_one_fits():
     per_worker = 50 * 2000 * 1000  # 100 MB; 8 workers, 350 MB: 3 workers fit, or 875000 pixels each
     fix = memory._scale_fix("--size", (2000, 1000), per_worker, 0, 50, 8, 350 * 10**6)
-    with pytest.raises(UserError, match=r"needs about 800 MB of memory, but this machine has 350 MB available "
-                                        r"\(.* GB in all\); use --workers 3 or a smaller --size \(about 1322x661 at "
-                                        r"most with 8 worker\(s\)\)"):
+    with pytest.raises(
+        UserError,
+        match=r"needs about 800 MB of memory, but this machine has 350 MB available "
+        r"\(.* GB in all\); use --workers 3 or a smaller --size \(about 1322x661 at "
+        r"most with 8 worker\(s\)\)",
+    ):
         memory.require(8 * per_worker, "--size 2000x1000", fix, have=350 * 10**6)
     with pytest.raises(UserError, match="free memory or use a machine with more"):
         memory.require(10**9, "x", memory._scale_fix("--size", (8, 8), 10**9, 10**9, 1, 1, 10), have=10)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from urbanseg.evaluation import official as ce
 from urbanseg.errors import UserError
-from urbanseg.labels import CATEGORIES, ID_TO_LABEL, get_label_set
+from urbanseg.evaluation import official as ce
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
+from urbanseg.labels import CATEGORIES, ID_TO_LABEL, get_label_set
 
 # ----------------------------------------------------------------- confusion matrix
 
@@ -37,7 +37,10 @@ HAND = {
 def _hand_matrix(kind: str) -> ConfusionMatrix:
     cm = ConfusionMatrix(4)
     for p, t in zip(HAND_PRED, HAND_GT):
-        cm.update(torch.from_numpy(p) if kind == "torch" else p.astype(np.uint8), torch.from_numpy(t) if kind == "torch" else t.astype(np.uint8))
+        cm.update(
+            torch.from_numpy(p) if kind == "torch" else p.astype(np.uint8),
+            torch.from_numpy(t) if kind == "torch" else t.astype(np.uint8),
+        )
     return cm
 
 
@@ -316,10 +319,14 @@ def _assert_equal_scores(ours: dict, theirs: dict, names) -> None:
 
 def _compare(ours: dict, theirs: dict, levels) -> None:
     pairs = {
-        "classes": [("class_iou", "classScores", "mean_class_iou", "averageScoreClasses"),
-                    ("class_iiou", "classInstScores", "mean_class_iiou", "averageScoreInstClasses")],
-        "categories": [("category_iou", "categoryScores", "mean_category_iou", "averageScoreCategories"),
-                       ("category_iiou", "categoryInstScores", "mean_category_iiou", "averageScoreInstCategories")],
+        "classes": [
+            ("class_iou", "classScores", "mean_class_iou", "averageScoreClasses"),
+            ("class_iiou", "classInstScores", "mean_class_iiou", "averageScoreInstClasses"),
+        ],
+        "categories": [
+            ("category_iou", "categoryScores", "mean_category_iou", "averageScoreCategories"),
+            ("category_iiou", "categoryInstScores", "mean_category_iiou", "averageScoreInstCategories"),
+        ],
     }
     for level in levels:
         for key, official_key, mean_key, official_mean in pairs[level]:
@@ -332,7 +339,7 @@ def _compare(ours: dict, theirs: dict, levels) -> None:
 
 def test_avg_class_size_equals_official_script():
     mod = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
-    assert ce.AVG_CLASS_SIZE == mod.args.avgClassSize
+    assert mod.args.avgClassSize == ce.AVG_CLASS_SIZE
 
 
 def test_official_scores_equal_cityscapesscripts(tmp_path, monkeypatch):
@@ -381,13 +388,20 @@ def test_cityscapes_ids_of_each_label_set_and_levels():
     assert c19[19] == c19[255] == 0  # no class: unlabeled, a miss
     c8 = get_label_set("categories8").cityscapes_ids()
     assert [ID_TO_LABEL[int(i)].name for i in c8[:8]] == [
-        "unlabeled", "road", "building", "pole", "vegetation", "sky", "person", "car"]
+        "unlabeled",
+        "road",
+        "building",
+        "pole",
+        "vegetation",
+        "sky",
+        "person",
+        "car",
+    ]
     c7 = get_label_set("categories7").cityscapes_ids()
     assert c7[:7].tolist() == c8[1:8].tolist()
     assert ce.official_levels(get_label_set("classes19")) == ("classes", "categories")
     assert ce.official_levels(get_label_set("categories8")) == ("categories",)
-    colour_only = get_label_set("classes19").__class__(
-        "mine", ("a",), ((0, 0, 0),), None, (((0, 0, 0), 0),))
+    colour_only = get_label_set("classes19").__class__("mine", ("a",), ((0, 0, 0),), None, (((0, 0, 0), 0),))
     with pytest.raises(UserError, match="colours only"):
         colour_only.cityscapes_ids()
 

@@ -162,8 +162,9 @@ def test_imagenet_weights_offline_fail_fast_with_a_clear_message(hub, tmp_path):
     for var in ("no_proxy", "NO_PROXY"):
         env.pop(var, None)
     names = ["unet-resnet18", "fpn-mobilenetv3", "segformer-mit_b0", "lraspp-mobilenetv3"]
-    out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE, *names], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", OFFLINE_PROBE, *names], env=env, capture_output=True, text=True, timeout=300
+    )
     results = [line.split(maxsplit=2) for line in out.stdout.splitlines()]
     lines = {r[0]: (float(r[1]), r[2]) for r in results if len(r) == 3 and r[2].startswith(("USERERROR", "DOWNL"))}
     assert sorted(lines) == sorted(names), out.stderr[-2000:]
@@ -178,9 +179,14 @@ def test_imported_families_take_their_own_normalisation():
     """An imported model normalises with the mean/std it was trained with (kept in
     model_args, and as buffers in the state dict)."""
     mean, std = [100.0, 110.0, 120.0], [50.0, 60.0, 70.0]
-    model = create_model("smp", 4, arch="Segformer", config={"encoder_name": "mit_b0",
-                                                             "decoder_segmentation_channels": 16},
-                         mean=mean, std=std).eval()
+    model = create_model(
+        "smp",
+        4,
+        arch="Segformer",
+        config={"encoder_name": "mit_b0", "decoder_segmentation_channels": 16},
+        mean=mean,
+        std=std,
+    ).eval()
     assert model.mean.flatten().tolist() == mean and model.std.flatten().tolist() == std
     assert model.model_args["kwargs"]["mean"] == mean and "smp" not in MODELS
     x = torch.rand(1, 3, 64, 64) * 255

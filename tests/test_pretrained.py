@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_hub import FakeHub
 from PIL import Image
 
+from fake_hub import FakeHub
 from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from urbanseg.cli import main
 from urbanseg.errors import UserError
@@ -63,13 +63,22 @@ def smp_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("smp") / "segformer-tiny"
     torch.manual_seed(0)
-    smp.Segformer(encoder_name="mit_b0", encoder_weights=None, decoder_segmentation_channels=32,
-                  classes=19).save_pretrained(str(folder))
-    steps = [{"__class_fullname__": "Resize", "height": 64, "width": 128, "p": 1.0},
-             {"__class_fullname__": "Normalize", "mean": IMAGENET_01[0], "std": IMAGENET_01[1],
-              "max_pixel_value": 255.0, "p": 1.0}]
+    smp.Segformer(
+        encoder_name="mit_b0", encoder_weights=None, decoder_segmentation_channels=32, classes=19
+    ).save_pretrained(str(folder))
+    steps = [
+        {"__class_fullname__": "Resize", "height": 64, "width": 128, "p": 1.0},
+        {
+            "__class_fullname__": "Normalize",
+            "mean": IMAGENET_01[0],
+            "std": IMAGENET_01[1],
+            "max_pixel_value": 255.0,
+            "p": 1.0,
+        },
+    ]
     (folder / "albumentations_config_eval.json").write_text(
-        json.dumps({"__version__": "1.4.0", "transform": {"__class_fullname__": "Compose", "transforms": steps}}))
+        json.dumps({"__version__": "1.4.0", "transform": {"__class_fullname__": "Compose", "transforms": steps}})
+    )
     return folder
 
 
@@ -80,9 +89,19 @@ def hf_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("hf") / "segformer-tiny"
     config = transformers.SegformerConfig(
-        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3],
-        strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=19,
-        id2label=dict(enumerate(CITY)), label2id={n: i for i, n in enumerate(CITY)})
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 1],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=19,
+        id2label=dict(enumerate(CITY)),
+        label2id={n: i for i, n in enumerate(CITY)},
+    )
     torch.manual_seed(0)
     transformers.SegformerForSemanticSegmentation(config).save_pretrained(str(folder))
     transformers.SegformerImageProcessor(size={"height": 64, "width": 128}).save_pretrained(str(folder))
@@ -115,7 +134,8 @@ def test_table_rows_are_complete_and_nvidia_rows_say_non_commercial():
     assert len(PRETRAINED) == 14
     smp_rows = [m for m in PRETRAINED.values() if m.library == "smp"]
     assert {m.source for m in smp_rows} >= {SMP_ID, "smp-hub/segformer-b0-1024x1024-city-160k"} | {
-        f"smp-hub/segformer-b{i}-1024x1024-city-160k" for i in range(1, 6)}
+        f"smp-hub/segformer-b{i}-1024x1024-city-160k" for i in range(1, 6)
+    }
     assert HF_ID in PRETRAINED
     published = {"B0": 76.54, "B1": 78.56, "B2": 81.08, "B3": 81.94, "B4": 81.89, "B5": 82.25}
     for m in PRETRAINED.values():
@@ -144,8 +164,12 @@ def test_table_parameters_are_the_architectures():
         if m.library != "smp":
             continue
         variant = m.architecture.split("-")[1].lower()
-        net = smp.Segformer(encoder_name=f"mit_{variant}", encoder_weights=None, classes=19,
-                            decoder_segmentation_channels=256 if variant in ("b0", "b1") else 768)
+        net = smp.Segformer(
+            encoder_name=f"mit_{variant}",
+            encoder_weights=None,
+            classes=19,
+            decoder_segmentation_channels=256 if variant in ("b0", "b1") else 768,
+        )
         assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == m.params_m, m.source
 
 
@@ -219,8 +243,20 @@ def test_transformers_model_imports_with_its_own_logits(hf_folder, hf_ckpt, hf_h
 def test_predict_and_export_take_the_imported_checkpoint(family, request, tmp_path, hf_home):
     ckpt = request.getfixturevalue(f"{family}_ckpt")
     Image.fromarray(picture(100, 200)).save(tmp_path / "street.png")
-    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "street.png"),
-                 "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(tmp_path / "street.png"),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     labels = np.array(Image.open(tmp_path / "pred" / "street_labels.png"))
     assert labels.shape == (100, 200) and labels.max() < 19
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "model.onnx")]) == 0
@@ -278,8 +314,9 @@ def test_offline_a_cached_hub_model_converts_with_the_tables_facts(source, reque
     assert ckpt["source"]["revision"] == commit and ckpt["source"]["non_commercial"] is True
     assert ckpt["source"]["licence_url"] == row.licence.url and ckpt["input_size"] == list(row.crop)
     assert ckpt["inference"] == row.protocol.to_dict()
-    assert ckpt["metrics"] == ({} if row.miou is None else {"miou": pytest.approx(row.miou / 100),
-                                                             "miou_source": MMSEG_ZOO})
+    assert ckpt["metrics"] == (
+        {} if row.miou is None else {"miou": pytest.approx(row.miou / 100), "miou_source": MMSEG_ZOO}
+    )
     stamp = path.stat().st_mtime_ns
     assert resolve_pretrained(source) == path and path.stat().st_mtime_ns == stamp
 
@@ -315,8 +352,14 @@ def test_a_hub_model_downloads_once_and_converts_again_for_a_new_revision(fake_h
 
     def run():
         fake_hub.requests.clear()
-        out = subprocess.run([sys.executable, "-m", "urbanseg", "import", SMP_ID], env=env, capture_output=True, check=False,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "urbanseg", "import", SMP_ID],
+            env=env,
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 

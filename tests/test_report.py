@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from urbanseg.labels import get_label_set
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.report import (
     ERROR_COLOR,
@@ -28,6 +27,7 @@ from urbanseg.evaluation.report import (
     official_tables,
     write_report,
 )
+from urbanseg.labels import get_label_set
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LS = get_label_set("categories8")
@@ -36,9 +36,21 @@ LS = get_label_set("categories8")
 def chromium(page: Path, *args: str, timeout: float = 90) -> str:
     """Run headless Chromium on a file:// page with no network use; returns stdout."""
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args, page.resolve().as_uri()]
+        cmd = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            *args,
+            page.resolve().as_uri(),
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
@@ -70,19 +82,36 @@ def _report_inputs(n: int = 5) -> dict:
         cm.update(pred, label)
         row = {"name": f"zurich/zurich_{i:06d}_000019", **image_scores(pred[None], label[None], LS.num_classes)[0]}
         per_image.append(row)
-        picks.append({**{k: row[k] for k in ("name", "miou", "pixel_accuracy")}, "image": image, "label": label,
-                      "pred": pred})
-    return dict(result=cm.compute(), matrix=cm.matrix, label_set=LS, title="Evaluation of <demo> & co on val",
-                header=[("date", "2026-01-02T03:04:05+00:00"), ("model", "unet-original (width=8)")],
-                per_image=per_image, picks={"best": picks[:2], "worst": picks[-2:][::-1]}, info={"split": "val"})
+        picks.append(
+            {**{k: row[k] for k in ("name", "miou", "pixel_accuracy")}, "image": image, "label": label, "pred": pred}
+        )
+    return dict(
+        result=cm.compute(),
+        matrix=cm.matrix,
+        label_set=LS,
+        title="Evaluation of <demo> & co on val",
+        header=[("date", "2026-01-02T03:04:05+00:00"), ("model", "unet-original (width=8)")],
+        per_image=per_image,
+        picks={"best": picks[:2], "worst": picks[-2:][::-1]},
+        info={"split": "val"},
+    )
 
 
 OFFICIAL = {
-    "images": 5, "pixels": 23040,
-    "category_iou": {"flat": 0.5, "construction": None, "object": 0.25, "nature": 1.0, "sky": None, "human": 0.75,
-                     "vehicle": 0.125},
+    "images": 5,
+    "pixels": 23040,
+    "category_iou": {
+        "flat": 0.5,
+        "construction": None,
+        "object": 0.25,
+        "nature": 1.0,
+        "sky": None,
+        "human": 0.75,
+        "vehicle": 0.125,
+    },
     "category_iiou": {"human": 0.5, "vehicle": None},
-    "mean_category_iou": 0.525, "mean_category_iiou": 0.5,
+    "mean_category_iou": 0.525,
+    "mean_category_iiou": 0.5,
 }
 
 
@@ -168,12 +197,20 @@ def test_write_report_files(tmp_path):
     assert [r["name"] for r in rows] == [r["name"] for r in inputs["per_image"]]
     assert float(rows[2]["miou"]) == pytest.approx(inputs["per_image"][2]["miou"], abs=1e-6)
     gallery = sorted(p.name for p in (tmp_path / "gallery").iterdir())
-    assert gallery == ["best_01_zurich_000000_000019.png", "best_02_zurich_000001_000019.png",
-                       "worst_01_zurich_000004_000019.png", "worst_02_zurich_000003_000019.png"]
+    assert gallery == [
+        "best_01_zurich_000000_000019.png",
+        "best_02_zurich_000001_000019.png",
+        "worst_01_zurich_000004_000019.png",
+        "worst_02_zurich_000003_000019.png",
+    ]
     assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes left no temporary files
     page = _Collect()
     page.feed(paths["html"].read_text())
-    assert page.srcs == ["confusion.png", *(f"gallery/{g}" for g in gallery[:2]), *(f"gallery/{g}" for g in gallery[2:])]
+    assert page.srcs == [
+        "confusion.png",
+        *(f"gallery/{g}" for g in gallery[:2]),
+        *(f"gallery/{g}" for g in gallery[2:]),
+    ]
     assert all((tmp_path / href).is_file() for href in page.hrefs)  # every link is a file beside the page
     text = "".join(page.text)
     assert "Evaluation of <demo> & co on val" in text  # escaped in the source, shown as typed

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+
 from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
 
 pytestmark = pytest.mark.slow
@@ -35,10 +36,14 @@ def reference(shards, tmp_path_factory):
     return run
 
 
-
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "urbanseg", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    return subprocess.Popen(
+        [sys.executable, "-m", "urbanseg", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
 
 
 def _kill_after(proc: subprocess.Popen, run, step: int, delay: float) -> None:
@@ -131,12 +136,17 @@ def test_sigkill_while_writing_last_pt_keeps_the_previous_one(shards, reference,
     run = tmp_path / "run"
     args = train_args(shards, run, *EXTRA)
     n = 7  # the 7th last.pt write (step 7) dies half-way
-    proc = subprocess.run([sys.executable, "-c", DIE_WHILE_SAVING.replace("{n}", str(n)), *args],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", DIE_WHILE_SAVING.replace("{n}", str(n)), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = list(run.glob(".last.pt.*.tmp*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, EOFError)):  # a cut zip archive: not loadable
         torch.load(leftovers[0], weights_only=True)
     assert saved_step(run / "last.pt") == n - 1  # the rename never happened: the previous state is intact
     result = run_cli([*args, "--resume"])

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import torch
-from train_fixtures import make_shards, run_cli, subprocess_env, train_args
 
+from train_fixtures import make_shards, run_cli, subprocess_env, train_args
 from urbanseg.cli import main
 from urbanseg.config import TrainConfig
+from urbanseg.training.loop import augment_settings
 from urbanseg.training.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
 from urbanseg.training.runlog import RunLog, read_metrics
-from urbanseg.training.loop import augment_settings
 from urbanseg.training.train import build_optimizer
 
 
@@ -74,8 +74,20 @@ def test_checkpoints_are_self_describing_and_load_weights_only(trained):
     ts = last["train_state"]
     assert last["step"] == 6 and last["epoch"] == 3 and ts["step_in_epoch"] == 0
     # the format older last.pt files have: --resume reads exactly these keys
-    assert set(ts) == {"optimizer", "scheduler", "scaler", "rng", "world_size", "step", "epoch", "step_in_epoch",
-                       "best_miou", "best_step", "bad_validations", "samples_in_epoch"}
+    assert set(ts) == {
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "world_size",
+        "step",
+        "epoch",
+        "step_in_epoch",
+        "best_miou",
+        "best_step",
+        "bad_validations",
+        "samples_in_epoch",
+    }
     assert "train_state" not in best and best["step"] == ts["best_step"]
     assert best["metrics"]["miou"] == pytest.approx(ts["best_miou"])
     model = model_from_checkpoint(best)
@@ -84,22 +96,31 @@ def test_checkpoints_are_self_describing_and_load_weights_only(trained):
 
 def test_it_learns(shards, tmp_path):
     run = tmp_path / "run"
-    assert main(train_args(shards, run, "--iters", "16", "--lr", "0.02", "--val-every", "16", "--no-augment",
-                           deterministic=False)) == 0
+    assert (
+        main(
+            train_args(
+                shards, run, "--iters", "16", "--lr", "0.02", "--val-every", "16", "--no-augment", deterministic=False
+            )
+        )
+        == 0
+    )
     losses = [float(r["loss"]) for r in read_metrics(run / "metrics.csv") if r["split"] == "train"]
     assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.75 * losses[0]  # ~0.65 measured
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--model", "no-such-net"], "unknown model 'no-such-net'; valid names: unet-original"),
-    (["--batch-size", "12"], "--batch-size 12 is larger than the train split (11 images"),
-    (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
-    (["--model-args", "[1]"], "--model-args '[1]' is not a JSON object"),
-    (["--epochs", "2", "--iters", "3"], "give --epochs or --iters, not both"),
-    (["--iters", "0"], "--iters 0 must be >= 1"),
-    (["--crop", "100000x50000"], "--crop 100000x50000 at --batch-size 4 (inputs and logits alone"),
-    (["--resume"], "config.yaml not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "no-such-net"], "unknown model 'no-such-net'; valid names: unet-original"),
+        (["--batch-size", "12"], "--batch-size 12 is larger than the train split (11 images"),
+        (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+        (["--model-args", "[1]"], "--model-args '[1]' is not a JSON object"),
+        (["--epochs", "2", "--iters", "3"], "give --epochs or --iters, not both"),
+        (["--iters", "0"], "--iters 0 must be >= 1"),
+        (["--crop", "100000x50000"], "--crop 100000x50000 at --batch-size 4 (inputs and logits alone"),
+        (["--resume"], "config.yaml not found"),
+    ],
+)
 def test_bad_input_exits_2_with_a_clear_message(shards, tmp_path, capsys, extra, message):
     assert main(train_args(shards, tmp_path / "run", "--iters", "1", *extra, deterministic=False)) == 2
     err = capsys.readouterr().err
@@ -131,7 +152,6 @@ def test_a_crop_larger_than_the_data_warns_once(shards, tmp_path, capsys):
 
 def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repacking(tmp_path, capsys):
     from train_fixtures import repack
-
     from urbanseg.data.tfrecord import read_index
 
     shards = make_shards(tmp_path, train=4, val=2)
@@ -219,8 +239,22 @@ def test_init_with_other_classes_gets_a_new_head(trained, shards, tmp_path, caps
     ckpt = load_checkpoint(trained / "best.pt")
     ckpt["label_set"]["classes"] = [c.upper() for c in ckpt["label_set"]["classes"]]
     torch.save(ckpt, renamed)
-    assert main(train_args(shards, tmp_path / "run", "--init", str(renamed), "--model", "unet-original",
-                           "--iters", "1", deterministic=False)) == 2
+    assert (
+        main(
+            train_args(
+                shards,
+                tmp_path / "run",
+                "--init",
+                str(renamed),
+                "--model",
+                "unet-original",
+                "--iters",
+                "1",
+                deterministic=False,
+            )
+        )
+        == 2
+    )
     assert "same count, different classes. Pass --new-head" in capsys.readouterr().err
     eight = create_model("unet-original", 8, base_channels=4)
     fresh_head = {k: v.clone() for k, v in eight.state_dict().items() if k.startswith(eight.head_prefixes)}
@@ -232,8 +266,7 @@ def test_init_with_other_classes_gets_a_new_head(trained, shards, tmp_path, caps
 def test_init_end_to_end_on_a_seven_class_dataset(trained, tmp_path, capsys):
     shards7 = make_shards(tmp_path, train=4, val=2, labels="categories7")
     run = tmp_path / "ft"
-    assert main(train_args(shards7, run, "--init", str(trained / "best.pt"), "--iters", "2",
-                           deterministic=False)) == 0
+    assert main(train_args(shards7, run, "--init", str(trained / "best.pt"), "--iters", "2", deterministic=False)) == 0
     assert "new 7-class head" in capsys.readouterr().err
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["model"]["kwargs"] == {"num_classes": 7, "base_channels": 4}
@@ -242,8 +275,11 @@ def test_init_end_to_end_on_a_seven_class_dataset(trained, tmp_path, capsys):
 
 def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(train_args(shards, run, "--iters", "20", "--optimizer", "sgd", "--lr", "1e12", "--save-every", "1",
-                           deterministic=False))
+    code = main(
+        train_args(
+            shards, run, "--iters", "20", "--optimizer", "sgd", "--lr", "1e12", "--save-every", "1", deterministic=False
+        )
+    )
     err = capsys.readouterr().err
     assert code == 3, err
     assert "the training loss is nan" in err or "the training loss is inf" in err or "overflowed" in err
@@ -258,8 +294,13 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(sh
 def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp_path):
     run = tmp_path / "run"
     args = train_args(shards, run, "--iters", "60", "--val-every", "1000")
-    proc = subprocess.Popen([sys.executable, "-m", "urbanseg", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "urbanseg", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
     deadline = time.monotonic() + 120
     while len(read_metrics(run / "metrics.csv")) < 3:  # a few steps in
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -290,8 +331,17 @@ def test_trainer_state_dict_round_trips(shards, tmp_path):
     from urbanseg.training.train import resolve_config, setup
     from urbanseg.training.trainer import LoopState
 
-    config = resolve_config(TrainConfig(data=shards, run=tmp_path / "run", model="unet-original", iters=4,
-                                        model_args='{"base_channels": 4}', batch_size=4, workers=0))
+    config = resolve_config(
+        TrainConfig(
+            data=shards,
+            run=tmp_path / "run",
+            model="unet-original",
+            iters=4,
+            model_args='{"base_channels": 4}',
+            batch_size=4,
+            workers=0,
+        )
+    )
     t = setup(config, DistInfo(), torch.device("cpu"))
     batch = next(iter(make_loader(t, "train", LoopState())))
     train_step(t, batch, False)
@@ -378,10 +428,40 @@ def test_training_options_run_end_to_end(shards, tmp_path):
     """The less common flags together: bf16 autocast, channels-last, Lovasz + weighted OHEM
     cross-entropy, SGD with warm-up and cosine decay, clipping, random crops."""
     run = tmp_path / "run"
-    assert main(train_args(shards, run, "--iters", "3", "--amp", "bf16", "--channels-last", "--loss", "ce+lovasz",
-                           "--class-weights", "median", "--ohem", "--optimizer", "sgd", "--schedule", "cosine",
-                           "--warmup", "1", "--clip-grad", "1.0", "--crop", "32x16", "--patience", "1",
-                           "--val-every", "1", deterministic=False)) == 0
+    assert (
+        main(
+            train_args(
+                shards,
+                run,
+                "--iters",
+                "3",
+                "--amp",
+                "bf16",
+                "--channels-last",
+                "--loss",
+                "ce+lovasz",
+                "--class-weights",
+                "median",
+                "--ohem",
+                "--optimizer",
+                "sgd",
+                "--schedule",
+                "cosine",
+                "--warmup",
+                "1",
+                "--clip-grad",
+                "1.0",
+                "--crop",
+                "32x16",
+                "--patience",
+                "1",
+                "--val-every",
+                "1",
+                deterministic=False,
+            )
+        )
+        == 0
+    )
     rows = read_metrics(run / "metrics.csv")
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     # patience 1: stops at the first validation that is not better than the best

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from test_records import PALETTE, encode_label_as_image, label_image
 
-from urbanseg.errors import UserError
+from test_records import PALETTE, encode_label_as_image, label_image
 from urbanseg.data.transforms import Augment, TrainTransform, eval_transform, jitter, shift_hue, window
+from urbanseg.errors import UserError
 
 NO_COLOUR = dict(brightness=0, contrast=0, saturation=0, hue=0)
 
@@ -57,7 +57,7 @@ def test_alignment_under_random_scale_and_values_stay_in_set():
         same[1:-1, 1:-1] = True
         for dy in range(3):
             for dx in range(3):
-                same[1:-1, 1:-1] &= lab[dy:dy + h - 2, dx:dx + w - 2] == lab[1:-1, 1:-1]
+                same[1:-1, 1:-1] &= lab[dy : dy + h - 2, dx : dx + w - 2] == lab[1:-1, 1:-1]
         assert same.mean() > 0.3 and not bad[same].any()
         # and the label is where the image is: shifting it by one pixel matches worse
         for dy, dx in [(-1, 0), (1, 0), (0, -1), (0, 1)]:
@@ -128,10 +128,17 @@ def test_eval_transform_is_identity():
     assert out_image is image and out_label is label
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(scale=(2.0, 1.0)), "scale"), (dict(flip=1.5), "flip"), (dict(brightness=1.0), "brightness"),
-    (dict(hue=0.7), "hue"), (dict(crop="0x5"), "crop"), (dict(fill=(0, 0, 300)), "fill"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scale=(2.0, 1.0)), "scale"),
+        (dict(flip=1.5), "flip"),
+        (dict(brightness=1.0), "brightness"),
+        (dict(hue=0.7), "hue"),
+        (dict(crop="0x5"), "crop"),
+        (dict(fill=(0, 0, 300)), "fill"),
+    ],
+)
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(UserError, match=message):
         Augment(**kwargs)

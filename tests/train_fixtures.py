@@ -19,8 +19,8 @@ TINY_MODEL = ["--model", "unet-original", "--model-args", json.dumps({"base_chan
 
 def make_shards(root: Path, *, train: int = 11, val: int = 5, labels: str = "categories8") -> Path:
     """Synthetic scenes -> 64x32 prepared pairs -> 2 shards per split; returns the shard folder."""
-    from urbanseg.data.prepare import prepare
     from urbanseg.data.pack import pack
+    from urbanseg.data.prepare import prepare
     from urbanseg.synth import synthesize
 
     raw, prepared, shards = root / "raw", root / f"prepared-{labels}", root / f"shards-{labels}"
@@ -40,8 +40,22 @@ def repack(root: Path, shards: Path, *, labels: str = "categories8") -> None:
 
 def train_args(shards: Path, run: Path, *extra: str, deterministic: bool = True) -> list[str]:
     """`urbanseg train` arguments for a tiny, quick CPU run (deterministic by default)."""
-    return ["train", "--data", str(shards), "--run", str(run), *TINY_MODEL, "--batch-size", "4",
-            "--workers", "0", "--log-every", "1", *(["--deterministic"] if deterministic else []), *extra]
+    return [
+        "train",
+        "--data",
+        str(shards),
+        "--run",
+        str(run),
+        *TINY_MODEL,
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        *(["--deterministic"] if deterministic else []),
+        *extra,
+    ]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -50,8 +64,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "urbanseg", *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env())
+    return subprocess.run(
+        [sys.executable, "-m", "urbanseg", *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env()
+    )
 
 
 def saved_step(path: Path) -> int:

@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 from urbanseg.errors import UserError
 from urbanseg.labels import LABELS, LabelSet, get_label_set
 
-__all__ = ["__version__", "UserError", "LABELS", "LabelSet", "get_label_set"]
+__all__ = ["LABELS", "LabelSet", "UserError", "__version__", "get_label_set"]

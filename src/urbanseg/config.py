@@ -48,9 +48,11 @@ def check(condition: bool, message: str) -> None:
 def check_device(value: str, flag: str = "--device") -> None:
     """The one rule for a device flag: auto, cpu, cuda or cuda:N (whether it exists is
     checked when it is used, by `urbanseg.device.pick_device`)."""
-    index = value[len("cuda:"):] if value.startswith("cuda:") else "0"
-    check(value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit()),
-          f"{flag} {value!r}: use auto, cpu, cuda or cuda:N")
+    index = value[len("cuda:") :] if value.startswith("cuda:") else "0"
+    check(
+        value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit()),
+        f"{flag} {value!r}: use auto, cpu, cuda or cuda:N",
+    )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -88,8 +90,11 @@ def from_dict(cls: type, data: Any) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UserError(f"unknown keys {unknown}")
-    missing = [k for k, f in fields.items() if k not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        k
+        for k, f in fields.items()
+        if k not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise UserError(f"`{missing[0]}` is missing")
     hints = typing.get_type_hints(cls)
@@ -128,8 +133,9 @@ def _type_name(tp: Any) -> str:
     elif typing.get_origin(tp) in (list, tuple):
         name = "a list"
     else:
-        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-                Path: "a path"}.get(tp, str(tp))
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string", Path: "a path"}.get(
+            tp, str(tp)
+        )
     return name + (" or null" if optional else "")
 
 
@@ -212,8 +218,11 @@ class PrepareConfig:
     source: Literal["labelIds", "color"] = opt("labelIds", "annotation to read: *_labelIds.png or the RGB *_color.png")
     splits: list[str] = opt(["train", "val", "test"], "splits to prepare (those missing on disk are skipped)")
     workers: int = opt(0, "worker processes (0: one per core)")
-    overwrite: bool = opt(False, "redo every pair; also allows new settings for an --out prepared with others "
-                          "(its images/, labels/ and manifest.json are deleted first)")
+    overwrite: bool = opt(
+        False,
+        "redo every pair; also allows new settings for an --out prepared with others "
+        "(its images/, labels/ and manifest.json are deleted first)",
+    )
 
     def __post_init__(self) -> None:
         parse_size(self.size)
@@ -291,13 +300,24 @@ class TrainConfig:
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr} must be > 0")
         check(self.new_head <= (self.init is not None), "--new-head only applies with --init CHECKPOINT")
-        check(not (self.init is not None and self.encoder_weights), "--init and --encoder-weights both set the "
-              "starting weights: pick one")
-        check(0 < self.ohem_thresh <= 1 and 0 <= self.ohem_min_kept <= 1, "--ohem-thresh must be in (0, 1] "
-              "and --ohem-min-kept in [0, 1]")
-        for flag, value in (("--warmup", self.warmup), ("--clip-grad", self.clip_grad), ("--val-every", self.val_every),
-                            ("--save-every", self.save_every), ("--patience", self.patience),
-                            ("--workers", self.workers), ("--threads", self.threads), ("--weight-decay", self.weight_decay)):
+        check(
+            not (self.init is not None and self.encoder_weights),
+            "--init and --encoder-weights both set the starting weights: pick one",
+        )
+        check(
+            0 < self.ohem_thresh <= 1 and 0 <= self.ohem_min_kept <= 1,
+            "--ohem-thresh must be in (0, 1] and --ohem-min-kept in [0, 1]",
+        )
+        for flag, value in (
+            ("--warmup", self.warmup),
+            ("--clip-grad", self.clip_grad),
+            ("--val-every", self.val_every),
+            ("--save-every", self.save_every),
+            ("--patience", self.patience),
+            ("--workers", self.workers),
+            ("--threads", self.threads),
+            ("--weight-decay", self.weight_decay),
+        ):
             check(value >= 0, f"{flag} {value} must be >= 0")
         check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
         check_device(self.device)
@@ -344,13 +364,18 @@ class PredictConfig:
     device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
 
     def __post_init__(self) -> None:
-        check(bool(self.input) != (self.split is not None),
-              "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT")
+        check(
+            bool(self.input) != (self.split is not None), "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT"
+        )
         check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
-        check(self.model is not None or self.run is not None or self.checkpoint is not None,
-              "give --run runs/NAME, --checkpoint PATH or --model model.onnx")
-        check(self.split is None or self.data is not None or self.run is not None,
-              "--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data SHARDS")
+        check(
+            self.model is not None or self.run is not None or self.checkpoint is not None,
+            "give --run runs/NAME, --checkpoint PATH or --model model.onnx",
+        )
+        check(
+            self.split is None or self.data is not None or self.run is not None,
+            "--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data SHARDS",
+        )
         check(self.num >= 1, f"--num {self.num} must be >= 1")
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
         check(0.0 <= self.tile_overlap < 1.0, f"--tile-overlap {self.tile_overlap} must be in [0, 1)")
@@ -385,13 +410,17 @@ class ModelsConfig:
     """`urbanseg models`: list the model names with parameters, FLOPs and CPU latency."""
 
     size: str = opt("512x256", "input size WIDTHxHEIGHT for FLOPs and latency", metavar="WxH")
-    measure: bool = opt(False, "re-measure CPU latency now (slow) instead of showing the figures "
-                               "measured by benchmarks/bench_models.py")
+    measure: bool = opt(
+        False, "re-measure CPU latency now (slow) instead of showing the figures measured by benchmarks/bench_models.py"
+    )
     repeats: int = opt(5, "timed forward passes per model with --measure (the median is shown)")
     threads: int = opt(1, "CPU threads per model with --measure")
     only: list[str] = opt([], "show only these models (default: all)")
-    pretrained: bool = opt(False, "list the pretrained Cityscapes models instead (for `urbanseg import`), "
-                                  "with protocol, published mIoU and licence")
+    pretrained: bool = opt(
+        False,
+        "list the pretrained Cityscapes models instead (for `urbanseg import`), "
+        "with protocol, published mIoU and licence",
+    )
 
     def __post_init__(self) -> None:
         parse_size(self.size)
@@ -403,25 +432,43 @@ class ModelsConfig:
 class ImportConfig:
     """`urbanseg import`: convert a pretrained model (smp hub id, hf:ID or a save_pretrained folder) to a checkpoint."""
 
-    source: str = opt(help="an smp hub id (smp-hub/segformer-b0-512x1024-city-160k), hf:ID for a transformers "
-                           "model (hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024), or a local folder "
-                           "written by save_pretrained; the known models: docs/pretrained.md", positional=True)
-    out: Path | None = opt(None, "checkpoint to write (default: the conversion cache $HF_HOME/urbanseg/, "
-                                 "which later commands reuse)", short="-o")
-    folder: Path | None = opt(None, "with a hub id: read its files from this folder (downloaded on another "
-                                    "machine with `hf download`) instead of the hub")
-    labels: str | None = opt(None, "label set of the model's classes: classes19 (the default for 19 classes), "
-                                   "categories8, categories7 or a labelmap.json path")
-    input_size: str | None = opt(None, "input size WIDTHxHEIGHT of a model not in the pretrained table "
-                                       "(default: the size of its preprocessing config)", metavar="WxH")
+    source: str = opt(
+        help="an smp hub id (smp-hub/segformer-b0-512x1024-city-160k), hf:ID for a transformers "
+        "model (hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024), or a local folder "
+        "written by save_pretrained; the known models: docs/pretrained.md",
+        positional=True,
+    )
+    out: Path | None = opt(
+        None,
+        "checkpoint to write (default: the conversion cache $HF_HOME/urbanseg/, which later commands reuse)",
+        short="-o",
+    )
+    folder: Path | None = opt(
+        None,
+        "with a hub id: read its files from this folder (downloaded on another "
+        "machine with `hf download`) instead of the hub",
+    )
+    labels: str | None = opt(
+        None,
+        "label set of the model's classes: classes19 (the default for 19 classes), "
+        "categories8, categories7 or a labelmap.json path",
+    )
+    input_size: str | None = opt(
+        None,
+        "input size WIDTHxHEIGHT of a model not in the pretrained table "
+        "(default: the size of its preprocessing config)",
+        metavar="WxH",
+    )
     overwrite: bool = opt(False, "replace an existing --out file")
 
     def __post_init__(self) -> None:
         check(bool(self.source.strip()), "give a SOURCE: an smp hub id, hf:ID or a folder")
         if self.input_size is not None:
             parse_size(self.input_size, "--input-size")
-        check(self.out is not None or (self.labels is None and self.input_size is None),
-              "--labels and --input-size change the conversion: write it to a file of your own with --out model.pt")
+        check(
+            self.out is not None or (self.labels is None and self.input_size is None),
+            "--labels and --input-size change the conversion: write it to a file of your own with --out model.pt",
+        )
         check(self.out is None or self.out.suffix == ".pt", f"--out {self.out}: give a .pt file name")
         check(self.overwrite <= (self.out is not None), "--overwrite only applies with --out")
 
@@ -434,8 +481,11 @@ class EvaluateConfig:
     split: str = opt("val", "split of the shards to evaluate")
     checkpoint: str = opt("best", "best or last (in --run), or a checkpoint .pt path")
     data: Path | None = opt(None, "shards folder (default: the run's `data` in config.yaml)")
-    full_res: bool = opt(False, "official protocol: upsample the predictions to the raw ground truth "
-                                "(gtFine, found via the shards' spec.json) and add the official Cityscapes scores")
+    full_res: bool = opt(
+        False,
+        "official protocol: upsample the predictions to the raw ground truth "
+        "(gtFine, found via the shards' spec.json) and add the official Cityscapes scores",
+    )
     batch_size: int = opt(4, "images per forward pass")
     gallery: int = opt(4, "pictures of the best and of the worst K images by per-image mIoU (0: none)")
     workers: int = opt(0, "data-loading worker processes (0: load in the main process)")

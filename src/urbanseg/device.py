@@ -25,7 +25,9 @@ def pick_device(requested: str = "auto", *, local_rank: int | None = None) -> to
     if device.index is None:
         device = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
     if device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                        f"numbered 0..{torch.cuda.device_count() - 1}")
+        raise UserError(
+            f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered 0..{torch.cuda.device_count() - 1}"
+        )
     torch.cuda.set_device(device)
     return device

@@ -18,5 +18,5 @@ def user_message(error: UserError) -> str:
     text = str(error)
     head = f"{type(error).__module__}.{type(error).__qualname__}: "
     if text.startswith("Caught ") and "Original Traceback" in text and head in text:
-        return text[text.rindex(head) + len(head):].rstrip("\n")
+        return text[text.rindex(head) + len(head) :].rstrip("\n")
     return text

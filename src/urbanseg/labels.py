@@ -91,8 +91,14 @@ ID_TO_LABEL = {label.id: label for label in LABELS}
 CATEGORIES = ("void", "flat", "construction", "object", "nature", "sky", "human", "vehicle")
 # Display colour of a category: the colour of its most common label.
 _CATEGORY_COLORS = {
-    "void": (0, 0, 0), "flat": (128, 64, 128), "construction": (70, 70, 70), "object": (220, 220, 0),
-    "nature": (107, 142, 35), "sky": (70, 130, 180), "human": (220, 20, 60), "vehicle": (0, 0, 142),
+    "void": (0, 0, 0),
+    "flat": (128, 64, 128),
+    "construction": (70, 70, 70),
+    "object": (220, 220, 0),
+    "nature": (107, 142, 35),
+    "sky": (70, 130, 180),
+    "human": (220, 20, 60),
+    "vehicle": (0, 0, 142),
 }
 
 
@@ -234,8 +240,10 @@ class LabelSet:
             classes=classes,
             palette=tuple(tuple(c.ints(length=3, min=0, max=255)) for c in node["palette"].items(length=n)),
             id_to_class=None if ids is None else tuple(index(k, _UNKNOWN) for k in ids.items(length=256)),
-            color_to_class=tuple((tuple(pair.items(length=2)[0].ints(length=3, min=0, max=255)),
-                                  index(pair.items(length=2)[1])) for pair in node["color_to_class"].items()),
+            color_to_class=tuple(
+                (tuple(pair.items(length=2)[0].ints(length=3, min=0, max=255)), index(pair.items(length=2)[1]))
+                for pair in node["color_to_class"].items()
+            ),
             ignore_index=ignore,
         )
 
@@ -270,7 +278,7 @@ def _from_table(name: str, classes: tuple[str, ...], palette, class_of) -> Label
 
 
 def categories8() -> LabelSet:
-    return _from_table("categories8", CATEGORIES, [_CATEGORY_COLORS[c] for c in CATEGORIES], lambda l: l.categoryId)
+    return _from_table("categories8", CATEGORIES, [_CATEGORY_COLORS[c] for c in CATEGORIES], lambda lab: lab.categoryId)
 
 
 def categories7() -> LabelSet:
@@ -279,17 +287,17 @@ def categories7() -> LabelSet:
         "categories7",
         names,
         [_CATEGORY_COLORS[c] for c in names],
-        lambda l: IGNORE if l.ignoreInEval else l.categoryId - 1,
+        lambda lab: IGNORE if lab.ignoreInEval else lab.categoryId - 1,
     )
 
 
 def classes19() -> LabelSet:
-    train = sorted((l for l in LABELS if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+    train = sorted((lab for lab in LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId)
     return _from_table(
         "classes19",
-        tuple(l.name for l in train),
-        [l.color for l in train],
-        lambda l: IGNORE if l.trainId < 0 else l.trainId,
+        tuple(lab.name for lab in train),
+        [lab.color for lab in train],
+        lambda lab: IGNORE if lab.trainId < 0 else lab.trainId,
     )
 
 
@@ -321,8 +329,7 @@ def load_label_map(path: Path) -> LabelSet:
                 color_to_class[rgb] = k
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UserError(
-            f"label map {path} is not shaped like "
-            f'{{"class name": {{"id": 0, "colors": [[r, g, b], ...]}}, ...}}: {e}'
+            f'label map {path} is not shaped like {{"class name": {{"id": 0, "colors": [[r, g, b], ...]}}, ...}}: {e}'
         ) from None
     return LabelSet(
         name=Path(path).stem,

@@ -76,8 +76,9 @@ def fitting_size(size: tuple[int, int], pixels: float) -> tuple[int, int]:
     return int(size[0] * scale), int(size[1] * scale)
 
 
-def _scale_fix(flag: str, size: tuple[int, int], per_worker: int, fixed: int, per_pixel: int, workers: int,
-               have: int) -> str:
+def _scale_fix(
+    flag: str, size: tuple[int, int], per_worker: int, fixed: int, per_pixel: int, workers: int, have: int
+) -> str:
     """How to fit: fewer workers if one fits, and the largest size that fits `workers`."""
     fixes = []
     if 0 < per_worker <= have and workers > 1:
@@ -96,8 +97,12 @@ def check_synth(config: SynthConfig) -> None:
     workers = max(1, min(config.workers or default_workers(), scenes))
     per_scene = SYNTH_BYTES_PER_PIXEL * size[0] * size[1]
     have = available_bytes()
-    require(per_scene * workers, f"--size {config.size} with {workers} worker(s) ({gb(per_scene)} per scene)",
-            _scale_fix("--size", size, per_scene, 0, SYNTH_BYTES_PER_PIXEL, workers, have), have=have)
+    require(
+        per_scene * workers,
+        f"--size {config.size} with {workers} worker(s) ({gb(per_scene)} per scene)",
+        _scale_fix("--size", size, per_scene, 0, SYNTH_BYTES_PER_PIXEL, workers, have),
+        have=have,
+    )
 
 
 def check_prepare(config: PrepareConfig) -> None:
@@ -122,9 +127,12 @@ def check_prepare(config: PrepareConfig) -> None:
     fixed = PREPARE_BYTES_PER_RAW_PIXEL * raw[0] * raw[1]
     per_pair = fixed + PREPARE_BYTES_PER_OUT_PIXEL * size[0] * size[1]
     have = available_bytes()
-    require(per_pair * workers, f"--size {config.size} from {raw[0]}x{raw[1]} images with {workers} worker(s) "
-            f"({gb(per_pair)} per pair)",
-            _scale_fix("--size", size, per_pair, fixed, PREPARE_BYTES_PER_OUT_PIXEL, workers, have), have=have)
+    require(
+        per_pair * workers,
+        f"--size {config.size} from {raw[0]}x{raw[1]} images with {workers} worker(s) ({gb(per_pair)} per pair)",
+        _scale_fix("--size", size, per_pair, fixed, PREPARE_BYTES_PER_OUT_PIXEL, workers, have),
+        have=have,
+    )
 
 
 def train_step_floor(batch: int, size: tuple[int, int], num_classes: int) -> int:

@@ -40,15 +40,17 @@ class RunDir:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"{path} cannot be read as YAML ({type(e).__name__}: {e}); restore it, or start a "
-                            "new run folder") from None
+            raise UserError(
+                f"{path} cannot be read as YAML ({type(e).__name__}: {e}); restore it, or start a new run folder"
+            ) from None
         if isinstance(data, dict):
             data = {"run": str(self.path), **data}
         try:
             return from_dict(TrainConfig, data)
         except UserError as e:
-            raise UserError(f"{path} is not a urbanseg train config: {e}; restore it, or start a new run "
-                            "folder") from None
+            raise UserError(
+                f"{path} is not a urbanseg train config: {e}; restore it, or start a new run folder"
+            ) from None
 
     @property
     def data(self) -> Path:

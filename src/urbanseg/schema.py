@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from urbanseg.errors import UserError
 
 T = TypeVar("T")
 _ABSENT: Any = type("_Absent", (), {"__repr__": lambda self: "<absent>"})()
-_KINDS = {dict: "an object", list: "a list", tuple: "a list", str: "a string", bool: "a boolean", int: "an integer",
-          float: "a number", type(None): "null"}
+_KINDS = {
+    dict: "an object",
+    list: "a list",
+    tuple: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
 
 
 class FormatError(UserError):
@@ -110,15 +118,23 @@ class Node:
     # ------------------------------------------------------------------ scalars
 
     def integer(self, *, min: int | None = None, max: int | None = None) -> int:
-        ok = isinstance(self.value, int) and not isinstance(self.value, bool) \
-            and (min is None or self.value >= min) and (max is None or self.value <= max)
+        ok = (
+            isinstance(self.value, int)
+            and not isinstance(self.value, bool)
+            and (min is None or self.value >= min)
+            and (max is None or self.value <= max)
+        )
         if not ok:
             raise self.error("an integer" + _bounds(min, max))
         return int(self.value)
 
     def number(self, *, positive: bool = False) -> float:
-        ok = isinstance(self.value, (int, float)) and not isinstance(self.value, bool) \
-            and math.isfinite(self.value) and (not positive or self.value > 0)
+        ok = (
+            isinstance(self.value, (int, float))
+            and not isinstance(self.value, bool)
+            and math.isfinite(self.value)
+            and (not positive or self.value > 0)
+        )
         if not ok:
             raise self.error("a positive number" if positive else "a finite number")
         return float(self.value)
@@ -162,8 +178,10 @@ def check_version(doc: Node, supported: int, what: str) -> int:
         from urbanseg import __version__
 
         writer = doc["urbanseg_version"].value if doc["urbanseg_version"].present else "a newer version"
-        raise FormatError(f"{doc.file} has {what} format {version}, written by urbanseg {writer}; this urbanseg "
-                          f"({__version__}) reads format {supported} at most: upgrade urbanseg")
+        raise FormatError(
+            f"{doc.file} has {what} format {version}, written by urbanseg {writer}; this urbanseg "
+            f"({__version__}) reads format {supported} at most: upgrade urbanseg"
+        )
     return version
 
 

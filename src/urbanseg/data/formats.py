@@ -22,8 +22,14 @@ from urbanseg.schema import FormatError, Node, check_version, load_json
 MANIFEST_VERSION = 1
 SPEC_VERSION = 1
 # The record features of every shard (docs/formats.md), listed in spec.json for readers.
-FEATURES = {"id": "int64", "name": "bytes", "image_data": "bytes (PNG, RGB)",
-            "label_data": "bytes (PNG, uint8 class index, 255 ignore)", "height": "int64", "width": "int64"}
+FEATURES = {
+    "id": "int64",
+    "name": "bytes",
+    "image_data": "bytes (PNG, RGB)",
+    "label_data": "bytes (PNG, uint8 class index, 255 ignore)",
+    "height": "int64",
+    "width": "int64",
+}
 
 
 def _current_version() -> str:
@@ -81,15 +87,18 @@ class SplitEntry:
             raise node["count"].invalid(f"is {count} but `{node.path}.stems` lists {len(stems)} names")
         if len(set(stems)) != len(stems):
             raise node["stems"].invalid("lists a stem twice; stems must be unique within a split")
-        return cls(stems=stems, files=node["files"].maybe(lambda n: _files(n, stems)),
-                   pixel_counts=node["pixel_counts"].maybe(lambda n: tuple(n.ints(length=num_classes, min=0))),
-                   ignored_pixels=node["ignored_pixels"].maybe(lambda n: n.integer(min=0)))
+        return cls(
+            stems=stems,
+            files=node["files"].maybe(lambda n: _files(n, stems)),
+            pixel_counts=node["pixel_counts"].maybe(lambda n: tuple(n.ints(length=num_classes, min=0))),
+            ignored_pixels=node["ignored_pixels"].maybe(lambda n: n.integer(min=0)),
+        )
 
 
 def _files(node: Node, stems: tuple[str, ...]) -> tuple[str, ...]:
     """`files[i]` is "<city>/<stems[i]>"."""
     files = []
-    for i, (item, stem) in enumerate(zip(node.items(length=len(stems)), stems)):
+    for i, (item, stem) in enumerate(zip(node.items(length=len(stems)), stems, strict=True)):
         rel = _relative(item)
         if Path(rel).name != Path(stem).name:
             raise item.error(f'"<city>/{stem}" (the file of `stems[{i}]`)')
@@ -112,9 +121,15 @@ class Manifest:
     urbanseg_version: str = field(default_factory=_current_version)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": MANIFEST_VERSION, "urbanseg_version": self.urbanseg_version,
-                "label_set": self.label_set.to_dict(), "size": list(self.size), "source": self.source,
-                "data": self.data, "splits": {name: entry.to_dict() for name, entry in self.splits.items()}}
+        return {
+            "format_version": MANIFEST_VERSION,
+            "urbanseg_version": self.urbanseg_version,
+            "label_set": self.label_set.to_dict(),
+            "size": list(self.size),
+            "source": self.source,
+            "data": self.data,
+            "splits": {name: entry.to_dict() for name, entry in self.splits.items()},
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
@@ -129,8 +144,12 @@ class Manifest:
         """Read and check `path` (a prepared folder's manifest.json); FormatError naming
         the file, the field and the fix ("re-run `urbanseg prepare`")."""
         path = Path(path)
-        doc = load_json(path, what="manifest", fix="re-run `urbanseg prepare`",
-                        missing=f"{path} not found: {path.parent} is not a prepared folder; run `urbanseg prepare`")
+        doc = load_json(
+            path,
+            what="manifest",
+            fix="re-run `urbanseg prepare`",
+            missing=f"{path} not found: {path.parent} is not a prepared folder; run `urbanseg prepare`",
+        )
         return cls.read(doc)
 
     @classmethod
@@ -143,12 +162,16 @@ class Manifest:
         doc.obj()
         check_version(doc, MANIFEST_VERSION, "manifest")
         label_set = LabelSet.read(doc["label_set"])
-        return cls(label_set=label_set, size=tuple(doc["size"].ints(length=2, min=1)),  # type: ignore[arg-type]
-                   splits={name: SplitEntry.read(node, label_set.num_classes)
-                           for name, node in doc["splits"].members().items()},
-                   data=doc["data"].maybe(Node.text),
-                   source=doc["source"].maybe(lambda n: n.text(choices=("labelIds", "color"))),
-                   urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown")
+        return cls(
+            label_set=label_set,
+            size=tuple(doc["size"].ints(length=2, min=1)),  # type: ignore[arg-type]
+            splits={
+                name: SplitEntry.read(node, label_set.num_classes) for name, node in doc["splits"].members().items()
+            },
+            data=doc["data"].maybe(Node.text),
+            source=doc["source"].maybe(lambda n: n.text(choices=("labelIds", "color"))),
+            urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
+        )
 
 
 # --------------------------------------------------------------------------- spec.json
@@ -166,14 +189,23 @@ class ShardEntry:
     bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "index": self.index, "first_id": self.first_id, "records": self.records,
-                "bytes": self.bytes}
+        return {
+            "file": self.file,
+            "index": self.index,
+            "first_id": self.first_id,
+            "records": self.records,
+            "bytes": self.bytes,
+        }
 
     @classmethod
     def read(cls, node: Node, first_id: int) -> ShardEntry:
-        entry = cls(file=node["file"].file_name(), index=node["index"].file_name(),
-                    first_id=node["first_id"].integer(min=0), records=node["records"].integer(min=0),
-                    bytes=node["bytes"].integer(min=0))
+        entry = cls(
+            file=node["file"].file_name(),
+            index=node["index"].file_name(),
+            first_id=node["first_id"].integer(min=0),
+            records=node["records"].integer(min=0),
+            bytes=node["bytes"].integer(min=0),
+        )
         if entry.first_id != first_id:
             raise node["first_id"].invalid(f"is {entry.first_id}, but the shards before it hold {first_id} records")
         return entry
@@ -206,12 +238,23 @@ class ShardSpec:
     def to_dict(self) -> dict[str, Any]:
         ls = self.label_set
         return {
-            "format_version": SPEC_VERSION, "urbanseg_version": self.urbanseg_version, "split": self.split,
-            "height": self.height, "width": self.width, "data_length": self.data_length,
-            "num_classes": ls.num_classes, "classes": list(ls.classes), "palette": [list(c) for c in ls.palette],
-            "ignore_index": ls.ignore_index, "label_set": ls.to_dict(), "pixel_counts": list(self.pixel_counts),
-            "features": self.features, "shards": [s.to_dict() for s in self.shards], "prepared": self.prepared,
-            "data": self.data, "pack": self.pack,
+            "format_version": SPEC_VERSION,
+            "urbanseg_version": self.urbanseg_version,
+            "split": self.split,
+            "height": self.height,
+            "width": self.width,
+            "data_length": self.data_length,
+            "num_classes": ls.num_classes,
+            "classes": list(ls.classes),
+            "palette": [list(c) for c in ls.palette],
+            "ignore_index": ls.ignore_index,
+            "label_set": ls.to_dict(),
+            "pixel_counts": list(self.pixel_counts),
+            "features": self.features,
+            "shards": [s.to_dict() for s in self.shards],
+            "prepared": self.prepared,
+            "data": self.data,
+            "pack": self.pack,
         }
 
     def to_json(self) -> str:
@@ -228,8 +271,12 @@ class ShardSpec:
         """Read and check `path` (a split's spec.json); FormatError naming the file, the
         field and the fix ("re-run `urbanseg pack`")."""
         path = Path(path)
-        doc = load_json(path, what="shard spec", fix="re-run `urbanseg pack`",
-                        missing=f"{path} not found: {path.parent} is not a packed split; run `urbanseg pack`")
+        doc = load_json(
+            path,
+            what="shard spec",
+            fix="re-run `urbanseg pack`",
+            missing=f"{path} not found: {path.parent} is not a packed split; run `urbanseg pack`",
+        )
         return cls.read(doc)
 
     @classmethod
@@ -240,12 +287,19 @@ class ShardSpec:
         shards: list[ShardEntry] = []
         for node in doc["shards"].items():
             shards.append(ShardEntry.read(node, sum(s.records for s in shards)))
-        spec = cls(split=doc["split"].text(), width=doc["width"].integer(min=1), height=doc["height"].integer(min=1),
-                   label_set=label_set,
-                   pixel_counts=tuple(doc["pixel_counts"].ints(length=label_set.num_classes, min=0)),
-                   shards=tuple(shards), prepared=doc["prepared"].maybe(Node.text), data=doc["data"].maybe(Node.text),
-                   pack=doc["pack"].maybe(Node.obj), features=doc["features"].obj(),
-                   urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown")
+        spec = cls(
+            split=doc["split"].text(),
+            width=doc["width"].integer(min=1),
+            height=doc["height"].integer(min=1),
+            label_set=label_set,
+            pixel_counts=tuple(doc["pixel_counts"].ints(length=label_set.num_classes, min=0)),
+            shards=tuple(shards),
+            prepared=doc["prepared"].maybe(Node.text),
+            data=doc["data"].maybe(Node.text),
+            pack=doc["pack"].maybe(Node.obj),
+            features=doc["features"].obj(),
+            urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
+        )
         _check_summary(doc, spec)
         return spec
 
@@ -254,13 +308,22 @@ def _check_summary(doc: Node, spec: ShardSpec) -> None:
     """The fields repeated "at a glance" must agree with `label_set` and `shards`."""
     length = doc["data_length"].integer(min=0)
     if length != spec.data_length:
-        raise doc["data_length"].invalid(f"is {length} but the shards hold {spec.data_length} records "
-                                         "(the sum of `shards[].records`)")
+        raise doc["data_length"].invalid(
+            f"is {length} but the shards hold {spec.data_length} records (the sum of `shards[].records`)"
+        )
     derived = spec.to_dict()
     for key in ("num_classes", "classes", "palette", "ignore_index"):
         if doc[key].value != derived[key]:
             raise doc[key].error(f"{json.dumps(derived[key])[:60]}, as in `label_set`")
 
 
-__all__ = ["FEATURES", "MANIFEST_VERSION", "SPEC_VERSION", "FormatError", "Manifest", "ShardEntry", "ShardSpec",
-           "SplitEntry"]
+__all__ = [
+    "FEATURES",
+    "MANIFEST_VERSION",
+    "SPEC_VERSION",
+    "FormatError",
+    "Manifest",
+    "ShardEntry",
+    "ShardSpec",
+    "SplitEntry",
+]

@@ -56,20 +56,26 @@ class ShardDataset(Dataset):
         split_dir = self.root / split
         if not split_dir.is_dir():
             have = sorted(p.parent.name for p in self.root.glob("*/spec.json"))
-            raise UserError(f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
-                            f"run `urbanseg pack --out {self.root}` with that split prepared")
+            raise UserError(
+                f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
+                f"run `urbanseg pack --out {self.root}` with that split prepared"
+            )
         self.spec = ShardSpec.load(split_dir / ShardSpec.FILE)
         self.label_set = self.spec.label_set
         self.paths = [split_dir / s.file for s in self.spec.shards]
         shard, offset, length = [], [], []
-        for k, (path, info) in enumerate(zip(self.paths, self.spec.shards)):
+        for k, (path, info) in enumerate(zip(self.paths, self.spec.shards, strict=True)):
             if not path.is_file():
-                raise UserError(f"shard {path} listed in {split_dir / ShardSpec.FILE} is missing; re-run `urbanseg pack`")
+                raise UserError(
+                    f"shard {path} listed in {split_dir / ShardSpec.FILE} is missing; re-run `urbanseg pack`"
+                )
             index = tfrecord.read_index(path)
             if len(index) != info.records:
-                raise UserError(f"{tfrecord.index_path(path)} lists {len(index)} records, spec.json "
-                                f"{info.records}; rebuild it with urbanseg.data.tfrecord.build_index({str(path)!r}) "
-                                "or re-run `urbanseg pack`")
+                raise UserError(
+                    f"{tfrecord.index_path(path)} lists {len(index)} records, spec.json "
+                    f"{info.records}; rebuild it with urbanseg.data.tfrecord.build_index({str(path)!r}) "
+                    "or re-run `urbanseg pack`"
+                )
             shard.append(np.full(len(index), k, np.int64))
             offset.append(index[:, 0])
             length.append(index[:, 1])
@@ -109,12 +115,15 @@ class ShardDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} records in {self.root / self.split}")
         k = int(self._shard[index])
         local = index - int(self._first[k])
-        data = tfrecord.read_record(self._fd(k), int(self._offset[index]), int(self._length[index]),
-                                   record=local, name=self.paths[k])
+        data = tfrecord.read_record(
+            self._fd(k), int(self._offset[index]), int(self._length[index]), record=local, name=self.paths[k]
+        )
         example = tfrecord.decode_example(data)
         if example.get("id") != [index]:
-            raise tfrecord.CorruptRecordError(f"{self.paths[k]}: record {local} has id {example.get('id')}, expected "
-                                             f"[{index}]: the shards and spec.json disagree; re-run `urbanseg pack`")
+            raise tfrecord.CorruptRecordError(
+                f"{self.paths[k]}: record {local} has id {example.get('id')}, expected "
+                f"[{index}]: the shards and spec.json disagree; re-run `urbanseg pack`"
+            )
         return example
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
@@ -133,13 +142,17 @@ class ShardDataset(Dataset):
         image = _decode_png(example["image_data"][0], cv2.IMREAD_COLOR_RGB)
         label = _decode_png(example["label_data"][0], cv2.IMREAD_UNCHANGED)
         if image is None or label is None or label.ndim != 2 or label.dtype != np.uint8:
-            raise tfrecord.CorruptRecordError(f"{where}: image_data or label_data is not a PNG of the expected kind "
-                                             "(RGB image, 8-bit single-channel label); re-run `urbanseg pack`")
+            raise tfrecord.CorruptRecordError(
+                f"{where}: image_data or label_data is not a PNG of the expected kind "
+                "(RGB image, 8-bit single-channel label); re-run `urbanseg pack`"
+            )
         spec = self.spec
         if image.shape[:2] != label.shape or label.shape != (spec.height, spec.width):
-            raise tfrecord.CorruptRecordError(f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
-                                             f"{label.shape[1]}x{label.shape[0]}, spec.json {spec.width}x"
-                                             f"{spec.height}; re-run `urbanseg pack`")
+            raise tfrecord.CorruptRecordError(
+                f"{where}: image {image.shape[1]}x{image.shape[0]}, label "
+                f"{label.shape[1]}x{label.shape[0]}, spec.json {spec.width}x"
+                f"{spec.height}; re-run `urbanseg pack`"
+            )
         self._check_label_values(label, where)
         return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
 
@@ -154,7 +167,10 @@ class ShardDataset(Dataset):
             raise tfrecord.CorruptRecordError(
                 f"{where}: label values {values[:10]} are outside label set {ls.name!r} (class indices "
                 f"0..{ls.num_classes - 1}, {ls.ignore_index} = ignore): its label image was not made with this "
-                "label set; re-run `urbanseg prepare` and `urbanseg pack` into new folders")
+                "label set; re-run `urbanseg prepare` and `urbanseg pack` into new folders"
+            )
+
+
 class EpochSampler(Sampler):
     """This rank's share of an epoch, as `(index, sample_seed)` keys for ShardDataset.
 
@@ -168,15 +184,19 @@ class EpochSampler(Sampler):
 
     def __init__(self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if size < 0 or seed < 0 or world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"EpochSampler: need size >= 0, seed >= 0 and 0 <= rank < world_size, got size={size} "
-                            f"seed={seed} rank={rank} world_size={world_size}")
+            raise UserError(
+                f"EpochSampler: need size >= 0, seed >= 0 and 0 <= rank < world_size, got size={size} "
+                f"seed={seed} rank={rank} world_size={world_size}"
+            )
         self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if epoch < 0 or not 0 <= start <= len(self.order(epoch)):
-            raise UserError(f"EpochSampler.set_epoch: epoch {epoch} must be >= 0 and start {start} within this "
-                            f"rank's {len(self.order(max(epoch, 0)))} samples")
+            raise UserError(
+                f"EpochSampler.set_epoch: epoch {epoch} must be >= 0 and start {start} within this "
+                f"rank's {len(self.order(max(epoch, 0)))} samples"
+            )
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int | None = None) -> np.ndarray:
@@ -184,20 +204,32 @@ class EpochSampler(Sampler):
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return np.arange(self.rank, self.size, self.world_size)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)[self.rank::self.world_size]
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order()[self.start:].tolist():
+        for index in self.order()[self.start :].tolist():
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world_size)) - self.start
 
 
-def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, workers: int = 2, seed: int = 0,
-                 epoch: int = 0, start: int = 0, rank: int = 0, world_size: int = 1,
-                 augment: dict[str, Any] | bool | None = None, drop_last: bool = False,
-                 pin_memory: bool | None = None) -> DataLoader:
+def build_loader(
+    root: Path | str,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    workers: int = 2,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    augment: dict[str, Any] | bool | None = None,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> DataLoader:
     """A DataLoader over `<root>/<split>` yielding {"image": uint8 (N, 3, H, W), "label":
     int64 (N, H, W), "name": list[str], "id": int64 (N,)}.
 
@@ -215,7 +247,13 @@ def build_loader(root: Path | str, split: str, *, batch_size: int, train: bool, 
     dataset = ShardDataset(root, split, transform)
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size)
     sampler.set_epoch(epoch, start)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      persistent_workers=workers > 0,
-                      prefetch_factor=2 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers > 0 else None,
+    )

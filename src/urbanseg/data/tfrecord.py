@@ -76,9 +76,12 @@ def example_class() -> type:
     message("BytesList", ("value", 1, F.TYPE_BYTES, rep, ""))
     message("FloatList", ("value", 1, F.TYPE_FLOAT, rep, ""))  # proto3: packed by default
     message("Int64List", ("value", 1, F.TYPE_INT64, rep, ""))
-    feature = message("Feature", ("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
-                      ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
-                      ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List"))
+    feature = message(
+        "Feature",
+        ("bytes_list", 1, F.TYPE_MESSAGE, opt, ".tensorflow.BytesList"),
+        ("float_list", 2, F.TYPE_MESSAGE, opt, ".tensorflow.FloatList"),
+        ("int64_list", 3, F.TYPE_MESSAGE, opt, ".tensorflow.Int64List"),
+    )
     feature.oneof_decl.add(name="kind")
     for field in feature.field:
         field.oneof_index = 0
@@ -128,16 +131,20 @@ def _check_record(buf: bytes, path: Path | str, record: int, offset: int) -> byt
     """Validate one whole record's bytes (header + data + footer) and return its data."""
     where = f"{path}: record {record} at byte offset {offset}"
     if len(buf) < _HEADER.size:
-        raise CorruptRecordError(f"{where}: truncated header ({len(buf)} of {_HEADER.size} bytes); "
-                                 "the shard is incomplete, re-run `urbanseg pack`")
+        raise CorruptRecordError(
+            f"{where}: truncated header ({len(buf)} of {_HEADER.size} bytes); "
+            "the shard is incomplete, re-run `urbanseg pack`"
+        )
     length, length_crc = _HEADER.unpack_from(buf)
     if masked_crc(buf[:8]) != length_crc:
         raise CorruptRecordError(f"{where}: length CRC mismatch (corrupt length bytes); re-run `urbanseg pack`")
     end = _HEADER.size + length
     if len(buf) < end + _FOOTER.size:
-        raise CorruptRecordError(f"{where}: truncated: {length} data bytes + 4 CRC bytes expected, "
-                                 f"{len(buf) - _HEADER.size} present; re-run `urbanseg pack`")
-    data = buf[_HEADER.size:end]
+        raise CorruptRecordError(
+            f"{where}: truncated: {length} data bytes + 4 CRC bytes expected, "
+            f"{len(buf) - _HEADER.size} present; re-run `urbanseg pack`"
+        )
+    data = buf[_HEADER.size : end]
     if masked_crc(data) != _FOOTER.unpack_from(buf, end)[0]:
         raise CorruptRecordError(f"{where}: data CRC mismatch (corrupt record bytes); re-run `urbanseg pack`")
     return data
@@ -159,8 +166,9 @@ def iter_records(path: Path | str) -> Iterator[bytes]:
             record, offset = record + 1, offset + len(buf)
 
 
-def read_record(file: Path | str | int, offset: int, length: int | None = None, *, record: int = -1,
-                name: Path | str | None = None) -> bytes:
+def read_record(
+    file: Path | str | int, offset: int, length: int | None = None, *, record: int = -1, name: Path | str | None = None
+) -> bytes:
     """The data of the record starting at byte `offset` of `file` (a path or an open file
     descriptor, read with os.pread so one descriptor is safe across threads).
 
@@ -184,9 +192,11 @@ def read_record(file: Path | str | int, offset: int, length: int | None = None, 
         if close:
             os.close(fd)
     if length is not None and len(data) + FRAMING != length:
-        raise CorruptRecordError(f"{label}: record {record} at byte offset {offset} is {len(data) + FRAMING} "
-                                 f"bytes but the index says {length}: the index is stale; rebuild it with "
-                                 f"urbanseg.data.tfrecord.build_index({str(label)!r})")
+        raise CorruptRecordError(
+            f"{label}: record {record} at byte offset {offset} is {len(data) + FRAMING} "
+            f"bytes but the index says {length}: the index is stale; rebuild it with "
+            f"urbanseg.data.tfrecord.build_index({str(label)!r})"
+        )
     return data
 
 
@@ -224,9 +234,11 @@ def read_index(shard: Path | str) -> np.ndarray:
         raise UserError(f"index {path} is not a sequence of records; {fix}")
     if covered > size:
         cut = int(np.argmax(index[:, 0] + index[:, 1] > size))
-        raise CorruptRecordError(f"{shard}: record {cut} at byte offset {index[cut, 0]} is cut off: the shard is "
-                                 f"{size} bytes, its index covers {covered} (a truncated shard, or a stale index: "
-                                 f"re-run `urbanseg pack`, or {fix} if the shard is the newer file)")
+        raise CorruptRecordError(
+            f"{shard}: record {cut} at byte offset {index[cut, 0]} is cut off: the shard is "
+            f"{size} bytes, its index covers {covered} (a truncated shard, or a stale index: "
+            f"re-run `urbanseg pack`, or {fix} if the shard is the newer file)"
+        )
     if covered != size:
         raise UserError(f"index {path} covers {covered} bytes of {shard} ({size} bytes): it is stale; {fix}")
     return index
@@ -256,7 +268,9 @@ def verify_shards(split_dir: Path | str, *, progress: bool = True) -> dict[str, 
                 bar.update(lengths[-1])
             index = read_index(path)
             if len(lengths) != shard.records or index[:, 1].tolist() != lengths:
-                raise CorruptRecordError(f"{path}: {len(lengths)} records, spec.json says {shard.records} and "
-                                         f"the index {len(index)}; re-run `urbanseg pack`")
+                raise CorruptRecordError(
+                    f"{path}: {len(lengths)} records, spec.json says {shard.records} and "
+                    f"the index {len(index)}; re-run `urbanseg pack`"
+                )
             nbytes += os.path.getsize(path)
     return {"shards": len(spec.shards), "records": record_id, "bytes": nbytes}

@@ -60,16 +60,22 @@ class Augment:
             object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
         object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
         object.__setattr__(self, "fill", tuple(int(v) for v in self.fill))
-        check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
-              f"augment scale {self.scale} must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
-        check(self.crop is None or (len(self.crop) == 2 and min(self.crop) >= 1),
-              f"augment crop {self.crop} must be (width, height) >= 1 or None")
+        check(
+            len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            f"augment scale {self.scale} must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)",
+        )
+        check(
+            self.crop is None or (len(self.crop) == 2 and min(self.crop) >= 1),
+            f"augment crop {self.crop} must be (width, height) >= 1 or None",
+        )
         check(0 <= self.flip <= 1, f"augment flip {self.flip} is a probability: use 0..1")
         for name in ("brightness", "contrast", "saturation"):
             check(0 <= getattr(self, name) < 1, f"augment {name} {getattr(self, name)} must be in [0, 1)")
         check(0 <= self.hue <= 0.5, f"augment hue {self.hue} must be in [0, 0.5]")
-        check(len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill),
-              f"augment fill {self.fill}: use an RGB triple of 0..255")
+        check(
+            len(self.fill) == 3 and all(0 <= v <= 255 for v in self.fill),
+            f"augment fill {self.fill}: use an RGB triple of 0..255",
+        )
         check(0 <= self.ignore_index <= 255, f"augment ignore_index {self.ignore_index} must fit in uint8")
 
 
@@ -83,15 +89,21 @@ class TrainTransform:
     def __repr__(self) -> str:
         return f"TrainTransform({self.augment})"
 
-    def __call__(self, image: torch.Tensor, label: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """image uint8 (3, H, W), label uint8 (H, W) -> the same dtypes at the crop size
         (h, w) = crop[::-1] (default (H, W)); every random value is drawn from `generator`."""
         a = self.augment
         r = torch.rand(_DRAWS, generator=generator, dtype=torch.float64).tolist()
-        image = jitter(image, brightness=1 + a.brightness * (2 * r[0] - 1), contrast=1 + a.contrast * (2 * r[1] - 1),
-                       saturation=1 + a.saturation * (2 * r[2] - 1), hue=a.hue * (2 * r[3] - 1),
-                       order=np.argsort(r[4:8], kind="stable").tolist())
+        image = jitter(
+            image,
+            brightness=1 + a.brightness * (2 * r[0] - 1),
+            contrast=1 + a.contrast * (2 * r[1] - 1),
+            saturation=1 + a.saturation * (2 * r[2] - 1),
+            hue=a.hue * (2 * r[3] - 1),
+            order=np.argsort(r[4:8], kind="stable").tolist(),
+        )
         height, width = label.shape
         s = a.scale[0] + (a.scale[1] - a.scale[0]) * r[8]
         image, label = resize_pair(image, label, (max(1, round(width * s)), max(1, round(height * s))))
@@ -104,8 +116,9 @@ class TrainTransform:
         return image.contiguous(), label.contiguous()
 
 
-def eval_transform(image: torch.Tensor, label: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_transform(
+    image: torch.Tensor, label: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation: the identity (the prepared size is the model's input size)."""
     return image, label
 
@@ -132,19 +145,26 @@ def window(x: torch.Tensor, top: int, left: int, height: int, width: int, fill: 
     """The (..., height, width) window of `x` (..., H, W) at (top, left); parts outside `x`
     (negative offsets or overhang) get `fill` (a scalar, or one value per channel)."""
     H, W = x.shape[-2:]
-    if top == 0 and left == 0 and (H, W) == (height, width):
+    if top == 0 and left == 0 and (height, width) == (H, W):
         return x
     out = torch.empty((*x.shape[:-2], height, width), dtype=x.dtype)
     out[...] = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1) if isinstance(fill, tuple) else fill
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + height, H), min(left + width, W)
     if y1 > y0 and x1 > x0:
-        out[..., y0 - top:y1 - top, x0 - left:x1 - left] = x[..., y0:y1, x0:x1]
+        out[..., y0 - top : y1 - top, x0 - left : x1 - left] = x[..., y0:y1, x0:x1]
     return out
 
 
-def jitter(image: torch.Tensor, *, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
-           hue: float = 0.0, order: list[int] | None = None) -> torch.Tensor:
+def jitter(
+    image: torch.Tensor,
+    *,
+    brightness: float = 1.0,
+    contrast: float = 1.0,
+    saturation: float = 1.0,
+    hue: float = 0.0,
+    order: list[int] | None = None,
+) -> torch.Tensor:
     """Colour jitter of a uint8 (3, H, W) RGB image, as torchvision's ColorJitter: factors of
     1 and a hue of 0 leave it unchanged; `order` permutes [brightness, contrast, saturation, hue]."""
     ops = [

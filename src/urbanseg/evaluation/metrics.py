@@ -215,7 +215,8 @@ class ConfusionMatrix:
         s = scores_from_counts(counts)
         present = s["present"]
         per_class = {
-            k: [float(v) if ok else None for v, ok in zip(s[k], present)] for k in ("iou", "precision", "recall", "f1")
+            k: [float(v) if ok else None for v, ok in zip(s[k], present, strict=True)]
+            for k in ("iou", "precision", "recall", "f1")
         }
         total = int(s["total"])
         return {
@@ -254,7 +255,7 @@ def image_scores(pred: Any, target: Any, num_classes: int, ignore_index: int = I
     counts = counts.cpu().numpy() if _is_tensor(counts) else counts
     s = scores_from_counts(counts)
     out = []
-    for iou, present, correct, total in zip(s["iou"], s["present"], s["correct"], s["total"]):
+    for iou, present, correct, total in zip(s["iou"], s["present"], s["correct"], s["total"], strict=True):
         out.append(
             {
                 "miou": _mean(iou, present),

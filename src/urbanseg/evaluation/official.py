@@ -55,14 +55,16 @@ AVG_CLASS_SIZE = {
 Level = Literal["classes", "categories"]
 
 _LABELS = [ID_TO_LABEL[i] for i in range(NUM_IDS)]
-_SCORED = np.array([not l.ignoreInEval for l in _LABELS])  # (34,) bool
-_CATEGORY = np.array([l.categoryId for l in _LABELS])  # (34,) 0..7
+_SCORED = np.array([not lab.ignoreInEval for lab in _LABELS])  # (34,) bool
+_CATEGORY = np.array([lab.categoryId for lab in _LABELS])  # (34,) 0..7
 # Per label id: the iIoU weight numerator, 0 for labels without instance scores.
-_AVG_SIZE = np.array([AVG_CLASS_SIZE[l.name] if l.hasInstances and not l.ignoreInEval else 0.0 for l in _LABELS])
+_AVG_SIZE = np.array(
+    [AVG_CLASS_SIZE[lab.name] if lab.hasInstances and not lab.ignoreInEval else 0.0 for lab in _LABELS]
+)
 _INSTANCE_CLASSES = np.flatnonzero(_AVG_SIZE > 0)  # person, rider, car, ... (8)
 # Categories with instance scores: every label (id >= 0) of the category has instances.
 _INSTANCE_CATEGORIES = np.array(
-    [k for k in range(len(CATEGORIES)) if all(l.hasInstances for l in _LABELS if l.categoryId == k)]
+    [k for k in range(len(CATEGORIES)) if all(lab.hasInstances for lab in _LABELS if lab.categoryId == k)]
 )
 _SCORED_IDS = np.flatnonzero(_SCORED)  # the 19 classes
 _SCORED_CATEGORIES = np.unique(_CATEGORY[_SCORED])  # flat .. vehicle (7)
@@ -125,7 +127,7 @@ def _check_ids(ids: np.ndarray, what: str, name: str) -> None:
 def _ratio(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> list[float | None]:
     """tp / (tp + fp + fn) as floats, None where the denominator is 0 (the official NaN)."""
     den = tp + fp + fn
-    return [float(t) / d if d else None for t, d in zip(tp.tolist(), den.tolist())]
+    return [float(t) / d if d else None for t, d in zip(tp.tolist(), den.tolist(), strict=True)]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -242,8 +244,8 @@ class OfficialEvaluator:
             iou = _ratio(tp[_SCORED_IDS], fp[_SCORED_IDS], fn[_SCORED_IDS])
             ids = _INSTANCE_CLASSES
             iiou = _ratio(self.class_tp_w[ids], fp[ids], self.class_fn_w[ids])
-            out["class_iou"] = {_LABELS[i].name: v for i, v in zip(_SCORED_IDS, iou)}
-            out["class_iiou"] = {_LABELS[i].name: v for i, v in zip(ids, iiou)}
+            out["class_iou"] = {_LABELS[i].name: v for i, v in zip(_SCORED_IDS, iou, strict=True)}
+            out["class_iiou"] = {_LABELS[i].name: v for i, v in zip(ids, iiou, strict=True)}
             out["mean_class_iou"], out["mean_class_iiou"] = _mean(iou), _mean(iiou)
         if "categories" in self.levels:
             out.update(self._category_scores())
@@ -268,8 +270,8 @@ class OfficialEvaluator:
         inst = _INSTANCE_CATEGORIES
         iiou = _ratio(self.category_tp_w[inst], fp_all[inst], self.category_fn_w[inst])
         return {
-            "category_iou": {CATEGORIES[i]: v for i, v in zip(cats, iou)},
-            "category_iiou": {CATEGORIES[i]: v for i, v in zip(inst, iiou)},
+            "category_iou": {CATEGORIES[i]: v for i, v in zip(cats, iou, strict=True)},
+            "category_iiou": {CATEGORIES[i]: v for i, v in zip(inst, iiou, strict=True)},
             "mean_category_iou": _mean(iou),
             "mean_category_iiou": _mean(iiou),
         }

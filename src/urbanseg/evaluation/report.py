@@ -75,10 +75,17 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], path: Path,
     ax.set_title(title or "confusion matrix (% of each ground-truth row)")
     if c <= 20:  # numbers in the cells stay legible up to Cityscapes' 19 classes
         size = 9 if c <= 10 else 7
-        for i, j in zip(*np.nonzero(np.isfinite(norm))):
+        for i, j in zip(*np.nonzero(np.isfinite(norm)), strict=True):
             v = norm[i, j]
-            ax.text(j, i, f"{100 * v:.0f}" if v >= 0.005 else "", ha="center", va="center", fontsize=size,
-                    color="white" if v > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{100 * v:.0f}" if v >= 0.005 else "",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if v > 0.6 else "black",
+            )
     _save_figure(fig, path)
 
 
@@ -148,12 +155,24 @@ def gallery_picture(
         ax.set_title(name, fontsize=fs)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=1.2 * fs, y=1 - 6 / fig.bbox.height, va="top")
-    handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n)
-               for n, c in zip(label_set.classes, label_set.palette)]
-    handles += [Patch(facecolor=np.asarray(ERROR_COLOR) / 255, label="wrong"),
-                Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, label="ignored")]
-    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=0.85 * fs, frameon=False,
-               handlelength=1.2, columnspacing=1.0, borderaxespad=0.3)
+    handles = [
+        Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n)
+        for n, c in zip(label_set.classes, label_set.palette, strict=True)
+    ]
+    handles += [
+        Patch(facecolor=np.asarray(ERROR_COLOR) / 255, label="wrong"),
+        Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, label="ignored"),
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=ncol,
+        fontsize=0.85 * fs,
+        frameon=False,
+        handlelength=1.2,
+        columnspacing=1.0,
+        borderaxespad=0.3,
+    )
     _save_figure(fig, path)
 
 
@@ -206,8 +225,12 @@ def markdown_report(
     for _, heading, entries in gallery_sections(gallery or {}):
         lines += [f"### {heading}", ""]
         for e in entries:
-            lines += [f"{e['name']}: mIoU {_cell(e['miou'])}, pixel accuracy {_cell(e['pixel_accuracy'])}", "",
-                      f"![{e['name']}]({e['file']})", ""]
+            lines += [
+                f"{e['name']}: mIoU {_cell(e['miou'])}, pixel accuracy {_cell(e['pixel_accuracy'])}",
+                "",
+                f"![{e['name']}]({e['file']})",
+                "",
+            ]
     lines += ["Every figure: `metrics.json`; per-image scores: `per_image.csv`.", ""]
     return "\n".join(lines)
 
@@ -256,14 +279,19 @@ def _html_cell(value: float | None) -> str:
 def _class_table(result: dict[str, Any], label_set: LabelSet) -> str:
     pc, esc = result["per_class"], html.escape
     total = max(1, sum(pc["gt_pixels"]))
-    rows = ["<tr><th>class</th><th>iou</th><th>precision</th><th>recall</th><th>f1_score</th>"
-            "<th>share of ground truth</th></tr>"]
-    for i, (name, rgb) in enumerate(zip(label_set.classes, label_set.palette)):
+    rows = [
+        "<tr><th>class</th><th>iou</th><th>precision</th><th>recall</th><th>f1_score</th>"
+        "<th>share of ground truth</th></tr>"
+    ]
+    for i, (name, rgb) in enumerate(zip(label_set.classes, label_set.palette, strict=True)):
         iou = pc["iou"][i]
         swatch = f'<span class="sw" style="background:rgb{tuple(rgb)}"></span>'
         # iou with a bar whose length is the score: the weak classes stand out at a glance
-        cells = _html_cell(iou) if iou is None else (
-            f'<td>{iou:.4f}<span class="bar" style="width:{round(80 * iou)}px"></span></td>')
+        cells = (
+            _html_cell(iou)
+            if iou is None
+            else (f'<td>{iou:.4f}<span class="bar" style="width:{round(80 * iou)}px"></span></td>')
+        )
         cells += "".join(_html_cell(pc[k][i]) for k in ("precision", "recall", "f1"))
         rows.append(f"<tr><td>{swatch}{esc(name)}</td>{cells}<td>{100 * pc['gt_pixels'][i] / total:.2f}%</td></tr>")
     means = "".join(_html_cell(result[k]) for k in ("miou", "mean_precision", "mean_recall", "mean_f1"))
@@ -272,11 +300,18 @@ def _class_table(result: dict[str, Any], label_set: LabelSet) -> str:
 
 
 def _cards(result: dict[str, Any], num_images: int) -> str:
-    cards = [("mIoU", _cell(result["miou"])), ("pixel accuracy", _cell(result["pixel_accuracy"])),
-             ("mean accuracy", _cell(result["mean_accuracy"])), ("images", f"{num_images:,}"),
-             ("scored classes", f"{result['scored_classes']} of {result['num_classes']}")]
-    return '<div class="cards">' + "".join(
-        f"<div class=\"card\"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards) + "</div>"
+    cards = [
+        ("mIoU", _cell(result["miou"])),
+        ("pixel accuracy", _cell(result["pixel_accuracy"])),
+        ("mean accuracy", _cell(result["mean_accuracy"])),
+        ("images", f"{num_images:,}"),
+        ("scored classes", f"{result['scored_classes']} of {result['num_classes']}"),
+    ]
+    return (
+        '<div class="cards">'
+        + "".join(f'<div class="card"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>' for k, v in cards)
+        + "</div>"
+    )
 
 
 def _gallery_html(gallery: dict[str, list[dict[str, Any]]]) -> str:
@@ -288,7 +323,8 @@ def _gallery_html(gallery: dict[str, list[dict[str, Any]]]) -> str:
             parts.append(
                 f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(e["name"], quote=True)}" loading="eager">'
                 f"</a><figcaption>{html.escape(e['name'])}: mIoU {_cell(e['miou'])}, pixel accuracy "
-                f"{_cell(e['pixel_accuracy'])}</figcaption></figure>")
+                f"{_cell(e['pixel_accuracy'])}</figcaption></figure>"
+            )
     return "\n".join(parts) or '<p class="note">No gallery (--gallery 0).</p>'
 
 
@@ -310,13 +346,14 @@ def html_report(
     invalid = result.get("invalid_predictions") or 0
     invalid_note = f" {invalid:,} pixels were predicted outside the classes and count as misses." if invalid else ""
     body = f"""<h1>{esc(title)}</h1>
-<div id="img-warning">Some pictures did not load: keep report.html in its folder, beside confusion.png and gallery/.</div>
+<div id="img-warning">Some pictures did not load: keep report.html in its folder, beside confusion.png and
+gallery/.</div>
 <table class="meta">{meta}</table>
 {_cards(result, num_images)}
 <h2>Scores per class</h2>
 {_class_table(result, label_set)}
 <p class="note">Dataset-level scores: pixel counts are summed over all {num_images:,} images before the ratios are
-taken. Pixel accuracy is the share of the {result['pixels']:,} scored pixels predicted right; mean accuracy is
+taken. Pixel accuracy is the share of the {result["pixels"]:,} scored pixels predicted right; mean accuracy is
 the mean recall over the classes with ground truth. {esc(NA_FOOTNOTE)}{esc(invalid_note)}</p>
 {official_html}
 <h2>Confusion matrix</h2>
@@ -330,9 +367,11 @@ Click a picture for full size.</p>
 <h2>Files</h2>
 <p><a href="metrics.json">metrics.json</a> (every figure) &middot; <a href="per_image.csv">per_image.csv</a>
 (per-image mIoU and pixel accuracy) &middot; <a href="report.md">report.md</a></p>"""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<style>{_CSS}</style>\n'
-            f"<script>{_SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<style>{_CSS}</style>\n'
+        f"<script>{_SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 # --------------------------------------------------------------------------- official scores
@@ -352,9 +391,11 @@ def _official_rows(official: dict[str, Any], level: str) -> list[tuple[str, str,
 def official_tables(official: dict[str, Any]) -> tuple[str, str]:
     """Markdown and HTML sections for the official Cityscapes scores
     (`cityscapes_eval.OfficialEvaluator.compute()`), at each level present in it."""
-    intro = (f"Computed as cityscapesscripts' evalPixelLevelSemanticLabeling does, on {official['images']:,} images "
-             f"at the raw ground truth's resolution ({official['pixels']:,} pixels); iIoU weighs each instance as "
-             "an average-sized one; n/a = no ground truth and no false positive (the script's nan).")
+    intro = (
+        f"Computed as cityscapesscripts' evalPixelLevelSemanticLabeling does, on {official['images']:,} images "
+        f"at the raw ground truth's resolution ({official['pixels']:,} pixels); iIoU weighs each instance as "
+        "an average-sized one; n/a = no ground truth and no false positive (the script's nan)."
+    )
     md = ["## Official Cityscapes scores", "", intro, ""]
     parts = ["<h2>Official Cityscapes scores</h2>", f'<p class="note">{html.escape(intro)}</p>']
     for level, plural in _OFFICIAL_LEVELS:
@@ -363,10 +404,14 @@ def official_tables(official: dict[str, Any]) -> tuple[str, str]:
         rows = _official_rows(official, level)
         md += [f"| {level} | IoU | iIoU |", "|-|-|-|", *(f"| {n} | {a} | {b} |" for n, a, b in rows), ""]
         body = "".join(
-            f'<tr{" class=avg" if n == "average" else ""}><td>{html.escape(n)}</td>'
-            + "".join('<td class="na">n/a</td>' if v == "n/a" else f"<td>{v}</td>" for v in (a, b)) + "</tr>"
-            for n, a, b in rows)
-        parts.append(f"<div><h3>{plural}</h3><table><tr><th>{level}</th><th>IoU</th><th>iIoU</th></tr>{body}</table></div>")
+            f"<tr{' class=avg' if n == 'average' else ''}><td>{html.escape(n)}</td>"
+            + "".join('<td class="na">n/a</td>' if v == "n/a" else f"<td>{v}</td>" for v in (a, b))
+            + "</tr>"
+            for n, a, b in rows
+        )
+        parts.append(
+            f"<div><h3>{plural}</h3><table><tr><th>{level}</th><th>IoU</th><th>iIoU</th></tr>{body}</table></div>"
+        )
     # The class and category tables side by side: both fit the page width.
     return "\n".join(md), parts[0] + parts[1] + '<div class="cards">' + "".join(parts[2:]) + "</div>"
 
@@ -383,8 +428,9 @@ def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["name", "miou", "pixel_accuracy", "pixels"])
     for r in rows:
-        writer.writerow([r["name"], *("" if r[k] is None else f"{r[k]:.6f}" for k in ("miou", "pixel_accuracy")),
-                         r["pixels"]])
+        writer.writerow(
+            [r["name"], *("" if r[k] is None else f"{r[k]:.6f}" for k in ("miou", "pixel_accuracy")), r["pixels"]]
+        )
     return buf.getvalue()
 
 
@@ -405,10 +451,19 @@ def write_gallery(
         for rank, item in enumerate(items, 1):
             stem = Path(str(item["name"])).name
             rel = f"gallery/{group}_{rank:02d}_{stem}.png"
-            title = (f"{group} #{rank}: {item['name']}  (mIoU {_cell(item['miou'])}, "
-                     f"pixel accuracy {_cell(item['pixel_accuracy'])})")
-            gallery_picture(item["image"], item["label"], item["pred"], label_set, out / rel, title=title,
-                            max_panel_width=max_panel_width)
+            title = (
+                f"{group} #{rank}: {item['name']}  (mIoU {_cell(item['miou'])}, "
+                f"pixel accuracy {_cell(item['pixel_accuracy'])})"
+            )
+            gallery_picture(
+                item["image"],
+                item["label"],
+                item["pred"],
+                label_set,
+                out / rel,
+                title=title,
+                max_panel_width=max_panel_width,
+            )
             entries[group].append({"file": rel, **{k: item[k] for k in ("name", "miou", "pixel_accuracy")}})
     return entries
 
@@ -435,18 +490,42 @@ def write_report(
     import json
 
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"confusion": out / "confusion.png", "metrics": out / "metrics.json", "per_image": out / "per_image.csv",
-             "markdown": out / "report.md", "html": out / "report.html"}
+    paths = {
+        "confusion": out / "confusion.png",
+        "metrics": out / "metrics.json",
+        "per_image": out / "per_image.csv",
+        "markdown": out / "report.md",
+        "html": out / "report.html",
+    }
     confusion_figure(matrix, label_set.classes, paths["confusion"])
     gallery = write_gallery(out, picks, label_set)
-    doc = {**info, "classes": list(label_set.classes), "metrics": result,
-           "confusion_matrix": np.asarray(matrix).tolist(), "official": official, "gallery": gallery}
+    doc = {
+        **info,
+        "classes": list(label_set.classes),
+        "metrics": result,
+        "confusion_matrix": np.asarray(matrix).tolist(),
+        "official": official,
+        "gallery": gallery,
+    }
     atomic_write_text(paths["metrics"], json.dumps(doc, indent=2) + "\n")
     atomic_write_text(paths["per_image"], per_image_csv(per_image))
     official_md, official_html = official_tables(official) if official else ("", "")
-    atomic_write_text(paths["markdown"], markdown_report(result, label_set.classes, title=title, header=header,
-                                                         official_md=official_md, gallery=gallery))
-    atomic_write_text(paths["html"], html_report(result, label_set, title=title, header=header,
-                                                 num_images=len(per_image), official_html=official_html,
-                                                 gallery=gallery))
+    atomic_write_text(
+        paths["markdown"],
+        markdown_report(
+            result, label_set.classes, title=title, header=header, official_md=official_md, gallery=gallery
+        ),
+    )
+    atomic_write_text(
+        paths["html"],
+        html_report(
+            result,
+            label_set,
+            title=title,
+            header=header,
+            num_images=len(per_image),
+            official_html=official_html,
+            gallery=gallery,
+        ),
+    )
     return paths

@@ -48,17 +48,33 @@ class OnnxMetadata:
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], source: Path, opset: int, dynamic: bool) -> OnnxMetadata:
         """From a loaded (validated) checkpoint dict."""
-        return cls(label_set=LabelSet.from_dict(ckpt["label_set"]), input_size=tuple(ckpt["input_size"]),
-                   model=ckpt["model"], normalization=ckpt.get("normalization"), step=ckpt.get("step"),
-                   epoch=ckpt.get("epoch"), metrics=ckpt.get("metrics"), checkpoint=str(source), opset=opset,
-                   dynamic=dynamic)
+        return cls(
+            label_set=LabelSet.from_dict(ckpt["label_set"]),
+            input_size=tuple(ckpt["input_size"]),
+            model=ckpt["model"],
+            normalization=ckpt.get("normalization"),
+            step=ckpt.get("step"),
+            epoch=ckpt.get("epoch"),
+            metrics=ckpt.get("metrics"),
+            checkpoint=str(source),
+            opset=opset,
+            dynamic=dynamic,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": FORMAT_VERSION, "urbanseg_version": self.urbanseg_version, "model": self.model,
-            "label_set": self.label_set.to_dict(), "input_size": list(self.input_size),
-            "normalization": self.normalization, "step": self.step, "epoch": self.epoch, "metrics": self.metrics,
-            "checkpoint": self.checkpoint, "opset": self.opset, "dynamic": self.dynamic,
+            "format_version": FORMAT_VERSION,
+            "urbanseg_version": self.urbanseg_version,
+            "model": self.model,
+            "label_set": self.label_set.to_dict(),
+            "input_size": list(self.input_size),
+            "normalization": self.normalization,
+            "step": self.step,
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "checkpoint": self.checkpoint,
+            "opset": self.opset,
+            "dynamic": self.dynamic,
             "input": "image: float32 (N, 3, H, W), RGB, 0..255 (normalised inside)",
             "output": "logits: float32 (N, C, H, W)",
         }

@@ -77,7 +77,7 @@ class OnnxPredictor(Predictor):
             raise UserError(f"ONNX model {path} does not exist; write one with `urbanseg export --run runs/NAME`")
         try:
             self.session = ort.InferenceSession(str(path), providers=_ort_providers(ort))
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        except Exception as e:
             raise UserError(f"cannot load ONNX model {path}: {e}") from None
         meta = OnnxMetadata.parse(self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY), path)
         (inp,) = self.session.get_inputs()
@@ -86,9 +86,11 @@ class OnnxPredictor(Predictor):
         fixed = (w, h) if isinstance(h, int) and isinstance(w, int) else None
         classes = self.session.get_outputs()[0].shape[1]
         if isinstance(classes, int) and classes != meta.label_set.num_classes:
-            raise UserError(f"ONNX model {path} outputs {classes} classes, its metadata's label set "
-                            f"{meta.label_set.name!r} has {meta.label_set.num_classes}; export it again with "
-                            "`urbanseg export`")
+            raise UserError(
+                f"ONNX model {path} outputs {classes} classes, its metadata's label set "
+                f"{meta.label_set.name!r} has {meta.label_set.num_classes}; export it again with "
+                "`urbanseg export`"
+            )
         super().__init__(meta.label_set, meta.input_size, Path(path), meta.info, fixed)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -100,9 +102,7 @@ def _ort_providers(ort: Any) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def load_predictor(
-    *, checkpoint: Path | None = None, onnx: Path | None = None, device: str = "auto"
-) -> Predictor:
+def load_predictor(*, checkpoint: Path | None = None, onnx: Path | None = None, device: str = "auto") -> Predictor:
     """A TorchPredictor for a checkpoint or an OnnxPredictor for an .onnx file."""
     if onnx is not None:
         return OnnxPredictor(Path(onnx))

@@ -99,7 +99,7 @@ def segment(
         else:
             inputs = group
         logits = predictor.logits(_to_batch(inputs))
-        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group, strict=False))
+        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group, strict=True))
     return out
 
 
@@ -144,7 +144,7 @@ def segment_tiled(
         bar.update(len(xs))
         if band is None:
             band = np.zeros((th, W, logits[0].shape[0]), np.float32)
-        for x, lg in zip(xs, logits, strict=False):
+        for x, lg in zip(xs, logits, strict=True):
             band[:, x : x + tw] += lg.transpose(1, 2, 0)
         done = (ys[r + 1] if r + 1 < len(ys) else H) - y  # rows no later window touches
         out[y : y + done] = _argmax(band[:done])

@@ -47,8 +47,9 @@ class SmpBuilder:
 
         # timm-universal ("tu-") encoders take True; smp's own encoders take a tag.
         weights = (True if self.encoder.startswith("tu-") else "imagenet") if pretrained else None
-        net = smp.create_model(self.arch, encoder_name=self.encoder, encoder_weights=weights,
-                               classes=num_classes, **kwargs)
+        net = smp.create_model(
+            self.arch, encoder_name=self.encoder, encoder_weights=weights, classes=num_classes, **kwargs
+        )
         return Built(net, net.encoder.output_stride, net.encoder, ("segmentation_head.",))
 
 
@@ -126,8 +127,10 @@ class UNetOriginalBuilder:
 
     def __call__(self, num_classes: int, pretrained: bool, base_channels: int = 64, batch_norm: bool = True) -> Built:
         if pretrained:
-            raise UserError("unet-original has no pretrained weights; leave --encoder-weights unset "
-                            "(or pass a local encoder weights file, or fine-tune with --init CHECKPOINT)")
+            raise UserError(
+                "unet-original has no pretrained weights; leave --encoder-weights unset "
+                "(or pass a local encoder weights file, or fine-tune with --init CHECKPOINT)"
+            )
         if base_channels < 1:
             raise UserError(f"unet-original: base_channels {base_channels} must be >= 1")
         net = UNetOriginal(num_classes, base_channels, batch_norm)
@@ -139,8 +142,10 @@ class UNetOriginalBuilder:
 
 def _no_imagenet(pretrained: bool, family: str) -> None:
     if pretrained:
-        raise UserError(f"{family} models bring their own weights: import them with `urbanseg import SOURCE` "
-                        f"and fine-tune with --init, instead of --encoder-weights imagenet")
+        raise UserError(
+            f"{family} models bring their own weights: import them with `urbanseg import SOURCE` "
+            f"and fine-tune with --init, instead of --encoder-weights imagenet"
+        )
 
 
 def _normalisation(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -153,9 +158,12 @@ def _normalisation(mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float,
 def _heads(net: nn.Module, num_classes: int) -> tuple[str, ...]:
     """Prefixes of the layers that output the class scores (a conv or linear layer with
     `num_classes` outputs): what `--init` replaces for another label set."""
-    heads = tuple(f"{name}." for name, m in net.named_modules()
-                  if isinstance(m, (nn.Conv2d, nn.Linear))
-                  and getattr(m, "out_channels", getattr(m, "out_features", None)) == num_classes)
+    heads = tuple(
+        f"{name}."
+        for name, m in net.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+        and getattr(m, "out_channels", getattr(m, "out_features", None)) == num_classes
+    )
     if not heads:
         raise UserError(f"found no layer with {num_classes} outputs (the classifier) in {type(net).__name__}")
     return heads
@@ -169,16 +177,26 @@ class SmpConfigBuilder:
 
     description = "a segmentation-models-pytorch model rebuilt from its hub config (imported)"
 
-    def __call__(self, num_classes: int, pretrained: bool, *, arch: str, config: dict[str, Any],
-                 mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD) -> Built:
+    def __call__(
+        self,
+        num_classes: int,
+        pretrained: bool,
+        *,
+        arch: str,
+        config: dict[str, Any],
+        mean: Any = IMAGENET_MEAN,
+        std: Any = IMAGENET_STD,
+    ) -> Built:
         import segmentation_models_pytorch as smp
         from segmentation_models_pytorch.base import SegmentationModel as SmpModel
 
         _no_imagenet(pretrained, "smp hub")
         cls = getattr(smp, arch, None)
         if not (isinstance(cls, type) and issubclass(cls, SmpModel)):
-            raise UserError(f"{arch!r} is not a segmentation-models-pytorch architecture "
-                            f"(smp {smp.__version__}); expected e.g. Segformer, Unet, FPN")
+            raise UserError(
+                f"{arch!r} is not a segmentation-models-pytorch architecture "
+                f"(smp {smp.__version__}); expected e.g. Segformer, Unet, FPN"
+            )
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         kwargs.update(encoder_weights=None, classes=num_classes, activation=None)
         net = cls(**kwargs)
@@ -204,8 +222,17 @@ class _HfLogits(nn.Module):
 
 # Keys of a transformers config that are not architecture: the label names (urbanseg keeps
 # them in the label set), the class count (num_classes) and bookkeeping.
-_HF_DROP = ("id2label", "label2id", "num_labels", "transformers_version", "_name_or_path",
-            "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset")
+_HF_DROP = (
+    "id2label",
+    "label2id",
+    "num_labels",
+    "transformers_version",
+    "_name_or_path",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+)
 
 
 def hf_architecture(config: dict[str, Any]) -> dict[str, Any]:
@@ -220,8 +247,15 @@ class HfConfigBuilder:
 
     description = "a Hugging Face transformers semantic-segmentation model rebuilt from its config (imported)"
 
-    def __call__(self, num_classes: int, pretrained: bool, *, config: dict[str, Any],
-                 mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD) -> Built:
+    def __call__(
+        self,
+        num_classes: int,
+        pretrained: bool,
+        *,
+        config: dict[str, Any],
+        mean: Any = IMAGENET_MEAN,
+        std: Any = IMAGENET_STD,
+    ) -> Built:
         _no_imagenet(pretrained, "Hugging Face")
         try:
             from transformers import AutoConfig, AutoModelForSemanticSegmentation
@@ -234,7 +268,9 @@ class HfConfigBuilder:
             hf_config = AutoConfig.for_model(config["model_type"], num_labels=num_classes, **kwargs)
             net = AutoModelForSemanticSegmentation.from_config(hf_config)
         except (KeyError, ValueError) as e:
-            raise UserError(f"transformers cannot build a semantic-segmentation {config['model_type']!r} model "
-                            f"({e}); update transformers or import another model") from None
+            raise UserError(
+                f"transformers cannot build a semantic-segmentation {config['model_type']!r} model "
+                f"({e}); update transformers or import another model"
+            ) from None
         heads = tuple("net." + p for p in _heads(net, num_classes))  # inside _HfLogits
         return Built(_HfLogits(net), 1, net.base_model, heads, *_normalisation(mean, std))

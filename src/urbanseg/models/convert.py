@@ -60,18 +60,23 @@ def parse_source(text: str) -> Source:
     if text.startswith("hf:"):
         repo = text[3:]
         if not is_repo_id(repo):
-            raise UserError(f"{text!r}: after hf: give a hub id like hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024")
+            raise UserError(
+                f"{text!r}: after hf: give a hub id like hf:nvidia/segformer-b0-finetuned-cityscapes-1024-1024"
+            )
         return Source(text, "transformers", repo_id=repo)
     path = Path(text).expanduser()
     if path.is_dir():
         return Source(text, detect_library(path), folder=path.resolve())
     if path.exists():
-        raise UserError(f"{text} is a file: give the folder save_pretrained wrote (with config.json), "
-                        f"or an urbanseg checkpoint to commands that take one")
+        raise UserError(
+            f"{text} is a file: give the folder save_pretrained wrote (with config.json), "
+            f"or an urbanseg checkpoint to commands that take one"
+        )
     if is_repo_id(text):
         return Source(text, "smp", repo_id=text)
-    raise UserError(f"{text!r} is not a folder, an smp hub id (owner/name) or hf:<id>; "
-                    f"see `urbanseg models --pretrained`")
+    raise UserError(
+        f"{text!r} is not a folder, an smp hub id (owner/name) or hf:<id>; see `urbanseg models --pretrained`"
+    )
 
 
 def cache_path(source: Source) -> Path:
@@ -110,7 +115,7 @@ def cached_revision(path: Path) -> str | None:
         return None
     try:
         source = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("source", {})
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is simply not a usable conversion
+    except Exception:
         return None
     return source.get("revision") if source.get("converter") == CONVERTER_VERSION else None
 
@@ -132,13 +137,16 @@ def write_conversion(payload: dict[str, Any], path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(path, payload)
     except OSError as e:
-        raise UserError(f"cannot write the converted model {path} ({e.strerror or e}); free space there, "
-                        f"set HF_HOME to a writable folder, or use `urbanseg import SOURCE --out FILE`") from None
+        raise UserError(
+            f"cannot write the converted model {path} ({e.strerror or e}); free space there, "
+            f"set HF_HOME to a writable folder, or use `urbanseg import SOURCE --out FILE`"
+        ) from None
     return path
 
 
-def convert(src: Source, snap: Snapshot, *, labels: str | None = None,
-            input_size: tuple[int, int] | None = None) -> dict[str, Any]:
+def convert(
+    src: Source, snap: Snapshot, *, labels: str | None = None, input_size: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """The checkpoint payload of the model in `snap.folder` (see the module docstring)."""
     from urbanseg.checkpoint import build_payload
 
@@ -147,11 +155,25 @@ def convert(src: Source, snap: Snapshot, *, labels: str | None = None,
     label_set = _label_set(loaded, labels, snap.folder)
     protocol = entry.protocol if entry else Protocol("whole", _input_size(loaded, input_size, snap.folder))
     model = _rebuild(loaded, snap.folder)
-    metrics = {"miou": round(entry.miou / 100, 6), "miou_source": entry.miou_source} \
-        if entry and entry.miou is not None else {}
-    payload = build_payload(model, label_set=label_set, input_size=protocol.size, config={
-        "command": "import", "source": src.text, "labels": label_set.name, "preprocessing": loaded.preprocessing},
-        step=0, epoch=0, metrics=metrics)
+    metrics = (
+        {"miou": round(entry.miou / 100, 6), "miou_source": entry.miou_source}
+        if entry and entry.miou is not None
+        else {}
+    )
+    payload = build_payload(
+        model,
+        label_set=label_set,
+        input_size=protocol.size,
+        config={
+            "command": "import",
+            "source": src.text,
+            "labels": label_set.name,
+            "preprocessing": loaded.preprocessing,
+        },
+        step=0,
+        epoch=0,
+        metrics=metrics,
+    )
     payload["source"] = _source_entry(src, snap, entry)
     payload["inference"] = protocol.to_dict()
     return payload
@@ -167,14 +189,17 @@ def _rebuild(loaded: Loaded, folder: Path) -> Any:
     try:
         net.load_state_dict(loaded.state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"the weights in {folder} do not fit the architecture of its config.json: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+        raise UserError(
+            f"the weights in {folder} do not fit the architecture of its config.json: {str(e).splitlines()[0][:300]}"
+        ) from None
     probe = torch.full((1, 3, _PROBE, _PROBE), 128.0)
     with torch.inference_mode():
         out = model(probe)
     if out.shape != (1, loaded.num_classes, _PROBE, _PROBE) or not torch.isfinite(out).all():
-        raise UserError(f"the model in {folder} does not give per-pixel class scores (got {tuple(out.shape)} "
-                        f"for a {_PROBE}x{_PROBE} picture)")
+        raise UserError(
+            f"the model in {folder} does not give per-pixel class scores (got {tuple(out.shape)} "
+            f"for a {_PROBE}x{_PROBE} picture)"
+        )
     return model
 
 
@@ -182,18 +207,26 @@ def _label_set(loaded: Loaded, labels: str | None, folder: Path) -> LabelSet:
     """--labels, or classes19 for a 19-class model; the model's own class names (when
     its config has them) must be the label set's, in order."""
     if labels is None and loaded.num_classes != 19:
-        raise UserError(f"the model in {folder} has {loaded.num_classes} classes: say which they are with "
-                        f"--labels (categories8, categories7 or a labelmap.json)")
+        raise UserError(
+            f"the model in {folder} has {loaded.num_classes} classes: say which they are with "
+            f"--labels (categories8, categories7 or a labelmap.json)"
+        )
     label_set = get_label_set(labels or "classes19")
     if label_set.num_classes != loaded.num_classes:
-        raise UserError(f"--labels {label_set.name} has {label_set.num_classes} classes, the model "
-                        f"{loaded.num_classes}")
+        raise UserError(
+            f"--labels {label_set.name} has {label_set.num_classes} classes, the model {loaded.num_classes}"
+        )
     if loaded.class_names is not None:
-        wrong = [(i, a, b) for i, (a, b) in enumerate(zip(loaded.class_names, label_set.classes, strict=True))
-                 if _class_key(a) != _class_key(b)]
+        wrong = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(loaded.class_names, label_set.classes, strict=True))
+            if _class_key(a) != _class_key(b)
+        ]
         if wrong:
-            raise UserError(f"the model's classes are not {label_set.name}'s: e.g. class {wrong[0][0]} is "
-                            f"{wrong[0][1]!r}, not {wrong[0][2]!r}; give the matching --labels labelmap.json")
+            raise UserError(
+                f"the model's classes are not {label_set.name}'s: e.g. class {wrong[0][0]} is "
+                f"{wrong[0][1]!r}, not {wrong[0][2]!r}; give the matching --labels labelmap.json"
+            )
     return label_set
 
 
@@ -205,14 +238,20 @@ def _class_key(name: str) -> str:
 def _input_size(loaded: Loaded, given: tuple[int, int] | None, folder: Path) -> tuple[int, int]:
     size = given or loaded.size
     if size is None:
-        raise UserError(f"{folder} does not say the input size it was trained at ({loaded.preprocessing}); "
-                        f"give it with --input-size WxH")
+        raise UserError(
+            f"{folder} does not say the input size it was trained at ({loaded.preprocessing}); "
+            f"give it with --input-size WxH"
+        )
     return size
 
 
 def _source_entry(src: Source, snap: Snapshot, entry: PretrainedModel | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": src.text, "library": src.library, "revision": snap.revision,
-                           "converter": CONVERTER_VERSION}
+    out: dict[str, Any] = {
+        "id": src.text,
+        "library": src.library,
+        "revision": snap.revision,
+        "converter": CONVERTER_VERSION,
+    }
     if src.repo_id is not None:
         out["repo_id"] = src.repo_id
     out["folder"] = str(snap.folder)
@@ -235,8 +274,9 @@ def import_model(cfg: ImportConfig) -> Path:
         path = resolve_pretrained(cfg.source)
     else:
         snap = local_snapshot(cfg.folder.resolve()) if cfg.folder is not None else _snapshot(src)
-        path = write_conversion(convert(src, snap, labels=cfg.labels, input_size=size),
-                                cfg.out if cfg.out is not None else cache_path(src))
+        path = write_conversion(
+            convert(src, snap, labels=cfg.labels, input_size=size), cfg.out if cfg.out is not None else cache_path(src)
+        )
     print(describe(path))
     return path
 
@@ -263,21 +303,31 @@ def describe(path: Path) -> str:
     """What a converted checkpoint is, for the terminal: model, classes, protocol, score, licence."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     src, inf = ckpt["source"], ckpt["inference"]
-    params = sum(v.numel() for k, v in ckpt["model_state"].items() if k not in ("mean", "std")
-                 and v.is_floating_point() and "running_" not in k)
+    params = sum(
+        v.numel()
+        for k, v in ckpt["model_state"].items()
+        if k not in ("mean", "std") and v.is_floating_point() and "running_" not in k
+    )
     protocol = Protocol(inf["mode"], tuple(inf["size"]), tuple(inf["stride"]) if "stride" in inf else None)
     miou = ckpt["metrics"].get("miou")
-    licence = (f"{src['licence']}: {src['licence_summary']} ({src['licence_url']})" if "licence_url" in src
-               else f"{src['licence']}: {src['licence_summary']}")
+    licence = (
+        f"{src['licence']}: {src['licence_summary']} ({src['licence_url']})"
+        if "licence_url" in src
+        else f"{src['licence']}: {src['licence_summary']}"
+    )
     lines = [
         f"{path}: converted from {src['id']} (revision {src['revision'][:12]})",
-        (f"  {src.get('architecture') or architecture_name(ckpt['model'])}, {params / 1e6:.2f} M parameters, "
-         f"{ckpt['label_set']['name']} ({len(ckpt['label_set']['classes'])} classes)"),
-        (f"  input {ckpt['input_size'][0]}x{ckpt['input_size'][1]}, {protocol.describe()}; normalisation mean "
-         f"{[round(v, 3) for v in ckpt['normalization']['mean']]}, std "
-         f"{[round(v, 3) for v in ckpt['normalization']['std']]}"),
-        "  published Cityscapes val mIoU: " + (f"{miou * 100:.2f} ({ckpt['metrics']['miou_source']})" if miou
-                                               else "none checked"),
+        (
+            f"  {src.get('architecture') or architecture_name(ckpt['model'])}, {params / 1e6:.2f} M parameters, "
+            f"{ckpt['label_set']['name']} ({len(ckpt['label_set']['classes'])} classes)"
+        ),
+        (
+            f"  input {ckpt['input_size'][0]}x{ckpt['input_size'][1]}, {protocol.describe()}; normalisation mean "
+            f"{[round(v, 3) for v in ckpt['normalization']['mean']]}, std "
+            f"{[round(v, 3) for v in ckpt['normalization']['std']]}"
+        ),
+        "  published Cityscapes val mIoU: "
+        + (f"{miou * 100:.2f} ({ckpt['metrics']['miou_source']})" if miou else "none checked"),
         f"  licence: {licence}",
     ]
     if src.get("non_commercial"):

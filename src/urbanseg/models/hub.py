@@ -73,7 +73,7 @@ def hub_reachable(timeout: float = HUB_TIMEOUT) -> bool:
         return False
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception:  # noqa: BLE001 - httpx/requests/OS errors alike mean "no answer"
+    except Exception:
         return False
     return True
 
@@ -102,7 +102,7 @@ def hub_info(repo_id: str) -> tuple[Any, str]:
         return None, "HF_HUB_OFFLINE is set"
     try:
         return HfApi().model_info(repo_id, timeout=HUB_TIMEOUT, files_metadata=True), ""
-    except Exception as e:  # noqa: BLE001 - see _hub_error: missing repos are errors, the rest offline
+    except Exception as e:
         return None, _hub_error(repo_id, e)
 
 
@@ -122,16 +122,21 @@ def fetch_snapshot(repo_id: str, info: Any, reason: str, *, source: str | None =
     print(f"fetching {repo_id} at {str(info.sha)[:12]} ({size / 1e6:.1f} MB, nothing if cached) into {hf_hub_cache()}")
     try:
         folder = snapshot_download(repo_id, revision=info.sha, allow_patterns=list(patterns))
-    except Exception as e:  # noqa: BLE001 - a broken connection mid-way, a full disk, ...
+    except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"downloading {repo_id} failed ({type(e).__name__}: {first}); run the command again "
-                        f"(the download resumes), or see {hf_hub_cache()} for space and permissions") from None
+        raise UserError(
+            f"downloading {repo_id} failed ({type(e).__name__}: {first}); run the command again "
+            f"(the download resumes), or see {hf_hub_cache()} for space and permissions"
+        ) from None
     return Snapshot(repo_id, Path(folder), str(info.sha), size)
 
 
 def _wanted(names: dict[str, int | None]) -> tuple[str, ...]:
-    weights = ("*.safetensors", "*.safetensors.index.json") if any(n.endswith(".safetensors") for n in names) \
+    weights = (
+        ("*.safetensors", "*.safetensors.index.json")
+        if any(n.endswith(".safetensors") for n in names)
         else ("*.bin", "*.bin.index.json")
+    )
     return _CONFIG_FILES + weights
 
 
@@ -141,11 +146,15 @@ def _hub_error(repo_id: str, error: Exception) -> str:
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError  # also in huggingface_hub < 0.24
 
     if isinstance(error, GatedRepoError):
-        raise UserError(f"{repo_id} is gated on the Hugging Face hub: accept its terms on "
-                        f"https://huggingface.co/{repo_id} and log in with `hf auth login`") from None
+        raise UserError(
+            f"{repo_id} is gated on the Hugging Face hub: accept its terms on "
+            f"https://huggingface.co/{repo_id} and log in with `hf auth login`"
+        ) from None
     if isinstance(error, RepositoryNotFoundError):
-        raise UserError(f"no model {repo_id} on the Hugging Face hub (a typo? a private model needs "
-                        f"`hf auth login`); see `urbanseg models --pretrained` for the known ones") from None
+        raise UserError(
+            f"no model {repo_id} on the Hugging Face hub (a typo? a private model needs "
+            f"`hf auth login`); see `urbanseg models --pretrained` for the known ones"
+        ) from None
     first = (str(error).strip().splitlines() or [""])[0][:200]
     return f"the hub did not answer ({type(error).__name__}: {first})"
 
@@ -155,7 +164,7 @@ def _cached_snapshot(repo_id: str, reason: str, source: str) -> Snapshot:
 
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and kin: nothing usable cached
+    except Exception:
         raise UserError(offline_message(repo_id, reason, source)) from None
     print(f"{reason}; using the cached snapshot {folder}")
     return Snapshot(repo_id, folder, folder.name)

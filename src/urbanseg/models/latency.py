@@ -15,8 +15,15 @@ import torch
 from urbanseg.models.registry import create_model
 
 
-def measure_latency(names: Iterable[str], size: tuple[int, int], *, repeats: int = 5, warmup: int = 1,
-                    threads: int = 1, desc: str = "latency") -> dict[str, float]:
+def measure_latency(
+    names: Iterable[str],
+    size: tuple[int, int],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int = 1,
+    desc: str = "latency",
+) -> dict[str, float]:
     """Median CPU latency in ms of a batch-1 forward pass at size (W, H) per model, with
     `threads` intra-op threads (1 by default: on a shared machine, multi-threaded
     small models spend most of their time waiting at thread barriers for a core).

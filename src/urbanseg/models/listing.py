@@ -43,20 +43,25 @@ def list_models(config: ModelsConfig) -> int:
     else:
         figures = load_figures() or {"models": {}}
         latency = {n: (f[key]["ms"], f[key]["speedup"]) for n, f in figures["models"].items() if key in f}
-    rows = [f"| model | params (M) | GFLOPs @ {key} | CPU ms @ {key} | x faster than {base} | description |",
-            "|-|-|-|-|-|-|"]
+    rows = [
+        f"| model | params (M) | GFLOPs @ {key} | CPU ms @ {key} | x faster than {base} | description |",
+        "|-|-|-|-|-|-|",
+    ]
     for name in names:
         params, flops = model_stats(name, size)
         ms, speedup = (f"{latency[name][0]:.0f}", f"{latency[name][1]:.1f}") if name in latency else ("-", "-")
         mark = " (default)" if name == DEFAULT_MODEL else ""
-        rows.append(f"| {name}{mark} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {ms} | {speedup} | "
-                    f"{MODELS[name].description} |")
+        rows.append(
+            f"| {name}{mark} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {ms} | {speedup} | {MODELS[name].description} |"
+        )
     print("\n".join(rows))
     if config.measure:
         print(f"\nlatency measured now: batch 1, median of {config.repeats} runs, {config.threads} thread(s)")
     elif latency:
-        print(f"\nlatency from benchmarks/bench_models.py, measured {figures['measured']} on {figures['machine']} "
-              f"(batch 1, models timed round-robin); re-measure here with --measure")
+        print(
+            f"\nlatency from benchmarks/bench_models.py, measured {figures['measured']} on {figures['machine']} "
+            f"(batch 1, models timed round-robin); re-measure here with --measure"
+        )
     else:
         print(f"\nno latency figures for {key}; measure them here with --measure")
     return 0
@@ -69,7 +74,9 @@ def list_pretrained() -> int:
     print(pretrained_table())
     print()
     print(table_notes())
-    print("\nConvert one into a checkpoint (downloads on first use, into the Hugging Face cache):\n"
-          "  urbanseg import smp-hub/segformer-b0-512x1024-city-160k --out segformer-b0.pt\n"
-          "NOTE: NVIDIA's SegFormer weights are for NON-COMMERCIAL use only.")
+    print(
+        "\nConvert one into a checkpoint (downloads on first use, into the Hugging Face cache):\n"
+        "  urbanseg import smp-hub/segformer-b0-512x1024-city-160k --out segformer-b0.pt\n"
+        "NOTE: NVIDIA's SegFormer weights are for NON-COMMERCIAL use only."
+    )
     return 0

@@ -62,8 +62,10 @@ class Protocol:
 
     def describe(self) -> str:
         if self.mode == "slide" and self.stride is not None:
-            return (f"sliding window {self.size[0]}x{self.size[1]}, stride {self.stride[0]}x{self.stride[1]}, "
-                    f"at full resolution")
+            return (
+                f"sliding window {self.size[0]}x{self.size[1]}, stride {self.stride[0]}x{self.stride[1]}, "
+                f"at full resolution"
+            )
         return f"whole image resized to {self.size[0]}x{self.size[1]}"
 
 
@@ -91,8 +93,14 @@ class PretrainedModel:
 _WHOLE_512 = Protocol("whole", (1024, 512))
 _SLIDE_1024 = Protocol("slide", (1024, 1024), (768, 768))
 # variant -> (parameters (M), mmsegmentation's mIoU at 1024x1024, fp32 size (MB))
-_VARIANTS = {"b0": (3.72, 76.54, 14.9), "b1": (13.68, 78.56, 54.7), "b2": (27.36, 81.08, 109.0),
-             "b3": (47.24, 81.94, 189.0), "b4": (64.01, 81.89, 256.0), "b5": (84.61, 82.25, 338.4)}
+_VARIANTS = {
+    "b0": (3.72, 76.54, 14.9),
+    "b1": (13.68, 78.56, 54.7),
+    "b2": (27.36, 81.08, 109.0),
+    "b3": (47.24, 81.94, 189.0),
+    "b4": (64.01, 81.89, 256.0),
+    "b5": (84.61, 82.25, 338.4),
+}
 
 
 def _row(source: str, variant: str, crop: tuple[int, int]) -> PretrainedModel:
@@ -100,9 +108,16 @@ def _row(source: str, variant: str, crop: tuple[int, int]) -> PretrainedModel:
     slide = crop == (1024, 1024)
     library: Literal["smp", "transformers"] = "transformers" if source.startswith("hf:") else "smp"
     return PretrainedModel(
-        source=source, library=library, architecture=f"SegFormer-{variant.upper()}", params_m=params, crop=crop,
-        protocol=_SLIDE_1024 if slide else _WHOLE_512, miou=miou if slide else None,
-        miou_source=MMSEG_ZOO if slide else "", licence=NVIDIA_SEGFORMER, download_mb=size,
+        source=source,
+        library=library,
+        architecture=f"SegFormer-{variant.upper()}",
+        params_m=params,
+        crop=crop,
+        protocol=_SLIDE_1024 if slide else _WHOLE_512,
+        miou=miou if slide else None,
+        miou_source=MMSEG_ZOO if slide else "",
+        licence=NVIDIA_SEGFORMER,
+        download_mb=size,
         card=f"https://huggingface.co/{source.removeprefix('hf:')}",
     )
 
@@ -128,26 +143,36 @@ def licence_line(licence: Licence) -> str:
 
 def pretrained_table() -> str:
     """The Markdown table `urbanseg models --pretrained` prints (and docs/pretrained.md holds)."""
-    header = ("| source (`urbanseg import SOURCE`) | architecture | params (M) | crop (WxH) | inference protocol "
-              "| Cityscapes val mIoU | licence | download (MB) |")
+    header = (
+        "| source (`urbanseg import SOURCE`) | architecture | params (M) | crop (WxH) | inference protocol "
+        "| Cityscapes val mIoU | licence | download (MB) |"
+    )
     rows = [header, "|-|-|-|-|-|-|-|-|"]
     for m in PRETRAINED.values():
         miou = f"{m.miou:.2f} [mmseg zoo]" if m.miou is not None else "-"
         licence = "non-commercial" if m.licence.non_commercial else m.licence.name
-        rows.append(f"| `{m.source}` | {m.architecture} | {m.params_m:.2f} | {m.crop[0]}x{m.crop[1]} | "
-                    f"{m.protocol.describe()} | {miou} | {licence} | {m.download_mb:.1f} |")
+        rows.append(
+            f"| `{m.source}` | {m.architecture} | {m.params_m:.2f} | {m.crop[0]}x{m.crop[1]} | "
+            f"{m.protocol.describe()} | {miou} | {licence} | {m.download_mb:.1f} |"
+        )
     return "\n".join(rows)
 
 
 def table_notes() -> str:
     """The lines under the table: sources of the figures and the licence."""
-    return "\n".join([
-        (f"mIoU [mmseg zoo]: {MMSEG_ZOO} (same recipe, trained by mmsegmentation: 1024x1024 crops, "
-         f"160k iterations, sliding window; NVIDIA's released weights are not scored there)."),
-        (f"Weights: NVIDIA's SegFormer release ({NVLABS}); `smp-hub/...` through segmentation-models-pytorch, "
-         f"`hf:...` through transformers (pip install 'urbanseg[hf]')."),
-        f"Licence of every row: {licence_line(NVIDIA_SEGFORMER)}.",
-    ])
+    return "\n".join(
+        [
+            (
+                f"mIoU [mmseg zoo]: {MMSEG_ZOO} (same recipe, trained by mmsegmentation: 1024x1024 crops, "
+                f"160k iterations, sliding window; NVIDIA's released weights are not scored there)."
+            ),
+            (
+                f"Weights: NVIDIA's SegFormer release ({NVLABS}); `smp-hub/...` through segmentation-models-pytorch, "
+                f"`hf:...` through transformers (pip install 'urbanseg[hf]')."
+            ),
+            f"Licence of every row: {licence_line(NVIDIA_SEGFORMER)}.",
+        ]
+    )
 
 
 def source_facts(model: PretrainedModel) -> dict[str, Any]:

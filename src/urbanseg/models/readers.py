@@ -47,14 +47,18 @@ def detect_library(folder: Path) -> Library:
         return "smp"
     if "model_type" in config:
         return "transformers"
-    raise UserError(f"{folder / 'config.json'} is neither a segmentation-models-pytorch config (no _model_class) "
-                    f"nor a transformers one (no model_type); give a folder written by save_pretrained")
+    raise UserError(
+        f"{folder / 'config.json'} is neither a segmentation-models-pytorch config (no _model_class) "
+        f"nor a transformers one (no model_type); give a folder written by save_pretrained"
+    )
 
 
 def read_folder(folder: Path, library: Library) -> Loaded:
     if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json: give a folder written by save_pretrained "
-                        f"(or fetched with `hf download ID --local-dir {folder}`)")
+        raise UserError(
+            f"{folder} has no config.json: give a folder written by save_pretrained "
+            f"(or fetched with `hf download ID --local-dir {folder}`)"
+        )
     return read_smp(folder) if library == "smp" else read_transformers(folder)
 
 
@@ -63,12 +67,22 @@ def read_smp(folder: Path) -> Loaded:
     arch = config.get("_model_class")
     if not isinstance(arch, str):
         raise UserError(f"{folder / 'config.json'} has no _model_class: not saved by segmentation-models-pytorch")
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("classes", "encoder_weights",
-                                                                                    "activation")}
+    kwargs = {
+        k: v
+        for k, v in config.items()
+        if not k.startswith("_") and k not in ("classes", "encoder_weights", "activation")
+    }
     classes = config.get("classes", 1)
     mean, std, size, where = _albumentations(folder / "albumentations_config_eval.json")
-    return Loaded("smp", {"arch": arch, "config": kwargs, "mean": mean, "std": std}, _smp_weights(folder),
-                  int(classes), None, size, where)
+    return Loaded(
+        "smp",
+        {"arch": arch, "config": kwargs, "mean": mean, "std": std},
+        _smp_weights(folder),
+        int(classes),
+        None,
+        size,
+        where,
+    )
 
 
 def _smp_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -80,9 +94,10 @@ def _smp_weights(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(safetensors))
         if pickle.is_file():
             return torch.load(pickle, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated or foreign file
-        raise UserError(f"cannot read the weights in {folder} ({type(e).__name__}: {str(e)[:200]}); "
-                        f"fetch the model again") from None
+    except Exception as e:
+        raise UserError(
+            f"cannot read the weights in {folder} ({type(e).__name__}: {str(e)[:200]}); fetch the model again"
+        ) from None
     raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin")
 
 
@@ -115,8 +130,15 @@ def read_transformers(folder: Path) -> Loaded:
     names = tuple(str(net.config.id2label[i]) for i in range(net.config.num_labels))
     generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
     mean, std, size, where = _image_processor(folder / "preprocessor_config.json")
-    return Loaded("hf", {"config": config, "mean": mean, "std": std}, net.state_dict(), int(net.config.num_labels),
-                  None if generic else names, size, where)
+    return Loaded(
+        "hf",
+        {"config": config, "mean": mean, "std": std},
+        net.state_dict(),
+        int(net.config.num_labels),
+        None if generic else names,
+        size,
+        where,
+    )
 
 
 def _hf_from_pretrained(folder: Path) -> Any:
@@ -127,8 +149,10 @@ def _hf_from_pretrained(folder: Path) -> Any:
     try:
         return AutoModelForSemanticSegmentation.from_pretrained(str(folder))
     except ValueError as e:  # the model type has no semantic-segmentation class
-        raise UserError(f"{folder}: not a transformers semantic-segmentation model with per-pixel logits "
-                        f"({str(e).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{folder}: not a transformers semantic-segmentation model with per-pixel logits "
+            f"({str(e).splitlines()[0][:200]})"
+        ) from None
     except OSError as e:
         raise UserError(f"cannot load the transformers model in {folder}: {str(e).splitlines()[0][:300]}") from None
 

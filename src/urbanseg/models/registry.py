@@ -43,8 +43,9 @@ MODELS: dict[str, Any] = {
     "fpn-mobilenetv4": SmpBuilder("FPN", _MBV4, "smp FPN, timm MobileNetV4-Conv-Small encoder"),
     "deeplabv3plus-resnet18": SmpBuilder("DeepLabV3Plus", "resnet18", "smp DeepLabV3+, ResNet-18 encoder"),
     "deeplabv3plus-mobilenetv3": SmpBuilder("DeepLabV3Plus", _MBV3, "smp DeepLabV3+, timm MobileNetV3-Large encoder"),
-    "deeplabv3plus-mobilenetv4": SmpBuilder("DeepLabV3Plus", _MBV4,
-                                            "smp DeepLabV3+, timm MobileNetV4-Conv-Small encoder"),
+    "deeplabv3plus-mobilenetv4": SmpBuilder(
+        "DeepLabV3Plus", _MBV4, "smp DeepLabV3+, timm MobileNetV4-Conv-Small encoder"
+    ),
     "segformer-mit_b0": SmpBuilder("Segformer", "mit_b0", "smp SegFormer, MiT-B0 encoder"),
     "lraspp-mobilenetv3": LrasppBuilder(),
 }
@@ -97,8 +98,9 @@ class SegmentationModel(nn.Module):
         return self.net(x)[..., :h, :w]
 
 
-def create_model(name: str, num_classes: int, *, encoder_weights: str | None = None,
-                 **kwargs: Any) -> SegmentationModel:
+def create_model(
+    name: str, num_classes: int, *, encoder_weights: str | None = None, **kwargs: Any
+) -> SegmentationModel:
     """Build model `name` (a key of `MODELS`, or of `IMPORTED` with that family's config
     in kwargs) with a new `num_classes`-way head.
 
@@ -110,19 +112,26 @@ def create_model(name: str, num_classes: int, *, encoder_weights: str | None = N
     """
     builder = MODELS.get(name) or IMPORTED.get(name)
     if builder is None:
-        raise UserError(f"unknown model {name!r}; valid names: {', '.join(MODELS)} "
-                        f"(pretrained models come from `urbanseg import`, see `urbanseg models --pretrained`)")
+        raise UserError(
+            f"unknown model {name!r}; valid names: {', '.join(MODELS)} "
+            f"(pretrained models come from `urbanseg import`, see `urbanseg models --pretrained`)"
+        )
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}")
     local = None
     if encoder_weights not in (None, "imagenet"):
         local = Path(encoder_weights)
         if not local.is_file():
-            raise UserError(f"--encoder-weights {encoder_weights!r}: expected 'imagenet' or an existing "
-                            f"weights file (a state dict saved with urbanseg.models.save_encoder_weights)")
+            raise UserError(
+                f"--encoder-weights {encoder_weights!r}: expected 'imagenet' or an existing "
+                f"weights file (a state dict saved with urbanseg.models.save_encoder_weights)"
+            )
     try:
-        built = _build_imagenet(builder, num_classes, kwargs) if encoder_weights == "imagenet" \
+        built = (
+            _build_imagenet(builder, num_classes, kwargs)
+            if encoder_weights == "imagenet"
             else builder(num_classes, False, **kwargs)
+        )
     except TypeError as e:
         raise UserError(f"model {name!r} does not accept the arguments {sorted(kwargs)}: {e}") from e
     except UserError:
@@ -158,7 +167,7 @@ def _offline_message(name: str, error: Exception) -> str:
         f"could not get the ImageNet weights for {name!r} ({type(error).__name__}: {first_line}). "
         f"The libraries download them on first use (into {hf_hub_cache()} or ~/.cache/torch), "
         f"which needs internet access. Offline: on a machine with internet run\n"
-        f"  python -c \"from urbanseg.models import create_model, save_encoder_weights; "
+        f'  python -c "from urbanseg.models import create_model, save_encoder_weights; '
         f"save_encoder_weights(create_model('{name}', 1, encoder_weights='imagenet'), '{name}-imagenet.pth')\"\n"
         f"copy {name}-imagenet.pth here and pass --encoder-weights {name}-imagenet.pth "
         f"(or copy the cache folder), or leave --encoder-weights unset to train from scratch."
@@ -173,8 +182,17 @@ def save_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
 
 # Prefixes under which an encoder's weights appear in common checkpoint files: ours, smp,
 # torchvision (features./backbone.), timm inside smp (model.), DataParallel (module.).
-_PREFIXES = ("", "net.encoder.", "net.backbone.", "net.net.backbone.", "encoder.", "backbone.",
-             "features.", "model.", "module.")
+_PREFIXES = (
+    "",
+    "net.encoder.",
+    "net.backbone.",
+    "net.net.backbone.",
+    "encoder.",
+    "backbone.",
+    "features.",
+    "model.",
+    "module.",
+)
 
 
 def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
@@ -183,8 +201,11 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
     ImageNet classifier) are ignored. Missing or mis-shaped encoder weights -> UserError."""
     from urbanseg.checkpoint import torch_load
 
-    state = torch_load(path, what="encoder weights file",
-                       fix="give a plain state dict (tensors only), e.g. from urbanseg.models.save_encoder_weights")
+    state = torch_load(
+        path,
+        what="encoder weights file",
+        fix="give a plain state dict (tensors only), e.g. from urbanseg.models.save_encoder_weights",
+    )
     for key in ("model_state", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -194,7 +215,7 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
     best: dict[str, Any] = {}
     for strip in _PREFIXES:
         for add in _PREFIXES:
-            cand = {add + k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}
+            cand = {add + k[len(strip) :]: v for k, v in state.items() if k.startswith(strip)}
             if len(cand.keys() & target.keys()) > len(best.keys() & target.keys()):
                 best = cand
     missing = [k for k in target if k not in best and not k.endswith("num_batches_tracked")]
@@ -203,7 +224,8 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
         raise UserError(
             f"encoder weights {path} do not fit {model.model_args['name']}: {len(missing)} missing "
             f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]}); "
-            f"save them from the same model with urbanseg.models.save_encoder_weights")
+            f"save them from the same model with urbanseg.models.save_encoder_weights"
+        )
     model.encoder.load_state_dict({k: best.get(k, v) for k, v in target.items()})
 
 

@@ -11,6 +11,7 @@ perspective. Everything is vectorised over the pixels of one shape at a time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,12 +52,14 @@ def clip_polygon(poly: np.ndarray, width: int, height: int) -> np.ndarray | None
     return pts if len(pts) >= 3 else None
 
 
-def draw_polygons(size: tuple[int, int], polygons: Sequence[np.ndarray], values: Sequence[int], mode: str) -> np.ndarray:
+def draw_polygons(
+    size: tuple[int, int], polygons: Sequence[np.ndarray], values: Sequence[int], mode: str
+) -> np.ndarray:
     """Fill `polygons` in order with `values` on a zero image of `size` (W, H), like
     json2labelImg: mode "L" -> (H, W) uint8, mode "I" -> (H, W) int32."""
     image = Image.new(mode, size, 0)
     draw = ImageDraw.Draw(image)
-    for poly, value in zip(polygons, values):
+    for poly, value in zip(polygons, values, strict=True):
         draw.polygon([tuple(p) for p in poly.tolist()], fill=int(value))
     return np.asarray(image)
 
@@ -118,8 +121,8 @@ def surface(cam: Camera, plane: tuple, xs: np.ndarray, ys: np.ndarray) -> tuple[
     if kind == "box":  # a vehicle: its rear face, or the side face we look at
         Zr, x0, x1, L = plane[1:]
         X = (x - cam.xv) * Zr / cam.f
-        Xs = np.where(X > x1, x1, x0)
-        on_side = (X > x1) | (X < x0)
+        Xs = np.where(x1 < X, x1, x0)
+        on_side = (x1 < X) | (x0 > X)
         dx = x - cam.xv
         dx = np.where(np.abs(dx) < 0.5, 0.5, dx)
         Zs = np.clip(cam.f * Xs / dx, Zr, Zr + L)
@@ -144,8 +147,16 @@ class SurfacePixels:
     lie on a vehicle's side face (else None), `mpp` metres per pixel; `noise` the scene's
     value noise and `params` the shape's texture parameters."""
 
-    def __init__(self, tex_x: np.ndarray, tex_y: np.ndarray, depth: np.ndarray, on_side: np.ndarray | None,
-                 mpp: np.ndarray, noise: Noise, params: dict) -> None:
+    def __init__(
+        self,
+        tex_x: np.ndarray,
+        tex_y: np.ndarray,
+        depth: np.ndarray,
+        on_side: np.ndarray | None,
+        mpp: np.ndarray,
+        noise: Noise,
+        params: dict,
+    ) -> None:
         self.tex_x, self.tex_y, self.depth, self.on_side, self.mpp = tex_x, tex_y, depth, on_side, mpp
         self.noise, self.params = noise, params
 
@@ -187,14 +198,14 @@ def tex_asphalt(px: SurfacePixels) -> np.ndarray:
     dash = (Z % (2 * p["dash"])) < p["dash"]
     mark = np.zeros(X.shape, np.float32)
     lanes = p["lanes"]
-    for a, b in zip(lanes[:-1], lanes[1:]):
+    for a, b in itertools.pairwise(lanes):
         mark = np.maximum(mark, _band(X, (a + b) / 2, 0.06, px.mpp) * dash)
-    for e, inward in zip(p["edges"], (0.3, -0.3)):
+    for e, inward in zip(p["edges"], (0.3, -0.3), strict=True):
         mark = np.maximum(mark, _band(X, e + inward, 0.06, px.mpp))
     if p["crossing"] is not None:
-        zebra = (Z > p["crossing"]) & (Z < p["crossing"] + 3.5) & ((X % 1.0) < 0.5)
+        zebra = (p["crossing"] < Z) & (p["crossing"] + 3.5 > Z) & ((X % 1.0) < 0.5)
         mark = np.maximum(mark, zebra.astype(np.float32))
-    mark *= (px.noise(X, Z, 0.3, 3) > -0.6)  # worn paint
+    mark *= px.noise(X, Z, 0.3, 3) > -0.6  # worn paint
     return _mix(rgb, _scale(p["marks"], 0.9 + 0.1 * px.noise(X, Z, 0.5, 1)), mark)
 
 
@@ -203,7 +214,11 @@ def tex_pavers(px: SurfacePixels) -> np.ndarray:
     gx, gz = px.tex_x / t, px.tex_y / (t * 1.5)
     gx = gx + 0.5 * (np.floor(gz) % 2)  # running bond
     joint = ((gx % 1) < 0.06) | ((gz % 1) < 0.06)
-    s = 1 + 0.12 * px.noise.cell(np.floor(gx), np.floor(gz)) * px.fade(t) + 0.1 * px.noise.fbm(px.tex_x, px.tex_y, 3.0, 2)
+    s = (
+        1
+        + 0.12 * px.noise.cell(np.floor(gx), np.floor(gz)) * px.fade(t)
+        + 0.1 * px.noise.fbm(px.tex_x, px.tex_y, 3.0, 2)
+    )
     s = s * (1 - 0.35 * joint * px.fade(0.03 * t / 0.06))
     return _scale(px.color(), s)
 
@@ -321,7 +336,9 @@ def tex_vehicle(px: SurfacePixels) -> np.ndarray:
 
 def tex_bike(px: SurfacePixels) -> np.ndarray:
     rgb = _scale(px.color(), 1 + 0.1 * px.noise(px.tex_x, px.tex_y, 0.2, 1))
-    rgb[px.tex_y < 0.45] = _scale([0.06, 0.06, 0.06], 1 + 0.2 * px.noise(px.tex_x[px.tex_y < 0.45], px.tex_y[px.tex_y < 0.45], 0.1, 2))
+    rgb[px.tex_y < 0.45] = _scale(
+        [0.06, 0.06, 0.06], 1 + 0.2 * px.noise(px.tex_x[px.tex_y < 0.45], px.tex_y[px.tex_y < 0.45], 0.1, 2)
+    )
     return rgb
 
 
@@ -341,10 +358,23 @@ def tex_ego(px: SurfacePixels) -> np.ndarray:
 
 
 TEXTURES = {
-    "sky": tex_sky, "asphalt": tex_asphalt, "pavers": tex_pavers, "kerb": tex_kerb, "grass": tex_grass,
-    "facade": tex_facade, "wall": tex_wall, "fence": tex_fence, "foliage": tex_foliage, "bark": tex_bark,
-    "paint": tex_paint, "sign": tex_sign, "light": tex_light, "vehicle": tex_vehicle, "bike": tex_bike,
-    "person": tex_person, "ego": tex_ego,
+    "sky": tex_sky,
+    "asphalt": tex_asphalt,
+    "pavers": tex_pavers,
+    "kerb": tex_kerb,
+    "grass": tex_grass,
+    "facade": tex_facade,
+    "wall": tex_wall,
+    "fence": tex_fence,
+    "foliage": tex_foliage,
+    "bark": tex_bark,
+    "paint": tex_paint,
+    "sign": tex_sign,
+    "light": tex_light,
+    "vehicle": tex_vehicle,
+    "bike": tex_bike,
+    "person": tex_person,
+    "ego": tex_ego,
 }
 
 
@@ -361,7 +391,7 @@ def render(scene: Scene, shapes: list[Shape], polygons: list[np.ndarray], rng: n
     ground = np.zeros((H, W), bool)
     noise = Noise(rng)
     haze = np.asarray(shapes[0].params.get("color2", (0.8, 0.8, 0.8)), np.float32)
-    for k, (shape, poly) in enumerate(zip(shapes, polygons), start=1):
+    for k, (shape, poly) in enumerate(zip(shapes, polygons, strict=True), start=1):
         (x0, y0), (x1, y1) = poly.min(0), poly.max(0) + 1
         ys, xs = np.nonzero(owner[y0:y1, x0:x1] == k)
         if len(ys) == 0:

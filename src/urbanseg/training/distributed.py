@@ -38,8 +38,12 @@ class DistInfo:
 def from_env() -> DistInfo:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (defaults: one process)."""
     env = os.environ
-    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                    int(env.get("LOCAL_WORLD_SIZE", 1)))
+    return DistInfo(
+        int(env.get("RANK", 0)),
+        int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("LOCAL_WORLD_SIZE", 1)),
+    )
 
 
 def setup(info: DistInfo, device: torch.device) -> None:

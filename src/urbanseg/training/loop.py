@@ -75,12 +75,14 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     if not t.scaler.is_enabled():  # with fp16 an inf gradient is routine: the scaler skips the step
         bad = bad | ~torch.isfinite(norm)
     # one small all-reduce carries the loss and both flags, so all processes agree
-    flags = torch.stack([loss.detach().float(), bad.float().to(loss.device),
-                         torch.tensor(float(stop_requested), device=loss.device)])
+    flags = torch.stack(
+        [loss.detach().float(), bad.float().to(loss.device), torch.tensor(float(stop_requested), device=loss.device)]
+    )
     flags = dist_.all_reduce_sum(flags).cpu()
     if flags[1] > 0:
-        raise NonFiniteLoss(f"the training loss is {loss.item():.4g} (gradient norm {norm.item():.4g}) "
-                            f"on at least one process")
+        raise NonFiniteLoss(
+            f"the training loss is {loss.item():.4g} (gradient norm {norm.item():.4g}) on at least one process"
+        )
     if t.config.clip_grad:
         nn.utils.clip_grads_with_norm_(t.model.parameters(), t.config.clip_grad, norm)
     t.scaler.step(t.optimizer)
@@ -120,8 +122,15 @@ def augment_settings(config: TrainConfig) -> dict[str, Any] | bool:
         return {"crop": crop}
     if crop is None:
         return False
-    return {"crop": crop, "scale": (1.0, 1.0), "flip": 0.0, "brightness": 0.0, "contrast": 0.0,
-            "saturation": 0.0, "hue": 0.0}
+    return {
+        "crop": crop,
+        "scale": (1.0, 1.0),
+        "flip": 0.0,
+        "brightness": 0.0,
+        "contrast": 0.0,
+        "saturation": 0.0,
+        "hue": 0.0,
+    }
 
 
 def make_loader(t: Trainer, split: str, st: LoopState | None = None) -> DataLoader:
@@ -131,10 +140,20 @@ def make_loader(t: Trainer, split: str, st: LoopState | None = None) -> DataLoad
 
     config, train = t.config, split == "train"
     epoch, start = (st.epoch, st.step_in_epoch * t.local_batch) if train and st is not None else (0, 0)
-    return build_loader(config.data, split, batch_size=t.local_batch, train=train, workers=config.workers,
-                        seed=config.seed, epoch=epoch, start=start, rank=t.info.rank,
-                        world_size=t.info.world_size, augment=augment_settings(config) if train else False,
-                        drop_last=train)
+    return build_loader(
+        config.data,
+        split,
+        batch_size=t.local_batch,
+        train=train,
+        workers=config.workers,
+        seed=config.seed,
+        epoch=epoch,
+        start=start,
+        rank=t.info.rank,
+        world_size=t.info.world_size,
+        augment=augment_settings(config) if train else False,
+        drop_last=train,
+    )
 
 
 def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
@@ -151,9 +170,14 @@ def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
 def run_validation(t: Trainer, st: LoopState, log: RunLog) -> dict[str, Any]:
     """Validate, log, keep best.pt and the early-stopping counter up to date."""
     loss, result = validate(t)
-    st.last_val = {"step": st.step, "val_loss": loss, "miou": result["miou"], "pixel_accuracy":
-                   result["pixel_accuracy"], "mean_accuracy": result["mean_accuracy"],
-                   "iou": result["per_class"]["iou"]}
+    st.last_val = {
+        "step": st.step,
+        "val_loss": loss,
+        "miou": result["miou"],
+        "pixel_accuracy": result["pixel_accuracy"],
+        "mean_accuracy": result["mean_accuracy"],
+        "iou": result["per_class"]["iou"],
+    }
     log.val(st.step, st.epoch, loss, result, t.label_set.classes)
     if (result["miou"] or 0.0) > st.best_miou:
         st.best_miou, st.best_step, st.bad_validations = result["miou"], st.step, 0
@@ -168,12 +192,14 @@ def after_step(t: Trainer, st: LoopState, log: RunLog, end_of_epoch: bool, stopp
     config = t.config
     last = st.step >= t.total_steps
     saving = bool(config.save_every) and st.step % config.save_every == 0
-    validated = (bool(config.val_every) and st.step % config.val_every == 0
-                 or not config.val_every and end_of_epoch or last)
-    if validated or stopping or saving:
-        # a finite loss and gradient can still make a huge update: never save such weights
-        if not all(torch.isfinite(v).all() for v in t.model.state_dict().values() if v.is_floating_point()):
-            raise NonFiniteLoss(f"the weights or batch-norm statistics overflowed to inf/NaN at step {st.step}")
+    validated = (
+        (bool(config.val_every) and st.step % config.val_every == 0) or (not config.val_every and end_of_epoch) or last
+    )
+    # a finite loss and gradient can still make a huge update: never save such weights
+    if (validated or stopping or saving) and not all(
+        torch.isfinite(v).all() for v in t.model.state_dict().values() if v.is_floating_point()
+    ):
+        raise NonFiniteLoss(f"the weights or batch-norm statistics overflowed to inf/NaN at step {st.step}")
     if validated:
         t.last_result = run_validation(t, st, log)
     early = bool(config.patience) and st.bad_validations >= config.patience
@@ -186,8 +212,9 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
     """Train until the step budget, early stopping or a stop request; returns which."""
     from tqdm import tqdm
 
-    bar = tqdm(total=t.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not t.info.is_main)
+    bar = tqdm(
+        total=t.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True, disable=not t.info.is_main
+    )
     window = [0.0, 0, time.perf_counter()]  # loss sum, steps, start time of this logging window
     t.model.train()
     loader = make_loader(t, "train", st)  # persistent workers: one loader, set_epoch per epoch

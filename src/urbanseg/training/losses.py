@@ -157,7 +157,11 @@ class SegmentationLoss(nn.Module):
         logits = logits.float()
         if self.ohem:
             loss = ohem_cross_entropy(
-                logits, target, self.weight, thresh=self.ohem_thresh, min_kept=self.ohem_min_kept,
+                logits,
+                target,
+                self.weight,
+                thresh=self.ohem_thresh,
+                min_kept=self.ohem_min_kept,
                 ignore_index=self.ignore_index,
             )
         else:

@@ -77,8 +77,12 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """{"model", "optimizer", "scheduler", "scaler"}: each part's own state dict."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load what `state_dict` returned (every part must be present)."""
@@ -96,14 +100,22 @@ class Trainer:
             state = self.state_dict()
             train_state = {
                 **{part: state[part] for part in _PARTS if part != "model"},
-                "rng": dist_.gather_to_main(rng_state()), "world_size": self.info.world_size,
+                "rng": dist_.gather_to_main(rng_state()),
+                "world_size": self.info.world_size,
                 **{k: v for k, v in dataclasses.asdict(st).items() if k != "last_val"},
                 "samples_in_epoch": st.step_in_epoch * self.config.batch_size,
             }
         spec = self.train_set.spec
-        return build_payload(self.model, label_set=self.label_set, input_size=[spec.width, spec.height],
-                             config=to_dict(self.config), step=st.step, epoch=st.epoch, metrics=st.last_val or {},
-                             train_state=train_state)
+        return build_payload(
+            self.model,
+            label_set=self.label_set,
+            input_size=[spec.width, spec.height],
+            config=to_dict(self.config),
+            step=st.step,
+            epoch=st.epoch,
+            metrics=st.last_val or {},
+            train_state=train_state,
+        )
 
     def save(self, st: LoopState, name: str, *, with_train_state: bool = True) -> None:
         """Write `checkpoint(st)` to the run folder as `name` (rank 0; collective)."""
@@ -121,16 +133,21 @@ class Trainer:
 
         ckpt = load_checkpoint(path, map_location=self.device)
         if LabelSet.from_dict(ckpt["label_set"]).classes != self.label_set.classes:
-            raise UserError(f"--resume: {path} was trained on classes {ckpt['label_set'].get('classes')}, but "
-                            f"{self.config.data} holds {list(self.label_set.classes)}; resume with the run's own data")
+            raise UserError(
+                f"--resume: {path} was trained on classes {ckpt['label_set'].get('classes')}, but "
+                f"{self.config.data} holds {list(self.label_set.classes)}; resume with the run's own data"
+            )
         ts = ckpt.get("train_state")
         if ts is None:
             raise UserError(f"{path} holds no training state (a best.pt or exported model?); resume needs last.pt")
         self.load_state_dict({"model": ckpt["model_state"], **{p: ts[p] for p in _PARTS if p != "model"}})
         rngs = ts["rng"]
         if len(rngs) != self.info.world_size and self.info.is_main:
-            print(f"note: {path} was written by {len(rngs)} processes, this run has {self.info.world_size}: "
-                  f"training continues, but not bit-identically", file=sys.stderr)
+            print(
+                f"note: {path} was written by {len(rngs)} processes, this run has {self.info.world_size}: "
+                f"training continues, but not bit-identically",
+                file=sys.stderr,
+            )
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
         fields = {f.name for f in dataclasses.fields(LoopState)}
         return LoopState(**{k: v for k, v in ts.items() if k in fields}, last_val=ckpt.get("metrics") or None)
