@@ -147,6 +147,13 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (calling its default factory)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of the dataclass `cls` to `parser`."""
     hints = typing.get_type_hints(cls)
@@ -158,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         names = [f.metadata["short"], flag] if "short" in f.metadata else [flag]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        default = None if required else _default(f)
         help_text = f.metadata.get("help", "")
         if not required and default not in (None, False, [], ""):
             help_text += f" (default: {default})"
@@ -308,7 +315,7 @@ class TrainConfig:
             0 < self.ohem_thresh <= 1 and 0 <= self.ohem_min_kept <= 1,
             "--ohem-thresh must be in (0, 1] and --ohem-min-kept in [0, 1]",
         )
-        for flag, value in (
+        non_negative: tuple[tuple[str, float], ...] = (
             ("--warmup", self.warmup),
             ("--clip-grad", self.clip_grad),
             ("--val-every", self.val_every),
@@ -317,8 +324,9 @@ class TrainConfig:
             ("--workers", self.workers),
             ("--threads", self.threads),
             ("--weight-decay", self.weight_decay),
-        ):
-            check(value >= 0, f"{flag} {value} must be >= 0")
+        )
+        for flag, amount in non_negative:
+            check(amount >= 0, f"{flag} {amount} must be >= 0")
         check(self.log_every >= 1, f"--log-every {self.log_every} must be >= 1")
         check_device(self.device)
         if self.model_args:

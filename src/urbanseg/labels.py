@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -100,6 +101,12 @@ _CATEGORY_COLORS = {
     "human": (220, 20, 60),
     "vehicle": (0, 0, 142),
 }
+
+
+def _rgb(values: Sequence[Any]) -> tuple[int, int, int]:
+    """Three colour components as an (r, g, b) tuple of ints."""
+    r, g, b = (int(v) for v in values)
+    return r, g, b
 
 
 def _uint8_id(label_id: int) -> int:
@@ -238,10 +245,10 @@ class LabelSet:
         return cls(
             name=node["name"].text(),
             classes=classes,
-            palette=tuple(tuple(c.ints(length=3, min=0, max=255)) for c in node["palette"].items(length=n)),
+            palette=tuple(_rgb(c.ints(length=3, min=0, max=255)) for c in node["palette"].items(length=n)),
             id_to_class=None if ids is None else tuple(index(k, _UNKNOWN) for k in ids.items(length=256)),
             color_to_class=tuple(
-                (tuple(pair.items(length=2)[0].ints(length=3, min=0, max=255)), index(pair.items(length=2)[1]))
+                (_rgb(pair.items(length=2)[0].ints(length=3, min=0, max=255)), index(pair.items(length=2)[1]))
                 for pair in node["color_to_class"].items()
             ),
             ignore_index=ignore,
@@ -334,7 +341,7 @@ def load_label_map(path: Path) -> LabelSet:
     return LabelSet(
         name=Path(path).stem,
         classes=tuple(e[1] for e in entries),
-        palette=tuple(tuple(int(v) for v in e[2][0]) for e in entries),
+        palette=tuple(_rgb(e[2][0]) for e in entries),
         id_to_class=None,
         color_to_class=tuple(color_to_class.items()),
     )

@@ -258,7 +258,7 @@ def verify_shards(split_dir: Path | str, *, progress: bool = True) -> dict[str, 
     record_id, nbytes = 0, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {split_dir.name}", disable=not progress) as bar:
         for shard in spec.shards:
-            path, lengths = split_dir / shard.file, []
+            path, lengths = split_dir / shard.file, list[int]()
             for data in iter_records(path):  # CRCs and framing first: they name the bad record
                 got = decode_example(data).get("id", [None])[0]
                 if got != record_id:

@@ -17,7 +17,7 @@ torchvision's `adjust_hue` at 512x256, see benchmarks/bench_loader.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -53,6 +53,11 @@ class Augment:
     fill: tuple[int, int, int] = (0, 0, 0)
     ignore_index: int = 255
 
+    @property
+    def crop_size(self) -> tuple[int, int] | None:
+        """`crop` as (width, height): a "WxH" string is parsed when the settings are made."""
+        return cast("tuple[int, int] | None", self.crop)
+
     def __post_init__(self) -> None:
         if isinstance(self.crop, str):
             object.__setattr__(self, "crop", parse_size(self.crop, "crop"))
@@ -65,7 +70,7 @@ class Augment:
             f"augment scale {self.scale} must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)",
         )
         check(
-            self.crop is None or (len(self.crop) == 2 and min(self.crop) >= 1),
+            self.crop_size is None or (len(self.crop_size) == 2 and min(self.crop_size) >= 1),
             f"augment crop {self.crop} must be (width, height) >= 1 or None",
         )
         check(0 <= self.flip <= 1, f"augment flip {self.flip} is a probability: use 0..1")
@@ -107,7 +112,7 @@ class TrainTransform:
         height, width = label.shape
         s = a.scale[0] + (a.scale[1] - a.scale[0]) * r[8]
         image, label = resize_pair(image, label, (max(1, round(width * s)), max(1, round(height * s))))
-        crop_w, crop_h = a.crop or (width, height)
+        crop_w, crop_h = a.crop_size or (width, height)
         top, left = _place(label.shape[0], crop_h, r[9]), _place(label.shape[1], crop_w, r[10])
         image = window(image, top, left, crop_h, crop_w, a.fill)
         label = window(label, top, left, crop_h, crop_w, a.ignore_index)

@@ -64,14 +64,14 @@ def pair_counts(pred: Any, target: Any, num_classes: int, ignore_index: int = IG
         row = torch.where(t == ignore_index, c + 1, torch.where((t >= 0) & (t < c), t, c))
         col = torch.where((p >= 0) & (p < c), p, c)
         code = row * n1 + col + torch.arange(n, device=device).unsqueeze(1) * size
-        counts = torch.bincount(code.reshape(-1), minlength=n * size)
+        counts: Any = torch.bincount(code.reshape(-1), minlength=n * size)  # a tensor or an array
     else:
-        t = np.asarray(target).reshape(n, -1).astype(np.int64)
-        p = np.asarray(pred).reshape(n, -1).astype(np.int64)
-        row = np.where(t == ignore_index, c + 1, np.where((t >= 0) & (t < c), t, c))
-        col = np.where((p >= 0) & (p < c), p, c)
-        code = row * n1 + col + np.arange(n, dtype=np.int64)[:, None] * size
-        counts = np.bincount(code.reshape(-1), minlength=n * size)
+        tn = np.asarray(target).reshape(n, -1).astype(np.int64)
+        pn = np.asarray(pred).reshape(n, -1).astype(np.int64)
+        rows = np.where(tn == ignore_index, c + 1, np.where((tn >= 0) & (tn < c), tn, c))
+        cols = np.where((pn >= 0) & (pn < c), pn, c)
+        codes = rows * n1 + cols + np.arange(n, dtype=np.int64)[:, None] * size
+        counts = np.bincount(codes.reshape(-1), minlength=n * size)
     return counts.reshape(n, c + 2, n1)[:, :n1]
 
 

@@ -76,7 +76,8 @@ def official_levels(label_set: LabelSet) -> tuple[Level, ...]:
     "classes" when every scored label id comes back as itself through class index and
     `LabelSet.cityscapes_ids` (classes19); "categories" when it comes back as a label of
     its own category (all three built-in sets)."""
-    lut = label_set.cityscapes_ids()
+    lut = label_set.cityscapes_ids()  # UserError for a colour-only set: id_to_class is set below
+    assert label_set.id_to_class is not None
     back = lut[np.asarray(label_set.id_to_class[:NUM_IDS])[_SCORED_IDS]]
     levels: list[Level] = []
     if np.array_equal(back, _SCORED_IDS):

@@ -17,7 +17,7 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,7 +37,15 @@ NA_FOOTNOTE = (
 # --------------------------------------------------------------------------- figures
 
 
-def _figure(width_px: float, height_px: float, dpi: int = 100, layout: str | None = None) -> Any:
+def _rgb01(rgb: Sequence[int]) -> tuple[float, float, float]:
+    """An 8-bit colour as matplotlib's 0..1 floats."""
+    r, g, b = (v / 255 for v in rgb)
+    return r, g, b
+
+
+def _figure(
+    width_px: float, height_px: float, dpi: int = 100, layout: Literal["constrained", "tight"] | None = None
+) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi, layout=layout)
@@ -156,12 +164,12 @@ def gallery_picture(
         ax.set_axis_off()
     fig.suptitle(title, fontsize=1.2 * fs, y=1 - 6 / fig.bbox.height, va="top")
     handles = [
-        Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n)
+        Patch(facecolor=_rgb01(c), edgecolor="black", label=n)
         for n, c in zip(label_set.classes, label_set.palette, strict=True)
     ]
     handles += [
-        Patch(facecolor=np.asarray(ERROR_COLOR) / 255, label="wrong"),
-        Patch(facecolor=np.asarray(IGNORE_COLOR) / 255, label="ignored"),
+        Patch(facecolor=_rgb01(ERROR_COLOR), label="wrong"),
+        Patch(facecolor=_rgb01(IGNORE_COLOR), label="ignored"),
     ]
     fig.legend(
         handles=handles,

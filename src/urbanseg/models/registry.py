@@ -65,6 +65,10 @@ class SegmentationModel(nn.Module):
     colour, as mmsegmentation does), runs `net` and crops the logits back.
     """
 
+    mean: torch.Tensor  # (1, 3, 1, 1) buffers
+    std: torch.Tensor
+    model_args: dict[str, Any]
+
     def __init__(self, name: str, built: Built, num_classes: int, kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.net = built.net

@@ -100,7 +100,9 @@ class Noise:
         return out / 1.75
 
 
-def surface(cam: Camera, plane: tuple, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, ...]:
+def surface(
+    cam: Camera, plane: tuple, xs: np.ndarray, ys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Pixel centres (N,) -> surface coordinates (u, v) in metres, depth Z and, for a
     vehicle, which pixels lie on its side face (else None); all (N,) arrays."""
     x, y = xs + 0.5, ys + 0.5
@@ -312,7 +314,8 @@ def tex_light(px: SurfacePixels) -> np.ndarray:
 def tex_vehicle(px: SurfacePixels) -> np.ndarray:
     p, u, v = px.params, px.tex_x, px.tex_y
     w, h, L = p["w"], p["h"], p["L"]
-    side = px.on_side
+    # the side-face mask is always given for a vehicle ("box" plane)
+    side = px.on_side if px.on_side is not None else np.zeros(u.shape, bool)
     body = _scale(px.color(), 0.75 + 0.3 * np.clip(v / h, 0, 1) + 0.05 * px.noise(u, v, 0.3, 1))
     glass = _scale(px.color("glass"), 1 + 0.3 * px.noise.fbm(u, v, 1.0, 2))
     if p["kind"] == "car":
@@ -423,7 +426,7 @@ def _camera_effects(img: np.ndarray, scene: Scene, ground: np.ndarray, rng: np.r
     xx = ((np.arange(W, dtype=np.float32) - W / 2) / (W / 2)) ** 2
     yy = ((np.arange(H, dtype=np.float32) - H / 2) / (H / 2)) ** 2
     img *= (1 - light["vignette"] / 2 * (yy[:, None] + xx[None, :]))[..., None]
-    img = cv2.GaussianBlur(img, (0, 0), light["blur"])
+    img = np.asarray(cv2.GaussianBlur(img, (0, 0), light["blur"]), np.float32)  # (typed: no copy)
     img += rng.standard_normal((H, W, 1), dtype=np.float32) * light["noise"]  # luminance noise
     img *= 255
     img += 0.5

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 # Appearance palettes, RGB in 0..1 before lighting. They overlap across classes on
 # purpose (grey cars / grey road / grey buildings, green walls / trees, pale blue
@@ -128,7 +129,7 @@ def box_hull(cam: Camera, x0: float, x1: float, z0: float, z1: float, y0: float,
     return cv2.convexHull(pts)[:, 0, :].astype(np.float64)
 
 
-def front_poly(cam: Camera, Z: float, X0: float, Y0: float, outline: np.ndarray) -> np.ndarray:
+def front_poly(cam: Camera, Z: float, X0: float, Y0: float, outline: npt.ArrayLike) -> np.ndarray:
     """A flat outline (K, 2) in metres (u right, v up) standing at depth Z -> image points."""
     outline = np.asarray(outline, np.float64)
     return cam.project(X0 + outline[:, 0], Y0 + outline[:, 1], Z)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from urbanseg.config import TrainConfig, parse_size
+from urbanseg.data.loader import EpochSampler
 from urbanseg.training import distributed as dist_
 from urbanseg.training.runlog import RunLog
 from urbanseg.training.trainer import LoopState, Trainer
@@ -222,7 +223,9 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
     try:
         while st.step < t.total_steps:
             end_of_epoch, steps_before = False, st.step
-            loader.sampler.set_epoch(st.epoch, st.step_in_epoch * t.local_batch)
+            sampler = loader.sampler
+            assert isinstance(sampler, EpochSampler)  # build_loader's
+            sampler.set_epoch(st.epoch, st.step_in_epoch * t.local_batch)
             for batch in _iterate(loader):
                 lr = t.optimizer.param_groups[0]["lr"]
                 try:

@@ -125,6 +125,8 @@ class SegmentationLoss(nn.Module):
     forward(logits (N, C, H, W) float, target (N, H, W) int64, 255 = ignore) -> float32 scalar.
     """
 
+    weight: torch.Tensor | None  # (C,) class weights, a buffer
+
     def __init__(
         self,
         kind: LossKind = "ce",
