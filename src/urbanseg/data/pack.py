@@ -2,7 +2,8 @@
 
 Out: ``<out>/<split>/NNNNN-of-NNNNN.tfrecord`` (+ ``.index``) and ``<out>/<split>/spec.json``
 (format in `urbanseg.data.tfrecord` and docs/formats.md). Each split is built in a hidden
-staging folder and swapped in only when complete.
+staging folder and swapped in only when complete. The out folder and every split folder
+it replaces must be pack's own (`urbanseg.outputs`); one pack at a time per out folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from urbanseg import outputs
 from urbanseg.data.tfrecord import SPEC_FORMAT_VERSION, encode_example, frame_record, index_path
 from urbanseg.errors import UserError
 from urbanseg.util import current_umask
@@ -148,7 +150,8 @@ def _swap_in(stage: Path, final: Path) -> None:
 def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: int, config: dict) -> dict:
     """Pack one prepared split into `out/<split>/`; returns its spec. The split is built in
     `out/.<split>.partial-*` (each shard under a temporary name, spec.json last) and swapped
-    in place of any previous `out/<split>` only when complete."""
+    in place of any previous `out/<split>` only when complete. The caller holds `out`
+    (`outputs.claim`) and has checked that `out/<split>` is pack's (`_check_splits`)."""
     import shutil
     import tempfile
 
@@ -158,8 +161,8 @@ def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: in
 
     info, label_set = manifest["splits"][split], LabelSet.from_dict(manifest["label_set"])
     pairs = _split_pairs(prepared, split, info)
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f".{split}.partial-*"):  # from an interrupted run
+    # Left by an interrupted run (the out folder's lock keeps other runs' out)
+    for leftover in [*out.glob(f".{split}.partial-*"), *out.glob(f".{split}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
     try:
@@ -179,6 +182,7 @@ def pack_split(prepared: Path, manifest: dict, split: str, out: Path, shards: in
         # one key per line, values compact: readable without a 300-line palette
         atomic_write_text(stage / "spec.json", "{\n" + ",\n".join(
             f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in spec.items()) + "\n}\n")
+        outputs.write_marker(stage, "pack")
         _make_readable(stage)
         _swap_in(stage, out / split)
     except BaseException:
@@ -201,8 +205,17 @@ def pack(config: Any) -> None:
     for split in config.splits:
         if split not in todo:
             print(f"pack: skipping split {split!r}: not prepared in {prepared}")
-    for split in todo:
-        spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
-        size = sum(s["bytes"] for s in spec["shards"]) / 1e6
-        print(f"pack: {split}: {spec['data_length']} records in {len(spec['shards'])} shards "
-              f"({size:.1f} MB) -> {out / split}")
+    with outputs.claim(out, "pack", check=lambda: _check_splits(out, todo)):
+        for split in todo:
+            spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
+            size = sum(s["bytes"] for s in spec["shards"]) / 1e6
+            print(f"pack: {split}: {spec['data_length']} records in {len(spec['shards'])} shards "
+                  f"({size:.1f} MB) -> {out / split}")
+
+
+def _check_splits(out: Path, splits: list[str]) -> None:
+    """Only pack's own split folders are replaced: UserError for any other `out/<split>`
+    (reads only)."""
+    outputs.check_owner(out, "pack")
+    for split in splits:
+        outputs.check_owner(out / split, "pack", what="split folder")
