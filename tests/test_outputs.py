@@ -234,6 +234,19 @@ def test_every_command_refuses_a_folder_in_use_until_its_holder_is_killed(name, 
         pass
 
 
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with outputs.claim(tmp_path / "out", "synth"):
+        pass
+    assert f"cannot lock {tmp_path / 'out' / LOCK} (No locks available)" in capsys.readouterr().err
+    assert outputs.read_marker(tmp_path / "out") == "synth"
+
+
 SLOW = """
 import sys, time
 import urbanseg.data.prepare as prepare

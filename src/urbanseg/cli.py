@@ -37,8 +37,8 @@ _WRITE_ERRORS = {
     errno.EDQUOT: "free some space within your disk quota or write to another disk",
     errno.EFBIG: "the file is larger than that file system allows; write to another one",
     errno.EROFS: "that file system is mounted read-only; choose a folder on a writable one",
-    errno.EACCES: "you may not write there; fix its permissions or choose another folder",
-    errno.EPERM: "you may not write there; fix its permissions or choose another folder",
+    errno.EACCES: "you lack the permission; fix the permissions or use another path",
+    errno.EPERM: "you lack the permission; fix the permissions or use another path",
 }
 
 

@@ -25,6 +25,7 @@ errors into exit 2 with the path and the reason in words.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -191,20 +192,30 @@ def _holder(fd: int) -> str:
         return "another urbanseg process"
 
 
-def _lock(folder: Path, command: str) -> int:
-    """An open descriptor of folder/LOCK holding its exclusive lock, with this process's
-    details written in it; UserError naming the holder if another process has it."""
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+# File systems without flock support (some FUSE and network mounts): run unlocked, with a warning.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _flock(fd: int, folder: Path) -> None:
+    """Lock `fd` exclusively; UserError naming the holder if another process has it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise UserError(f"{folder} is in use by {holder}; wait for it to finish or choose another folder") from None
-    except BaseException:
-        os.close(fd)
-        raise
+        raise UserError(f"{folder} is in use by {_holder(fd)}; wait for it to finish or choose another "
+                        "folder") from None
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+        print(f"urbanseg: warning: cannot lock {folder / LOCK} ({os.strerror(e.errno)}): make sure no other "
+              "urbanseg command writes into this folder meanwhile", file=sys.stderr)
+
+
+def _lock(folder: Path, command: str) -> int:
+    """An open descriptor of folder/LOCK holding its lock, with this process's details
+    written in it."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
+        _flock(fd, folder)
         details = {"pid": os.getpid(), "command": command, "argv": sys.argv, "since": _now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(details) + "\n").encode(), 0)

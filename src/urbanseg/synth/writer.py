@@ -137,13 +137,12 @@ def _make_one(job: tuple[Path, int, str, int, int, int]) -> np.ndarray:
 
 
 def _check_output(config: SynthConfig, planned: set[Path]) -> None:
-    """Refuse to mix into a folder holding something else: a non-empty folder must hold
-    a synth run (`outputs.check_owner`) with the same --seed and --size (then it is
-    completed or extended) and no scene files beyond the planned ones. Reads only."""
+    """Refuse to mix into a synth folder (`outputs.claim` checked it is one) holding
+    something else: it must have been made with the same --seed and --size (then it is
+    completed or extended) and hold no scene files beyond the planned ones. Reads only."""
     import yaml
 
     out = Path(config.out)
-    outputs.check_owner(out, "synth")
     saved = out / CONFIG_NAME
     if not saved.is_file():
         return
