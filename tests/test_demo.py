@@ -1,5 +1,5 @@
 from urbanseg.cli import main
-from urbanseg.demo import MARKER
+from urbanseg.outputs import MARKER, read_marker
 
 
 def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
@@ -16,11 +16,12 @@ def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
     assert "| average |" in text and str(run / "eval" / "val" / "report.html") in text
     # A rerun reuses the scenes and trains anew instead of refusing the existing run.
     assert main(["demo", "--quick", "--iters", "2", "--out", str(out), "--workers", "1"]) == 0
-    assert (out / MARKER).is_file()
+    assert read_marker(out) == "demo" and read_marker(run) == "train"
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
-    assert "not made by `urbanseg demo`" in capsys.readouterr().err
+    assert "not written by `urbanseg demo`" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"] and not (tmp_path / MARKER).exists()
     assert (tmp_path / "precious.txt").read_text() == "keep me"

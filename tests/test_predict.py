@@ -11,6 +11,7 @@ from PIL import Image
 
 from urbanseg.cli import main
 from urbanseg.labels import get_label_set
+from urbanseg.outputs import LOCK, MARKER
 
 SIZE = (64, 32)  # training input size (W, H) of the test checkpoints
 
@@ -112,7 +113,8 @@ def test_resize_native_and_tile_modes(tmp_path, ckpt):
         args = ["predict", "--checkpoint", str(ckpt), "-i", str(image), "-o", str(out), "--outputs", "labels"]
         assert main(args + flags) == 0
         results[mode] = np.asarray(Image.open(out / "big_labels.png"))
-        assert results[mode].shape == (70, 150) and sorted(p.name for p in out.iterdir()) == ["big_labels.png"]
+        assert results[mode].shape == (70, 150)
+        assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK, "big_labels.png"]
     assert (results["tile"] == results["native"]).all()  # the window covers the image
     tiled = tmp_path / "tiled"
     assert main(["predict", "--checkpoint", str(ckpt), "-i", str(image), "-o", str(tiled), "--outputs", "labels",
@@ -131,8 +133,11 @@ def test_glob_and_corrupt_file_and_empty_folder(tmp_path, ckpt, capsys):
     code = main(["predict", "--checkpoint", str(ckpt), "-i", str(src / "*.png"), str(tmp_path / "empty"),
                  str(tmp_path / "missing.jpg"), "-o", str(out)])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "3 input(s) failed" in err and "corrupt.png" in err and "empty" in err and "missing.jpg" in err
+    captured = capsys.readouterr()
+    err = captured.err
+    # 6 inputs: the glob's 4 files, the empty folder and the missing file
+    assert "wrote predictions for 3 of 6 inputs" in captured.out
+    assert "3 of 6 inputs failed" in err and "corrupt.png" in err and "empty" in err and "missing.jpg" in err
     assert "Traceback" not in err
     for k in range(3):
         assert np.asarray(Image.open(out / f"ok{k}_labels.png")).shape == (30 + k, 40)
@@ -205,7 +210,7 @@ def test_split_mode_writes_side_by_side_pictures(tmp_path, ckpt):
     from urbanseg.data.loader import ShardDataset
 
     names = [ShardDataset(shards, "val")[i]["name"] for i in range(2)]
-    pictures = sorted((run / "predict" / "val").iterdir())
+    pictures = sorted((run / "predict" / "val").glob("*.png"))
     assert [p.name for p in pictures] == sorted(f"{Path(n).stem}.png" for n in names)
     h, w = ShardDataset(shards, "val").spec.height, ShardDataset(shards, "val").spec.width
     picture = np.asarray(Image.open(pictures[0]))

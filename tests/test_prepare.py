@@ -15,6 +15,7 @@ from PIL import Image
 from urbanseg import labels as L
 from urbanseg.cli import main
 from urbanseg.imaging import resize_labels
+from urbanseg.outputs import LOCK
 
 RAW_SIZE = (64, 32)
 
@@ -41,7 +42,9 @@ def pngs(root: Path) -> dict[str, bytes]:
 
 
 def mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's mtime but the lock's (each run records its PID there)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOCK}
 
 
 def raw_pairs(data: Path):

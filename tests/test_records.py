@@ -16,6 +16,7 @@ from urbanseg.cli import main
 from urbanseg.config import PackConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import get_label_set
+from urbanseg.outputs import LOCK, MARKER
 
 # Prepared fixtures in `urbanseg prepare`'s layout: the image's colour encodes the label
 # (PALETTE[label], black where ignored) so tests can check image/label alignment.
@@ -81,7 +82,7 @@ def test_pack_layout_spec_and_contents(tmp_path):
     assert [s["file"] for s in spec["shards"]] == ["00000-of-00002.tfrecord", "00001-of-00002.tfrecord"]
     assert [s["records"] for s in spec["shards"]] == [2, 3]  # even: sizes differ by at most one
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
-        ["spec.json"] + [s["file"] for s in spec["shards"]] + [s["index"] for s in spec["shards"]])
+        [MARKER, "spec.json"] + [s["file"] for s in spec["shards"]] + [s["index"] for s in spec["shards"]])
     names = []
     for shard in spec["shards"]:
         path = out / "train" / shard["file"]
@@ -240,7 +241,7 @@ def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
     with pytest.raises(UserError, match=rf"{label.name} is not a PNG"):
         pack(PackConfig(prepared=prepared, out=out, shards=1))
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before
-    assert [p.name for p in out.iterdir()] == ["train"]  # no partial folders left
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK, "train"]  # no partial folders left
 
 
 def test_pack_is_deterministic(tmp_path):

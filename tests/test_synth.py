@@ -10,6 +10,7 @@ from urbanseg.cli import main
 from urbanseg.config import SynthConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, ID_TO_LABEL, NAME_TO_LABEL, get_label_set
+from urbanseg.outputs import LOCK, MARKER
 from urbanseg.synth import CITIES, CONFIG_NAME, generate, synthesize
 
 SIZE = "256x128"
@@ -17,7 +18,9 @@ STEM = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})$")
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes but the marker and lock (they record when and by which process)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (MARKER, LOCK)}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ A checkpoint is one `torch.save`d dict that loads with `torch.load(weights_only=
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +47,51 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     a failed write leaves any previous file at `path` intact.
 
     Raises ValueError for a missing contract key and TypeError for a value that
-    `torch.load(weights_only=True)` would refuse (e.g. a numpy array), naming its key."""
+    `torch.load(weights_only=True)` would refuse (e.g. a numpy array), naming its key;
+    OSError naming `path` when the write fails (e.g. ENOSPC for a full disk)."""
     from urbanseg.util import atomic_path
 
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise ValueError(f"checkpoint payload lacks the keys {missing} (see urbanseg.checkpoint)")
     _check_plain(payload, "payload")
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not reach the disk before the data
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data
+    except RuntimeError as e:
+        # torch.save reports a failed write as "[enforce fail at inline_container.cc:...]";
+        # the OSError behind it (a full disk) is its context. Without one, a disk with less
+        # free space than the tensors need is full too.
+        code = _errno_in(e)
+        if code is None and shutil.disk_usage(Path(path).parent).free < _tensor_bytes(payload):
+            code = errno.ENOSPC
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def _errno_in(error: BaseException) -> int | None:
+    """The errno of the first OSError in `error`'s chain of causes and contexts."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError) and link.errno is not None:
+            return link.errno
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _check_plain(value: Any, where: str) -> None:

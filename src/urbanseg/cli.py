@@ -7,7 +7,9 @@ imported only when its command runs, so `urbanseg --help` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from urbanseg import config as cfg
@@ -26,6 +28,30 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "export": (cfg.ExportConfig, "urbanseg.inference.export:export"),
     "demo": (cfg.DemoConfig, "urbanseg.demo:demo"),
 }
+
+
+# OS errors that are the user's to fix (a full disk, a read-only folder, missing rights):
+# exit 2 with the path and the reason in words, never a traceback. What was already on
+# disk is intact: every file is written to a temporary name and renamed.
+_WRITE_ERRORS = {
+    errno.ENOSPC: "free some space on that disk or write to another one",
+    errno.EDQUOT: "free some space within your disk quota or write to another disk",
+    errno.EFBIG: "the file is larger than that file system allows; write to another one",
+    errno.EROFS: "that file system is mounted read-only; choose a folder on a writable one",
+    errno.EACCES: "you lack the permission; fix the permissions or use another path",
+    errno.EPERM: "you lack the permission; fix the permissions or use another path",
+}
+
+
+def describe_os_error(e: OSError) -> str | None:
+    """The message for an OSError a user can fix ("PATH: No space left on device (ENOSPC);
+    free some space ..."), or None for any other (a bug: shown with its traceback)."""
+    code = e.errno
+    if code is None or code not in _WRITE_ERRORS:
+        return None
+    where = e.filename if e.filename is not None else "a write"
+    return (f"{where}: {os.strerror(code)} ({errno.errorcode[code]}); {_WRITE_ERRORS[code]} "
+            "(what was already on disk is intact)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         result = func(config)
     except UserError as e:
         print(f"urbanseg {args.command}: error: {user_message(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        message = describe_os_error(e)
+        if message is None:
+            raise
+        print(f"urbanseg {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"urbanseg {args.command}: interrupted", file=sys.stderr)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from urbanseg import config as cfg
+from urbanseg import outputs
 from urbanseg.errors import UserError
-
-MARKER = ".urbanseg-demo"
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,12 @@ QUICK = Plan(train=24, val=8, scene_size="512x256", size="256x128", crop="256x12
              gallery=2, pictures=4)
 
 
-def _claim(out: Path) -> None:
-    """The demo writes only into a new folder or one it made before."""
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise UserError(f"{out} exists and was not made by `urbanseg demo`; give another --out or remove it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by `urbanseg demo`; safe to delete\n")
-    # A previous demo's run would be continued instead of trained anew: start it again.
-    shutil.rmtree(out / "run", ignore_errors=True)
+def _remove_previous_run(run: Path) -> None:
+    """A previous demo's run would be continued instead of trained anew: delete it (only
+    if it is a training run, `outputs.check_owner`)."""
+    if run.exists():
+        outputs.check_owner(run, "train", what="the demo's run folder")
+        shutil.rmtree(run)
 
 
 def _stage(number: int, title: str, what: str) -> float:
@@ -63,7 +60,14 @@ def _done(start: float) -> None:
 
 
 def demo(config: cfg.DemoConfig) -> int:
-    """Entry point of `urbanseg demo`; returns 0 when every stage succeeded."""
+    """Entry point of `urbanseg demo`; returns 0 when every stage succeeded. The demo
+    writes only into a new folder or one it made before (`outputs.claim`)."""
+    with outputs.claim(config.out, "demo"):
+        _remove_previous_run(Path(config.out) / "run")
+        return _run_stages(config)
+
+
+def _run_stages(config: cfg.DemoConfig) -> int:
     from urbanseg.evaluation.evaluate import evaluate
     from urbanseg.data.prepare import prepare
     from urbanseg.inference.predict import predict
@@ -75,7 +79,6 @@ def demo(config: cfg.DemoConfig) -> int:
     iters = config.iters or plan.iters
     out = Path(config.out)
     data, prepared, shards, run = out / "data", out / "prepared", out / "shards", out / "run"
-    _claim(out)
     begin = time.perf_counter()
 
     t = _stage(1, "synth", f"{plan.train} training and {plan.val} validation street scenes at {plan.scene_size}, "

@@ -3,7 +3,8 @@
 Out: ``<out>/<split>/NNNNN-of-NNNNN.tfrecord`` (+ ``.index``) and ``<out>/<split>/spec.json``
 (records: `urbanseg.data.tfrecord`; spec.json: `urbanseg.data.formats.ShardSpec`; both in
 docs/formats.md). Each split is built in a hidden staging folder and swapped in only when
-complete.
+complete. The out folder and every split folder it replaces must be pack's own
+(`urbanseg.outputs`); one pack at a time per out folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from urbanseg import outputs
 from urbanseg.data.formats import Manifest, ShardEntry, ShardSpec, SplitEntry
 from urbanseg.data.tfrecord import encode_example, frame_record, index_path
 from urbanseg.errors import UserError
@@ -136,14 +138,15 @@ def _swap_in(stage: Path, final: Path) -> None:
 def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards: int, config: dict) -> ShardSpec:
     """Pack one prepared split into `out/<split>/`; returns its spec. The split is built in
     `out/.<split>.partial-*` (each shard under a temporary name, spec.json last) and swapped
-    in place of any previous `out/<split>` only when complete."""
+    in place of any previous `out/<split>` only when complete. The caller holds `out`
+    (`outputs.claim`) and has checked that `out/<split>` is pack's (`_check_splits`)."""
     import shutil
     import tempfile
 
     info, label_set = manifest.splits[split], manifest.label_set
     pairs = _split_pairs(prepared, split, info)
-    out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f".{split}.partial-*"):  # from an interrupted run
+    # left by an interrupted run (no other run is using them: this one holds the out folder's lock)
+    for leftover in [*out.glob(f".{split}.partial-*"), *out.glob(f".{split}.old-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
     try:
@@ -152,6 +155,7 @@ def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards
                          pixel_counts=info.pixel_counts or tuple(_pixel_counts(pairs, label_set.num_classes)),
                          shards=tuple(shard_list), prepared=str(prepared.resolve()), data=manifest.data, pack=config)
         spec.save(stage / ShardSpec.FILE)
+        outputs.write_marker(stage, "pack")
         _make_readable(stage)
         _swap_in(stage, out / split)
     except BaseException:
@@ -174,8 +178,16 @@ def pack(config: Any) -> None:
     for split in config.splits:
         if split not in todo:
             print(f"pack: skipping split {split!r}: not prepared in {prepared}")
-    for split in todo:
-        spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
-        size = sum(s.bytes for s in spec.shards) / 1e6
-        print(f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
-              f"({size:.1f} MB) -> {out / split}")
+    with outputs.claim(out, "pack", check=lambda: _check_splits(out, todo)):
+        for split in todo:
+            spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
+            size = sum(s.bytes for s in spec.shards) / 1e6
+            print(f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
+                  f"({size:.1f} MB) -> {out / split}")
+
+
+def _check_splits(out: Path, splits: list[str]) -> None:
+    """Only pack's own split folders are replaced: UserError for any other `out/<split>`
+    (reads only)."""
+    for split in splits:
+        outputs.check_owner(out / split, "pack", what="split folder")

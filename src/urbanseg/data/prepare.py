@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from urbanseg import util
-from urbanseg.config import PrepareConfig, parse_size, save, to_dict
+from urbanseg import outputs, util
+from urbanseg.config import PrepareConfig, parse_size, to_dict
 from urbanseg.errors import UserError
 from urbanseg.imaging import resize_image, resize_labels, save_png
 from urbanseg.labels import LabelSet, get_label_set
@@ -279,15 +279,13 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None, bool]:
-    """Check, writing nothing, that `out` may take outputs made with `settings`.
-    Returns (its previous manifest if still valid, whether its old outputs must be wiped)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    """Check, writing nothing, that `out` may take outputs made with `settings`: a new
+    or empty folder, or one `urbanseg prepare` wrote (`outputs.check_owner`) with the
+    same settings. Returns (its previous manifest if still valid, whether its old
+    outputs must be wiped)."""
+    outputs.check_owner(out, "prepare")
     state = out / STATE_FILE
     if not state.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"--out {out} is not empty and was not written by `urbanseg prepare` (no {STATE_FILE}); "
-                            "give a new or empty folder")
         return None, False
     try:
         old = json.loads(state.read_text())
@@ -315,10 +313,10 @@ def _wipe(out: Path) -> None:
 
 def _stale_files(out: Path, split: str, pairs: list[Pair]) -> list[Path]:
     """Outputs of `split` that no raw pair produces any more, and temporary files left by
-    a killed run (`util.atomic_path` names them .<name>.<random>.tmp.png)."""
+    a killed run (`util.atomic_path`'s)."""
     keep = {p for pair in pairs for p in (pair.out_image, pair.out_label)}
-    found = [p for kind in ("images", "labels") for p in (out / kind / split).glob("*/*.png")]
-    found += [p for kind in ("images", "labels") for p in (out / kind / split).glob("*/.*.tmp.png")]
+    found = [p for kind in ("images", "labels") for pattern in ("*/*.png", "*/" + util.temporary_glob())
+             for p in (out / kind / split).glob(pattern)]
     return sorted(p for p in found if p not in keep)
 
 
@@ -338,12 +336,6 @@ def _split_entry(pairs: list[Pair], outcomes: list[Outcome], label_set: LabelSet
         "pixel_counts": counts[: label_set.num_classes].tolist(),
         "ignored_pixels": int(counts[label_set.ignore_index]),
     }
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Keep an identical file untouched (its mtime tells when the data last changed)."""
-    if not path.is_file() or path.read_text() != text:
-        util.atomic_write_text(path, text)
 
 
 def _report_errors(errors: list[str], total: int, *, before_writing: bool) -> UserError:
@@ -395,32 +387,32 @@ def prepare(config: PrepareConfig) -> None:
                         "label ids: add --source color to read the *_gtFine_color.png annotations")
     splits = _find_splits(config, data, out)
     settings = _settings(data, size, config.source, label_set)
-    previous, wipe = _claim_out(out, settings, config.overwrite)
+    _claim_out(out, settings, config.overwrite)  # fail fast; checked again under the folder's lock
     every = [pair for pairs in splits.values() for pair in pairs]
     todo = every if config.overwrite else [p for p in every if not _is_up_to_date(p)]
     workers = config.workers or util.default_workers()
     _check_headers(todo, len(every), config.source, workers)
-
-    # Every check passed: from here on files are written. No manifest while they change.
-    if wipe:
-        _wipe(out)
-    stale = [f for split, pairs in splits.items() for f in _stale_files(out, split, pairs)]
-    if todo or stale:
-        (out / MANIFEST).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
-    _save_config(config, out)
-    job = Job(size, config.source, label_set)
-    outcomes = util.progress_map(functools.partial(process_pair, job=job, redo=config.overwrite), every,
-                                 workers=workers, desc="prepare")
-    errors = [o.error for o in outcomes if o.error]
-    written = sum(o.written for o in outcomes)
-    if errors:
-        raise _report_errors(errors, len(every), before_writing=False)
-    _remove(stale)
-    entries = {split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
-               for split, pairs in splits.items()}
-    _write_manifest(out, settings, str(data.resolve()), {**(previous or {}).get("splits", {}), **entries})
+    with outputs.claim(out, "prepare", check=lambda: _claim_out(out, settings, config.overwrite)) as claimed:
+        previous, wipe = claimed
+        # Every check passed: from here on files are written. No manifest while they change.
+        if wipe:
+            _wipe(out)
+        stale = [f for split, pairs in splits.items() for f in _stale_files(out, split, pairs)]
+        if todo or stale:
+            (out / MANIFEST).unlink(missing_ok=True)
+        util.write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
+        _save_config(config, out)
+        job = Job(size, config.source, label_set)
+        outcomes = util.progress_map(functools.partial(process_pair, job=job, redo=config.overwrite), every,
+                                     workers=workers, desc="prepare")
+        errors = [o.error for o in outcomes if o.error]
+        written = sum(o.written for o in outcomes)
+        if errors:
+            raise _report_errors(errors, len(every), before_writing=False)
+        _remove(stale)
+        entries = {split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
+                   for split, pairs in splits.items()}
+        _write_manifest(out, settings, str(data.resolve()), {**(previous or {}).get("splits", {}), **entries})
     counts = ", ".join(f"{s} {len(p)}" for s, p in splits.items())
     print(f"prepared {len(every)} pairs into {out} ({written} written, {len(every) - written} up to date): {counts}")
 
@@ -434,13 +426,11 @@ def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]
     manifest = Manifest.parse({"format_version": MANIFEST_VERSION, "urbanseg_version": __version__,
                                "label_set": settings["label_set"], "size": settings["size"],
                                "source": settings["source"], "data": data, "splits": splits}, out / MANIFEST)
-    _write_if_changed(out / MANIFEST, manifest.to_json())
+    util.write_if_changed(out / MANIFEST, manifest.to_json())
 
 
 def _save_config(config: PrepareConfig, out: Path) -> None:
     """prepare_config.yaml: the resolved command of the latest run (kept if identical)."""
     import yaml
 
-    path = out / "prepare_config.yaml"
-    if not path.is_file() or yaml.safe_load(path.read_text()) != to_dict(config):
-        save(config, path)
+    util.write_if_changed(out / "prepare_config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -43,6 +43,7 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from urbanseg.device import pick_device
     from urbanseg.evaluation.metrics import format_table
     from urbanseg.evaluation.report import write_report
+    from urbanseg.outputs import claim
     from urbanseg.rundir import RunDir
 
     run = RunDir(cfg.run)
@@ -60,19 +61,20 @@ def evaluate(cfg: EvaluateConfig) -> int:
     raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
     print(f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {cfg.split} images from {shards} "
           f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}")
-    start = time.perf_counter()
-    state = run_evaluation(model, dataset, label_set, device=device, batch_size=cfg.batch_size,
-                           workers=cfg.workers, gallery=cfg.gallery, raw=raw)
-    seconds = time.perf_counter() - start
-    result = state.confusion.compute()
-    official = state.official.compute() if state.official is not None else None
     out = run.path / "eval" / cfg.split
-    summary = summarize_checkpoint(ckpt)
-    info = _info(cfg, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
-    title = f"Evaluation of {run.path.name} on {cfg.split}" + (" (full resolution)" if raw else "")
-    paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
-                         header=_header(info, summary), per_image=state.per_image, picks=state.picks(), info=info,
-                         official=official)
+    with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
+        start = time.perf_counter()
+        state = run_evaluation(model, dataset, label_set, device=device, batch_size=cfg.batch_size,
+                               workers=cfg.workers, gallery=cfg.gallery, raw=raw)
+        seconds = time.perf_counter() - start
+        result = state.confusion.compute()
+        official = state.official.compute() if state.official is not None else None
+        summary = summarize_checkpoint(ckpt)
+        info = _info(cfg, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
+        title = f"Evaluation of {run.path.name} on {cfg.split}" + (" (full resolution)" if raw else "")
+        paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
+                             header=_header(info, summary), per_image=state.per_image, picks=state.picks(),
+                             info=info, official=official)
     print(format_table(result, label_set.classes))
     summary = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
     for key in ("mean_class_iou", "mean_category_iou"):

@@ -9,7 +9,8 @@ normalisation, model name and arguments, step and metrics of the checkpoint.
 
 The file is checked before it is moved into place: ``onnx.checker``, then ONNX Runtime
 against PyTorch on a test picture at the input size (and at an odd size when dynamic):
-the argmax must agree on >= 99.9% of the pixels.
+the argmax must agree on >= 99.9% of the pixels. An existing file is replaced only if it
+is an urbanseg export (`is_urbanseg_onnx`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from urbanseg import __version__
 from urbanseg.config import ExportConfig
 from urbanseg.errors import UserError
 from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
+from urbanseg.outputs import check_file
 from urbanseg.rundir import resolve_checkpoint
 from urbanseg.util import atomic_path
 
@@ -36,9 +38,10 @@ def export(cfg: ExportConfig) -> Path:
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 
     source = resolve_checkpoint(cfg.run, cfg.checkpoint)
+    target = Path(cfg.out or source.with_suffix(".onnx"))
+    check_file(target, "export", is_urbanseg_onnx)
     ckpt = load_checkpoint(source)
     model = model_from_checkpoint(ckpt).eval()
-    target = cfg.out or source.with_suffix(".onnx")
     meta = OnnxMetadata.from_checkpoint(ckpt, source, cfg.opset, cfg.dynamic)
     with atomic_path(target) as tmp:
         export_onnx(model, tmp, meta.input_size, opset=cfg.opset, dynamic=cfg.dynamic, metadata=meta.to_dict())
@@ -49,6 +52,17 @@ def export(cfg: ExportConfig) -> Path:
     print(f"argmax agreement with PyTorch: {sizes}")
     print(f"run it: urbanseg predict --model {target} --input IMAGES")
     return target
+
+
+def is_urbanseg_onnx(path: Path) -> bool:
+    """Whether `path` is an ONNX model carrying urbanseg's metadata (one `export` wrote)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever it is, it is not ours
+        return False
+    return any(entry.key == ONNX_META_KEY for entry in proto.metadata_props)
 
 
 def export_onnx(

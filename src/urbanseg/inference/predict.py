@@ -12,11 +12,13 @@ Two modes:
   by side with titles and a legend, named after the source image, from the shards.
 
 A bad input (missing, unreadable, empty folder) does not stop the others: the failures
-are listed at the end and the command exits with status 2.
+are listed at the end and the command exits with status 2. The output folder must be
+new, empty or predict's own (`urbanseg.outputs`): a user's files are never overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
 from urbanseg.inference.predictor import Predictor, load_predictor
 from urbanseg.inference.segment import segment
+from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
 
@@ -60,19 +63,19 @@ def predict(cfg: PredictConfig) -> int:
         return predict_split(cfg, predictor)
     out = cfg.out or (cfg.run / "predict" / "input" if cfg.run else Path("predictions"))
     jobs, failures = collect_inputs(cfg.input, out)
+    total = len(jobs) + len(failures)  # every input counts once: a missing one fails in collect_inputs
     id_lut = predictor.label_set.cityscapes_ids() if cfg.cityscapes_ids else None
-    images = [j for j in jobs if not j.is_video]
-    bad = predict_images(cfg, predictor, images, id_lut)
-    for job in (j for j in jobs if j.is_video):
-        try:
-            predict_video(cfg, predictor, job)
-        except ValueError as e:
-            bad.append((str(job.source), str(e)))
-    print(f"wrote predictions for {len(jobs) - len(bad)} of {len(jobs)} input files to {out}")
-    failures += bad
+    with claim(out, "predict") if jobs else contextlib.nullcontext():
+        failures += predict_images(cfg, predictor, [j for j in jobs if not j.is_video], id_lut)
+        for job in (j for j in jobs if j.is_video):
+            try:
+                predict_video(cfg, predictor, job)
+            except ValueError as e:
+                failures.append((str(job.source), str(e)))
+    print(f"wrote predictions for {total - len(failures)} of {total} inputs to {out}")
     if failures:
         lines = "\n".join(f"  {src}: {why}" for src, why in failures)
-        raise UserError(f"{len(failures)} input(s) failed (the others were written):\n{lines}")
+        raise UserError(f"{len(failures)} of {total} inputs failed (the others were written):\n{lines}")
     return 0
 
 
@@ -231,12 +234,13 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
     out = cfg.out or (cfg.run / "predict" / cfg.split if cfg.run else Path("predictions") / cfg.split)
     n = min(cfg.num, len(dataset))
     title = _model_title(predictor)
-    for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {cfg.split}", unit="batch"):
-        items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
-        images = [item["image"].permute(1, 2, 0).numpy() for item in items]
-        for item, image, lab in zip(items, images, _segment(cfg, predictor, images), strict=False):
-            picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
-            save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
+    with claim(out, "predict"):
+        for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {cfg.split}", unit="batch"):
+            items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
+            images = [item["image"].permute(1, 2, 0).numpy() for item in items]
+            for item, image, lab in zip(items, images, _segment(cfg, predictor, images), strict=False):
+                picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
+                save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
     print(f"wrote {n} pictures (image | prediction) from {root}/{cfg.split} to {out}")
     return 0
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from urbanseg import config as cfg
+from urbanseg import outputs
 from urbanseg.config import SynthConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
 from urbanseg.memory import check_synth as check_synth_memory
-from urbanseg.util import atomic_write_bytes, default_workers, progress_map
+from urbanseg.util import default_workers, progress_map, write_if_changed
 
 SPLITS = ("train", "val", "test")
 # Fake city names: a few per split, so the folder structure looks like Cityscapes'.
@@ -124,13 +125,6 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomic write; an identical existing file is left untouched (mtime kept)."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    atomic_write_bytes(path, data)
-
-
 def _make_one(job: tuple[Path, int, str, int, int, int]) -> np.ndarray:
     """Generate and write scene `index` of `split`; returns its (8,) category pixel counts.
     The photo is written first and the polygons last, each file atomically."""
@@ -138,26 +132,21 @@ def _make_one(job: tuple[Path, int, str, int, int, int]) -> np.ndarray:
     scene = generate(seed, split, index, width, height)
     paths = scene_paths(out, split, index)
     for key in ("image", "labelIds", "color", "instanceIds"):
-        _write(paths[key], _png(scene[key]))
-    _write(paths["polygons"], json.dumps(scene["polygons"], separators=(",", ":")).encode() + b"\n")
+        write_if_changed(paths[key], _png(scene[key]))
+    write_if_changed(paths["polygons"], json.dumps(scene["polygons"], separators=(",", ":")).encode() + b"\n")
     return scene["categories"]
 
 
 def _check_output(config: SynthConfig, planned: set[Path]) -> None:
-    """Refuse to mix into a folder holding something else: a non-empty folder must hold
-    a synth run with the same --seed and --size (then it is completed or extended) and
-    no scene files beyond the planned ones."""
+    """Refuse to mix into a synth folder (`outputs.claim` checked it is one) holding
+    something else: it must have been made with the same --seed and --size (then it is
+    completed or extended) and hold no scene files beyond the planned ones. Reads only."""
     import yaml
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
     saved = out / CONFIG_NAME
     if not saved.is_file():
-        raise UserError(f"--out {out} is not empty and holds no {CONFIG_NAME}: it was not written by "
-                        "`urbanseg synth`; choose a new or empty folder")
+        return
     try:
         old = yaml.safe_load(saved.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -181,11 +170,10 @@ def synthesize(config: SynthConfig) -> None:
     counts = {"train": config.train, "val": config.val, "test": config.test}
     jobs = [(out, config.seed, split, i, width, height) for split in SPLITS for i in range(counts[split])]
     planned = {p for _, _, split, i, _, _ in jobs for p in scene_paths(out, split, i).values()}
-    _check_output(config, planned)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
-    workers = config.workers or default_workers()
-    results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
+    with outputs.claim(out, "synth", check=lambda: _check_output(config, planned)):
+        cfg.save(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
+        workers = config.workers or default_workers()
+        results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
     print(f"wrote {len(jobs)} scenes to {out}")
     for split in SPLITS:
         rows = [r for r, job in zip(results, jobs) if job[2] == split]

@@ -106,7 +106,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def remove_stale_temporaries(run: Path) -> None:
-    """Temporary files of writes a killed process never renamed (util.atomic_path names)."""
-    for name in ("last.pt", "best.pt", "metrics.csv", "curves.png"):
-        for tmp in run.glob(f".{name}.*.tmp*"):
-            tmp.unlink(missing_ok=True)
+    """Temporary files of writes a killed process never renamed (`util.atomic_path`'s)."""
+    from urbanseg.util import temporary_glob
+
+    for tmp in run.glob(temporary_glob()):
+        tmp.unlink(missing_ok=True)

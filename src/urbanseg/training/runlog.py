@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from urbanseg.util import atomic_write_text
+from urbanseg.util import atomic_write_text, name_the_file
 
 COLUMNS = ("step", "epoch", "split", "loss", "lr", "images_per_s", "miou", "pixel_accuracy", "mean_accuracy")
 
@@ -46,14 +46,21 @@ class RunLog:
         w.writeheader()
         w.writerows({k: r.get(k, "") for k in COLUMNS} for r in keep)
         atomic_write_text(self.csv_path, buf.getvalue())
+        if resume_step is None:  # a run started again (it had no checkpoint): drop its old events
+            for old in (run / "tb").glob("events.out.tfevents.*"):
+                old.unlink()
         # the purge event drops what the interrupted process logged after its checkpoint
         self.writer = EventWriter(run / "tb", purge_step=None if resume_step is None else resume_step + 1)
 
     def _row(self, values: dict[str, Any]) -> None:
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(
-                {k: "" if values.get(k) is None else _fmt(values[k]) for k in COLUMNS}
-            )
+        try:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, COLUMNS, lineterminator="\n").writerow(
+                    {k: "" if values.get(k) is None else _fmt(values[k]) for k in COLUMNS}
+                )
+        except OSError as e:  # a full disk: say which file
+            name_the_file(e, self.csv_path)
+            raise
 
     def train(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
+from urbanseg import outputs
 from urbanseg.config import TrainConfig, parse_size
 from urbanseg.config import save as save_config
 from urbanseg.device import pick_device
@@ -43,13 +44,22 @@ EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: last.pt saved, `--resume` continues
 # --------------------------------------------------------------------------- setup
 
 
+def check_run_folder(config: TrainConfig) -> None:
+    """--run must be new, empty or a training run (`outputs.check_owner`); one with a
+    checkpoint only continues with --resume. A run without any checkpoint (stopped before
+    its first save) starts again. Reads only."""
+    outputs.check_owner(config.run, "train", what="--run")
+    saved = [name for name in ("last.pt", "best.pt") if (config.run / name).exists()]
+    if saved and not config.resume:
+        raise UserError(f"{config.run} already holds a training run; continue it with --resume, or choose a new "
+                        f"--run (it has {' and '.join(saved)})")
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other flags (model, lr, epochs), or take the run's
     saved config on --resume."""
     if config.resume:
         return merge_for_resume(config)
-    if (config.run / "config.yaml").exists() or (config.run / "last.pt").exists():
-        raise UserError(f"{config.run} already holds a training run; continue it with --resume, or choose a new --run")
     model, model_args = config.model, config.model_args
     if config.init is not None:
         from urbanseg.checkpoint import load_checkpoint
@@ -261,7 +271,12 @@ def train(config: TrainConfig) -> int:
     device = pick_device(config.device, local_rank=info.local_rank if info.enabled else None)
     dist_.setup(info, device)
     try:
-        return _train(resolve_config(config), info, device)
+        config = resolve_config(config)
+        # Only rank 0 writes, so only it checks and locks the run folder; if it refuses,
+        # it exits 2 and torchrun stops the other processes.
+        with outputs.claim(config.run, "train", what="--run", check=lambda: check_run_folder(config),
+                           enabled=info.is_main):
+            return _train(config, info, device)
     finally:
         dist_.cleanup()
 
@@ -269,7 +284,7 @@ def train(config: TrainConfig) -> int:
 def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> int:
     t = setup(config, info, device)
     last = config.run / "last.pt"
-    if info.is_main and config.resume:
+    if info.is_main:
         remove_stale_temporaries(config.run)
     st = t.restore(last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
