@@ -139,6 +139,22 @@ def test_pack_replaces_only_split_folders_it_wrote(world, tmp_path, capsys):
     assert len(list((out / "val").glob("*.tfrecord"))) == 2
 
 
+def test_a_failed_start_leaves_no_trace_of_the_folders_it_created(tmp_path):
+    """A claim that fails before anything is written removes the folders it created (and
+    only those); a folder that existed, or one something was written into, stays."""
+    with pytest.raises(UserError), outputs.claim(tmp_path / "runs" / "new" / "eval", "evaluate"):
+        raise UserError("bad input found after the claim")
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyboardInterrupt), outputs.claim(tmp_path / "old", "train"):
+        raise KeyboardInterrupt
+    assert (tmp_path / "old").is_dir()
+    with pytest.raises(UserError), outputs.claim(tmp_path / "written", "train"):
+        (tmp_path / "written" / "metrics.csv").write_text("step\n")
+        raise UserError("failed after writing")
+    assert (tmp_path / "written" / "metrics.csv").is_file() and outputs.read_marker(tmp_path / "written") == "train"
+
+
 @pytest.mark.parametrize("command", sorted(outputs.LEGACY_PROOFS))
 def test_ownership_rule(command, world, tmp_path):
     """New, empty (but for the lock), marked and legacy folders may be written; a marker of

@@ -16,6 +16,9 @@ demo) goes through `claim`, so the rules are the same everywhere:
   keeps it; worker pools end with their parent (`urbanseg.util.exit_with_parent`).
 - **Writable, checked first.** A small file is written and removed before the command's
   long work, so a read-only folder or a full disk shows at once, not after an hour.
+- **No trace of a failed start.** When the command fails before writing anything into a
+  folder its claim created, the claim removes that folder again (its marker and lock are
+  all it holds), so fixing the input and rerunning meets a clean slate.
 
 A command that writes one file (`export`) uses `check_file`. An OSError raised inside
 `claim` that names no file is made to name the folder; `urbanseg.cli` turns write
@@ -36,7 +39,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
+from urbanseg import __version__
 from urbanseg.errors import UserError
+from urbanseg.util import atomic_write_text, name_the_file
 
 MARKER = ".urbanseg.json"
 LOCK = ".urbanseg.lock"
@@ -132,9 +137,6 @@ def read_marker(folder: Path) -> str | None:
 
 def write_marker(folder: Path, command: str) -> None:
     """Mark `folder` as written by `urbanseg <command>` (kept as it is if already so)."""
-    from urbanseg import __version__
-    from urbanseg.util import atomic_write_text
-
     if read_marker(folder) != command:
         doc = {"command": command, "urbanseg_version": __version__, "created": _now()}
         atomic_write_text(Path(folder) / MARKER, json.dumps(doc) + "\n")
@@ -226,6 +228,32 @@ def _lock(folder: Path, command: str) -> int:
     return fd
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The topmost folder on `folder`'s path that does not exist yet (None if it exists)."""
+    if folder.exists():
+        return None
+    top = folder
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _remove_if_untouched(folder: Path, top: Path | None) -> None:
+    """After a failure: remove `folder` and its new parents up to `top` (the ones this
+    claim created) if nothing but the marker and the lock was written into them."""
+    if top is None or _contents(folder) not in ([], [MARKER]):
+        return
+    for name in (MARKER, LOCK):
+        (folder / name).unlink(missing_ok=True)
+    path = folder
+    with contextlib.suppress(OSError):  # a folder something else wrote into stays
+        while True:
+            path.rmdir()
+            if path == top:
+                break
+            path = path.parent
+
+
 def _probe(folder: Path) -> None:
     """Write and remove a small file: a read-only folder or a full disk shows now."""
     fd, path = tempfile.mkstemp(prefix=".urbanseg-probe.", dir=folder)
@@ -254,7 +282,7 @@ def claim(folder: Path | str, command: str, *, what: str = "--out", check: Calla
     check_owner(folder, command, what)
     if check:
         check()
-    fd = -1
+    fd, created = -1, _first_missing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = _lock(folder, command)
@@ -263,10 +291,11 @@ def claim(folder: Path | str, command: str, *, what: str = "--out", check: Calla
         write_marker(folder, command)
         _probe(folder)
         yield result
-    except OSError as e:
-        from urbanseg.util import name_the_file
-
-        name_the_file(e, folder)
+    except BaseException as e:
+        if fd >= 0:
+            _remove_if_untouched(folder, created)
+        if isinstance(e, OSError):
+            name_the_file(e, folder)
         raise
     finally:
         if fd >= 0:
