@@ -9,8 +9,13 @@ def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
     for stage in ("synth", "prepare", "pack", "train", "evaluate", "predict"):
         assert f"] {stage}:" in text
     run = out / "run"
-    for path in (run / "best.pt", run / "curves.png", run / "eval" / "val" / "report.html",
-                 run / "eval" / "val" / "report.md", out / "shards" / "val" / "spec.json"):
+    for path in (
+        run / "best.pt",
+        run / "curves.png",
+        run / "eval" / "val" / "report.html",
+        run / "eval" / "val" / "report.md",
+        out / "shards" / "val" / "spec.json",
+    ):
         assert path.is_file(), path
     assert len(list((run / "predict" / "val").glob("*.png"))) == 4
     assert "| average |" in text and str(run / "eval" / "val" / "report.html") in text

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
 
+from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
 from urbanseg import outputs, util
 from urbanseg.cli import describe_os_error, main
 from urbanseg.errors import UserError
@@ -49,8 +49,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
     assert main(train_args(shards, run, "--iters", "1", deterministic=False)) == 0
     image = root / "photo.png"
     Image.fromarray((torch.rand(24, 40, 3) * 255).to(torch.uint8).numpy()).save(image)
-    return {"raw": root / "raw", "prepared": root / "prepared-categories8", "shards": shards, "run": run,
-            "ckpt": run / "best.pt", "image": image}
+    return {
+        "raw": root / "raw",
+        "prepared": root / "prepared-categories8",
+        "shards": shards,
+        "run": run,
+        "ckpt": run / "best.pt",
+        "image": image,
+    }
 
 
 def invocation(name: str, world: dict[str, Path], base: Path) -> tuple[list[str], Path]:
@@ -61,14 +67,38 @@ def invocation(name: str, world: dict[str, Path], base: Path) -> tuple[list[str]
         shutil.copytree(world["run"], run)
         return ["evaluate", "--run", str(run)], run / "eval" / "val"
     args = {
-        "synth": ["synth", "--out", out, "--train", "1", "--val", "0", "--test", "0", "--size", "64x32",
-                  "--workers", "1"],
+        "synth": [
+            "synth",
+            "--out",
+            out,
+            "--train",
+            "1",
+            "--val",
+            "0",
+            "--test",
+            "0",
+            "--size",
+            "64x32",
+            "--workers",
+            "1",
+        ],
         "prepare": ["prepare", "--data", world["raw"], "--out", out, "--size", "32x16", "--workers", "1"],
         "pack": ["pack", "--prepared", world["prepared"], "--out", out, "--shards", "1"],
         "train": train_args(world["shards"], out, "--iters", "1", deterministic=False),
         "predict": ["predict", "--checkpoint", world["ckpt"], "--input", world["image"], "--out", out],
-        "predict-split": ["predict", "--checkpoint", world["ckpt"], "--data", world["shards"], "--split", "val",
-                          "--num", "1", "--out", out],
+        "predict-split": [
+            "predict",
+            "--checkpoint",
+            world["ckpt"],
+            "--data",
+            world["shards"],
+            "--split",
+            "val",
+            "--num",
+            "1",
+            "--out",
+            out,
+        ],
         "export": ["export", "--checkpoint", world["ckpt"], "--out", out / "model.onnx"],
         "demo": ["demo", "--quick", "--out", out],
     }[name]
@@ -80,8 +110,12 @@ def snapshot(root: Path) -> dict[str, tuple]:
     entries = {".": (True, None, root.stat().st_mode, root.stat().st_mtime_ns)}
     for p in sorted(root.rglob("*")):
         st = p.stat()
-        entries[str(p.relative_to(root))] = (p.is_dir(), None if p.is_dir() else p.read_bytes(), st.st_mode,
-                                             st.st_mtime_ns)
+        entries[str(p.relative_to(root))] = (
+            p.is_dir(),
+            None if p.is_dir() else p.read_bytes(),
+            st.st_mode,
+            st.st_mtime_ns,
+        )
     return entries
 
 
@@ -134,8 +168,9 @@ def test_pack_replaces_only_split_folders_it_wrote(world, tmp_path, capsys):
     assert main(["pack", "--prepared", str(world["prepared"]), "--out", str(out)]) == 2
     assert f"split folder {out / 'train'} is not empty and was not written by `urbanseg pack`" in _err(capsys)
     assert snapshot(out) == before
-    assert main(["pack", "--prepared", str(world["prepared"]), "--out", str(out), "--splits", "val",
-                 "--shards", "2"]) == 0
+    assert (
+        main(["pack", "--prepared", str(world["prepared"]), "--out", str(out), "--splits", "val", "--shards", "2"]) == 0
+    )
     assert len(list((out / "val").glob("*.tfrecord"))) == 2
 
 
@@ -171,8 +206,15 @@ def test_ownership_rule(command, world, tmp_path):
     other = "synth" if command != "synth" else "prepare"
     with pytest.raises(UserError, match=rf"holds the output of `urbanseg {command}`"):
         outputs.check_owner(marked, other)
-    legacy = {"synth": world["raw"], "prepare": world["prepared"], "pack": world["shards"],
-              "train": world["run"], "evaluate": None, "predict": None, "demo": None}[command]
+    legacy = {
+        "synth": world["raw"],
+        "prepare": world["prepared"],
+        "pack": world["shards"],
+        "train": world["run"],
+        "evaluate": None,
+        "predict": None,
+        "demo": None,
+    }[command]
     if legacy is not None:  # made by this release: the marker is removed to show an older folder
         copy = shutil.copytree(legacy, tmp_path / "legacy", ignore=shutil.ignore_patterns(MARKER, LOCK))
         outputs.check_owner(copy, command)
@@ -188,8 +230,9 @@ def test_legacy_evaluation_predict_and_demo_folders_are_recognised(world, tmp_pa
     run = shutil.copytree(world["run"], tmp_path / "run", ignore=shutil.ignore_patterns(MARKER, LOCK))
     evaluation = run / "eval" / "val"
     evaluation.mkdir(parents=True)
-    (evaluation / "metrics.json").write_text(json.dumps({"format_version": 1, "protocol": "prepared",
-                                                         "confusion_matrix": []}))
+    (evaluation / "metrics.json").write_text(
+        json.dumps({"format_version": 1, "protocol": "prepared", "confusion_matrix": []})
+    )
     outputs.check_owner(evaluation, "evaluate")
     pictures = run / "predict" / "val"
     pictures.mkdir(parents=True)
@@ -224,8 +267,9 @@ with claim(sys.argv[1], sys.argv[2]):
 @contextlib.contextmanager
 def holder(folder: Path, command: str):
     """Another process holding `folder` for `urbanseg <command>`; SIGKILLed at the end."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), command], stdout=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder), command], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         yield proc
@@ -289,13 +333,27 @@ sys.exit(main(sys.argv[1:]))
 
 def test_second_synth_exits_2_naming_the_first_and_runs_once_it_was_killed(tmp_path):
     out = tmp_path / "scenes"
-    args = ["synth", "--out", str(out), "--train", "12", "--val", "0", "--test", "0", "--size", "64x32",
-            "--workers", "1"]
-    first = subprocess.Popen([sys.executable, "-c", SLOW, *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=subprocess_env())
+    args = [
+        "synth",
+        "--out",
+        str(out),
+        "--train",
+        "12",
+        "--val",
+        "0",
+        "--test",
+        "0",
+        "--size",
+        "64x32",
+        "--workers",
+        "1",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env()
+    )
     try:
         deadline = time.monotonic() + 60
-        while not _lock_pid(out) == first.pid:
+        while _lock_pid(out) != first.pid:
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.1)
         second = run_cli(args)
@@ -338,12 +396,37 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc to find the worker processes")
 @pytest.mark.parametrize("command", ["synth", "prepare"])
 def test_workers_exit_when_the_parent_is_killed(command, world, tmp_path):
-    args = {"synth": ["synth", "--out", str(tmp_path / "o"), "--train", "20", "--val", "0", "--test", "0",
-                      "--size", "64x32", "--workers", "2"],
-            "prepare": ["prepare", "--data", str(world["raw"]), "--out", str(tmp_path / "o"), "--size", "16x8",
-                        "--workers", "2"]}[command]
-    parent = subprocess.Popen([sys.executable, "-c", SLOW, *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=subprocess_env())
+    args = {
+        "synth": [
+            "synth",
+            "--out",
+            str(tmp_path / "o"),
+            "--train",
+            "20",
+            "--val",
+            "0",
+            "--test",
+            "0",
+            "--size",
+            "64x32",
+            "--workers",
+            "2",
+        ],
+        "prepare": [
+            "prepare",
+            "--data",
+            str(world["raw"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--size",
+            "16x8",
+            "--workers",
+            "2",
+        ],
+    }[command]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SLOW, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env()
+    )
     try:
         deadline = time.monotonic() + 60
         while len(workers := _children(parent.pid)) < 2:
@@ -411,7 +494,7 @@ def fill(disk: Path) -> None:
 def test_every_command_reports_a_read_only_folder(name, world, tmp_path, capsys):
     base = tmp_path / "ro"
     base.mkdir()
-    args, target = invocation(name, world, base)
+    args, _target = invocation(name, world, base)
     with read_only(base):
         before = snapshot(base)
         assert main(args) == 2
@@ -447,10 +530,12 @@ from urbanseg.cli import main
 sys.exit(main(sys.argv[1:]))
 """
     with small_disk(tmp_path / "disk", "32m"):
-        args = train_args(world["shards"], run, "--iters", "3", "--save-every", "1", "--val-every", "3",
-                          deterministic=False)
-        result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                                env=subprocess_env(), timeout=300)
+        args = train_args(
+            world["shards"], run, "--iters", "3", "--save-every", "1", "--val-every", "3", deterministic=False
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, env=subprocess_env(), timeout=300
+        )
         assert result.returncode == 2, result.stderr
         assert f"{run / 'last.pt'}: No space left on device (ENOSPC)" in result.stderr
         assert "Traceback" not in result.stderr and "inline_container" not in result.stderr
@@ -461,8 +546,21 @@ sys.exit(main(sys.argv[1:]))
 def test_full_disk_in_worker_processes_keeps_every_file_complete(tmp_path, capsys):
     out = tmp_path / "disk" / "scenes"
     with small_disk(tmp_path / "disk", "512k"):
-        args = ["synth", "--out", str(out), "--train", "40", "--val", "0", "--test", "0", "--size", "256x128",
-                "--workers", "2"]
+        args = [
+            "synth",
+            "--out",
+            str(out),
+            "--train",
+            "40",
+            "--val",
+            "0",
+            "--test",
+            "0",
+            "--size",
+            "256x128",
+            "--workers",
+            "2",
+        ]
         assert main(args) == 2
         err = _err(capsys)
         assert "No space left on device (ENOSPC)" in err and str(out) in err
@@ -501,7 +599,6 @@ def test_torch_save_on_a_full_disk_becomes_enospc_naming_the_checkpoint(tmp_path
     """torch.save reports a failed write as a RuntimeError ("enforce fail at
     inline_container.cc"); the OSError behind it is its context."""
     from test_predict import make_checkpoint
-
     from urbanseg import checkpoint
 
     path = make_checkpoint(tmp_path / "last.pt")

@@ -28,8 +28,9 @@ def make_checkpoint(path: Path, name: str = "unet-original", labels: str = "cate
     if name == "unet-original":
         kwargs.setdefault("base_channels", 4)
     model = diversify_head(create_model(name, label_set.num_classes, **kwargs).eval())
-    payload = build_payload(model, label_set=label_set, input_size=SIZE, config={}, step=7, epoch=1,
-                            metrics={"miou": 0.5})
+    payload = build_payload(
+        model, label_set=label_set, input_size=SIZE, config={}, step=7, epoch=1, metrics={"miou": 0.5}
+    )
     save_checkpoint(path, payload)
     return path
 
@@ -74,8 +75,23 @@ def test_folder_of_any_format_outputs_at_input_resolution(tmp_path, ckpt):
     sizes = write_inputs(tmp_path / "in")
     (tmp_path / "in" / "deep.tif").unlink()  # same stem as deep.png: tested separately below
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in"), "--out", str(out),
-                 "--cityscapes-ids", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(tmp_path / "in"),
+                "--out",
+                str(out),
+                "--cityscapes-ids",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     label_set = get_label_set("categories8")
     for stem, (h, w) in sizes.items():
         labels = np.asarray(Image.open(out / f"{stem}_labels.png"))
@@ -95,8 +111,23 @@ def test_cityscapes_ids_match_the_official_table(tmp_path):
     ckpt = make_checkpoint(tmp_path / "c19.pt", labels="classes19")
     Image.fromarray(scene(60, 90)).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(ckpt), "-i", str(tmp_path / "a.png"), "-o", str(out),
-                 "--outputs", "labels", "--cityscapes-ids"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "-i",
+                str(tmp_path / "a.png"),
+                "-o",
+                str(out),
+                "--outputs",
+                "labels",
+                "--cityscapes-ids",
+            ]
+        )
+        == 0
+    )
     train_ids = np.asarray(Image.open(out / "a_labels.png"))
     ids = np.asarray(Image.open(out / "a_labelIds.png"))
     official = np.array([labels_mod.trainId2label[t].id for t in range(19)])
@@ -117,8 +148,27 @@ def test_resize_native_and_tile_modes(tmp_path, ckpt):
         assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK, "big_labels.png"]
     assert (results["tile"] == results["native"]).all()  # the window covers the image
     tiled = tmp_path / "tiled"
-    assert main(["predict", "--checkpoint", str(ckpt), "-i", str(image), "-o", str(tiled), "--outputs", "labels",
-                 "--tile", "--tile-size", "64x32", "--tile-overlap", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "-i",
+                str(image),
+                "-o",
+                str(tiled),
+                "--outputs",
+                "labels",
+                "--tile",
+                "--tile-size",
+                "64x32",
+                "--tile-overlap",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert np.asarray(Image.open(tiled / "big_labels.png")).shape == (70, 150)
 
 
@@ -130,8 +180,19 @@ def test_glob_and_corrupt_file_and_empty_folder(tmp_path, ckpt, capsys):
     (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    code = main(["predict", "--checkpoint", str(ckpt), "-i", str(src / "*.png"), str(tmp_path / "empty"),
-                 str(tmp_path / "missing.jpg"), "-o", str(out)])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "-i",
+            str(src / "*.png"),
+            str(tmp_path / "empty"),
+            str(tmp_path / "missing.jpg"),
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 2
     captured = capsys.readouterr()
     err = captured.err
@@ -150,8 +211,10 @@ def test_video_in_video_out(tmp_path, ckpt):
     for k in range(5):
         writer.write(scene(32, 48, k))
     writer.release()
-    assert main(["predict", "--checkpoint", str(ckpt), "-i", str(video), "-o", str(tmp_path / "out"),
-                 "--batch-size", "2"]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(ckpt), "-i", str(video), "-o", str(tmp_path / "out"), "--batch-size", "2"])
+        == 0
+    )
     cap = cv2.VideoCapture(str(tmp_path / "out" / "clip_overlay.mp4"))
     frames = []
     while (frame := cap.read())[0]:

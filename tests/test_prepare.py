@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from cityscapes_fixture import render, write_raw_cityscapes
 from PIL import Image
 
+from cityscapes_fixture import render, write_raw_cityscapes
 from urbanseg import labels as L
 from urbanseg.cli import main
 from urbanseg.imaging import resize_labels
@@ -43,8 +43,11 @@ def pngs(root: Path) -> dict[str, bytes]:
 
 def mtimes(root: Path) -> dict[str, int]:
     """Every file's mtime but the lock's (each run records its PID there)."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != LOCK}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != LOCK
+    }
 
 
 def raw_pairs(data: Path):
@@ -98,8 +101,10 @@ def test_layout_dtypes_and_manifest(raw, tmp_path):
     for split, entry in manifest["splits"].items():
         assert entry["stems"] == [Path(f).name for f in entry["files"]]
         assert sum(entry["pixel_counts"]) + entry["ignored_pixels"] == 32 * 16 * entry["count"]
-        counts = sum(np.bincount(np.asarray(Image.open(out / "labels" / split / f"{f}.png")).ravel(), minlength=256)
-                     for f in entry["files"])
+        counts = sum(
+            np.bincount(np.asarray(Image.open(out / "labels" / split / f"{f}.png")).ravel(), minlength=256)
+            for f in entry["files"]
+        )
         assert entry["pixel_counts"] == counts[:8].tolist()
     config = yaml.safe_load((out / "prepare_config.yaml").read_text())
     assert config["size"] == "32x16" and config["labels"] == "categories8" and config["data"] == str(raw)
@@ -207,8 +212,20 @@ def test_test_split_of_void_is_prepared(raw_master, tmp_path):
 
 def test_workers_and_console_script_give_identical_bytes(raw_master, tmp_path):
     assert prepare(raw_master, tmp_path / "one", "--size", "32x16") == 0
-    cmd = [sys.executable, "-m", "urbanseg", "prepare", "--data", str(raw_master), "--out", str(tmp_path / "two"),
-           "--size", "32x16", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "urbanseg",
+        "prepare",
+        "--data",
+        str(raw_master),
+        "--out",
+        str(tmp_path / "two"),
+        "--size",
+        "32x16",
+        "--workers",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "prepared 8 pairs" in done.stdout
@@ -234,9 +251,13 @@ def test_rerun_skips_up_to_date_and_redoes_changed(raw, tmp_path, capsys):
     assert prepare(raw, out, "--size", "32x16") == 0
     after = mtimes(out)
     changed = {k for k in before if after.get(k) != before[k]}
-    assert changed == {f"images/{split}/{city}/{stem}.png", f"labels/{split}/{city}/{stem}.png",
-                       "images/val/aachen/aachen_000000_000019.png", "labels/val/aachen/aachen_000000_000019.png",
-                       "manifest.json"}  # removed while outputs change, written again at the end
+    assert changed == {
+        f"images/{split}/{city}/{stem}.png",
+        f"labels/{split}/{city}/{stem}.png",
+        "images/val/aachen/aachen_000000_000019.png",
+        "labels/val/aachen/aachen_000000_000019.png",
+        "manifest.json",
+    }  # removed while outputs change, written again at the end
     Image.open(out / "labels/val/aachen/aachen_000000_000019.png").load()
 
     image.unlink()  # a pair removed from the raw data disappears from the outputs
@@ -274,7 +295,7 @@ def test_other_data_folder_and_replaced_files_are_noticed(raw, tmp_path, capsys)
     before = output.read_bytes()
     old = image.stat().st_mtime_ns - 10**12
     Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # new content, as from an archive:
-    os.utime(image, ns=(old, old))                                      # with an old modification time
+    os.utime(image, ns=(old, old))  # with an old modification time
     assert prepare(raw, out, "--size", "32x16") == 0
     assert output.read_bytes() != before
     assert "(1 written, 7 up to date)" in capsys.readouterr().out
@@ -452,8 +473,24 @@ def test_overwrite_with_bad_input_deletes_nothing(raw, tmp_path, capsys):
 def test_synth_then_prepare_end_to_end(tmp_path):
     """`urbanseg synth` output goes through prepare (both sources agree, labels equal the
     official table applied to PIL's nearest resize of synth's labelIds) and then pack."""
-    assert main(["synth", "--out", str(tmp_path / "raw"), "--train", "2", "--val", "1", "--size", "128x64",
-                 "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / "raw"),
+                "--train",
+                "2",
+                "--val",
+                "1",
+                "--size",
+                "128x64",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     for source in ("labelIds", "color"):
         assert prepare(tmp_path / "raw", tmp_path / source, "--size", "64x32", "--source", source) == 0
     labels = [{k: v for k, v in pngs(tmp_path / s).items() if k.startswith("labels")} for s in ("labelIds", "color")]
@@ -492,8 +529,13 @@ for _ in range(6):
     assert main(["prepare", "--data", str(root / "raw"), "--out", str(root / "out"), "--workers", "2",
                  "--overwrite", "--splits", "train"]) == 0
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:

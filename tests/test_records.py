@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
+from urbanseg.cli import main
+from urbanseg.config import PackConfig
 from urbanseg.data import tfrecord as records
 from urbanseg.data.formats import ShardSpec
 from urbanseg.data.pack import pack
-from urbanseg.cli import main
-from urbanseg.config import PackConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import get_label_set
 from urbanseg.outputs import LOCK, MARKER
@@ -40,8 +40,13 @@ def make_prepared(root: Path, splits: dict[str, int], size: tuple[int, int] = (3
     """A tiny prepared folder: cities "aachen"/"bonn", stems in Cityscapes style."""
     rng = np.random.default_rng(seed)
     width, height = size
-    manifest = {"format_version": 1, "label_set": get_label_set("categories8").to_dict(), "size": [width, height],
-                "data": str(root / "raw"), "splits": {}}
+    manifest = {
+        "format_version": 1,
+        "label_set": get_label_set("categories8").to_dict(),
+        "size": [width, height],
+        "data": str(root / "raw"),
+        "splits": {},
+    }
     for split, count in splits.items():
         stems, counts = [], np.zeros(256, np.int64)
         for i in range(count):
@@ -82,7 +87,8 @@ def test_pack_layout_spec_and_contents(tmp_path):
     assert [s["file"] for s in spec["shards"]] == ["00000-of-00002.tfrecord", "00001-of-00002.tfrecord"]
     assert [s["records"] for s in spec["shards"]] == [2, 3]  # even: sizes differ by at most one
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
-        [MARKER, "spec.json"] + [s["file"] for s in spec["shards"]] + [s["index"] for s in spec["shards"]])
+        [MARKER, "spec.json"] + [s["file"] for s in spec["shards"]] + [s["index"] for s in spec["shards"]]
+    )
     names = []
     for shard in spec["shards"]:
         path = out / "train" / shard["file"]
@@ -108,7 +114,7 @@ def test_index_is_tfrecord2idx_format(tmp_path):
     # reference: tfrecord2idx's scan, "<offset> <whole record length>" per line
     blob, rows, pos = shard.read_bytes(), [], 0
     while pos < len(blob):
-        n = int.from_bytes(blob[pos:pos + 8], "little")
+        n = int.from_bytes(blob[pos : pos + 8], "little")
         rows.append(f"{pos} {n + 16}\n")
         pos += n + 16
     assert written == "".join(rows) and len(rows) == 4
@@ -137,8 +143,15 @@ TF_SCRIPT = textwrap.dedent("""
     reserialized = tf.train.Example.FromString(bytes.fromhex(example_hex)).SerializeToString(deterministic=True)
     print(json.dumps({"rows": rows, "example": reserialized.hex()}))
 """)
-EXAMPLE = {"id": 3, "name": "aachen_000000_000019", "image_data": b"\x89PNG\x00\xff", "height": 256, "width": 512,
-           "neg": -5, "f": [0.25, 2.0]}
+EXAMPLE = {
+    "id": 3,
+    "name": "aachen_000000_000019",
+    "image_data": b"\x89PNG\x00\xff",
+    "height": 256,
+    "width": 512,
+    "neg": -5,
+    "f": [0.25, 2.0],
+}
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +162,19 @@ def tensorflow_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tf")
     _, out = pack_dir(tmp, {"train": 7}, shards=3)
     tf_file = tmp / "tf.tfrecord"
-    done = subprocess.run([sys.executable, "-c", TF_SCRIPT, str(out / "train" / "*.tfrecord"), str(tf_file),
-                           records.encode_example(EXAMPLE).hex()], capture_output=True, text=True,
-                          env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TF_SCRIPT,
+            str(out / "train" / "*.tfrecord"),
+            str(tf_file),
+            records.encode_example(EXAMPLE).hex(),
+        ],
+        capture_output=True,
+        text=True,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+    )
     if "No module named 'tensorflow'" in done.stderr:
         pytest.skip("tensorflow is not importable here (pip install tensorflow-cpu): reference tests skipped")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -167,8 +190,16 @@ def test_tensorflow_reads_our_shards(tensorflow_run):
     for shard in sorted((out / "train").glob("*.tfrecord")):
         for data in records.iter_records(shard):
             ex = records.decode_example(data)
-            ours.append([ex["id"][0], ex["name"][0].decode(), hashlib.sha256(ex["image_data"][0]).hexdigest(),
-                         hashlib.sha256(ex["label_data"][0]).hexdigest(), ex["height"][0], ex["width"][0]])
+            ours.append(
+                [
+                    ex["id"][0],
+                    ex["name"][0].decode(),
+                    hashlib.sha256(ex["image_data"][0]).hexdigest(),
+                    hashlib.sha256(ex["label_data"][0]).hexdigest(),
+                    ex["height"][0],
+                    ex["width"][0],
+                ]
+            )
     assert result["rows"] == ours and [r[0] for r in ours] == list(range(7))
 
 
@@ -179,8 +210,9 @@ def test_we_read_tensorflows_tfrecord_file(tensorflow_run):
     assert [g["id"] for g in got] == [[0, 0], [1, -1], [2, -2]]
     assert [len(g["name"][0]) for g in got] == [0, 1000, 2000] and got[1]["f"] == [0.5]
     index = records.build_index(tf_file)
-    assert records.read_record(tf_file, int(index[2, 0]), record=2) == \
-        records.read_record(tf_file, int(index[2, 0]), int(index[2, 1]))
+    assert records.read_record(tf_file, int(index[2, 0]), record=2) == records.read_record(
+        tf_file, int(index[2, 0]), int(index[2, 1])
+    )
 
 
 @pytest.mark.slow  # TensorFlow's import alone takes 5-30 s on a shared CPU
@@ -193,8 +225,12 @@ def corrupt(path: Path, how: str, record_offset: int) -> None:
     if how == "truncate":
         path.write_bytes(blob[: record_offset + 30])
         return
-    pos = {"length": record_offset + 1, "length_crc": record_offset + 9, "data": record_offset + 40,
-           "data_crc": record_offset + int.from_bytes(blob[record_offset:record_offset + 8], "little") + 13}[how]
+    pos = {
+        "length": record_offset + 1,
+        "length_crc": record_offset + 9,
+        "data": record_offset + 40,
+        "data_crc": record_offset + int.from_bytes(blob[record_offset : record_offset + 8], "little") + 13,
+    }[how]
     blob[pos] ^= 0x10
     path.write_bytes(bytes(blob))
 

@@ -19,8 +19,11 @@ STEM = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})$")
 
 def files(root: Path) -> dict[str, bytes]:
     """Every file's bytes but the marker and lock (they record when and by which process)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in (MARKER, LOCK)}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (MARKER, LOCK)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +132,16 @@ def test_pixel_shares_look_like_cityscapes():
     nature 15, sky 6, human 1.0, vehicle 9 (%). Bounds leave room for 16 smaller scenes."""
     total = sum(generate(0, "train", i, 256, 128)["categories"] for i in range(16))
     share = dict(zip(CATEGORIES, 100 * total / total.sum()))
-    bounds = {"void": (4, 11), "flat": (28, 45), "construction": (14, 32), "object": (1, 5), "nature": (8, 24),
-              "sky": (2, 10), "human": (0.3, 3), "vehicle": (3, 16)}
+    bounds = {
+        "void": (4, 11),
+        "flat": (28, 45),
+        "construction": (14, 32),
+        "object": (1, 5),
+        "nature": (8, 24),
+        "sky": (2, 10),
+        "human": (0.3, 3),
+        "vehicle": (3, 16),
+    }
     for name, (lo, hi) in bounds.items():
         assert lo <= share[name] <= hi, (name, share[name])
     assert share["flat"] == max(share.values()) and share["construction"] > share["vehicle"]

@@ -33,8 +33,19 @@ from urbanseg.errors import UserError
 from urbanseg.schema import Node, check_version
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format_version", "urbanseg_version", "model", "model_state", "label_set", "input_size",
-                 "normalization", "config", "step", "epoch", "metrics")
+REQUIRED_KEYS = (
+    "format_version",
+    "urbanseg_version",
+    "model",
+    "model_state",
+    "label_set",
+    "input_size",
+    "normalization",
+    "config",
+    "step",
+    "epoch",
+    "metrics",
+)
 # Globals of plain data in a protocol-2 pickle (bytes and sets), not worth naming in an error.
 _PLAIN_GLOBALS = {f"{m}.{n}" for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytes", "bytearray")}
 _PLAIN_GLOBALS.add("_codecs.encode")
@@ -107,8 +118,10 @@ def _check_plain(value: Any, where: str) -> None:
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
     else:
-        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}, which "
-                        f"torch.load(weights_only=True) refuses; convert it to a tensor, list or plain value")
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__name__}, which "
+            f"torch.load(weights_only=True) refuses; convert it to a tensor, list or plain value"
+        )
 
 
 def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -119,19 +132,28 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         hint = " (a folder: give the .pt file inside, e.g. best.pt)" if path.is_dir() else ""
-        raise UserError(f"checkpoint {path} does not exist{hint}; give a .pt file written by "
-                        f"`urbanseg train`, e.g. runs/NAME/best.pt")
+        raise UserError(
+            f"checkpoint {path} does not exist{hint}; give a .pt file written by "
+            f"`urbanseg train`, e.g. runs/NAME/best.pt"
+        )
     ckpt = torch_load(path, map_location, what="checkpoint")
     if not isinstance(ckpt, dict) or not {"format_version", "model", "model_state"} <= ckpt.keys():
         got = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is a PyTorch file but not an urbanseg checkpoint (found {got}); "
-                        f"give a best.pt or last.pt written by `urbanseg train`")
+        raise UserError(
+            f"{path} is a PyTorch file but not an urbanseg checkpoint (found {got}); "
+            f"give a best.pt or last.pt written by `urbanseg train`"
+        )
     check_checkpoint(ckpt, f"checkpoint {path}")
     return ckpt
 
 
-def torch_load(path: Path | str, map_location: Any = "cpu", *, what: str = "checkpoint",
-               fix: str = "use another checkpoint (best.pt or last.pt of the run) or train again") -> Any:
+def torch_load(
+    path: Path | str,
+    map_location: Any = "cpu",
+    *,
+    what: str = "checkpoint",
+    fix: str = "use another checkpoint (best.pt or last.pt of the run) or train again",
+) -> Any:
     """`torch.load(path, weights_only=True)`; any failure -> UserError naming `what`,
     `path` and `fix`. A well-formed pickle that PyTorch's weights-only unpickler rejects
     holds Python objects: that is "refused", never "corrupt", and PyTorch's advice to load
@@ -148,13 +170,17 @@ def torch_load(path: Path | str, map_location: Any = "cpu", *, what: str = "chec
         if names is None:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             detail = "damaged pickle data" if "weights_only" in str(e) else f"{type(e).__name__}: {first}"
-            raise UserError(f"{what} {path} cannot be read ({detail}); it is truncated, corrupt or not a PyTorch "
-                            f"file: {fix}") from None
-        foreign = [n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections."))
-                   and n not in _PLAIN_GLOBALS][:3]
+            raise UserError(
+                f"{what} {path} cannot be read ({detail}); it is truncated, corrupt or not a PyTorch file: {fix}"
+            ) from None
+        foreign = [
+            n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.")) and n not in _PLAIN_GLOBALS
+        ][:3]
         shown = f" ({', '.join(foreign)})" if foreign else ""
-        raise UserError(f"{what} {path} refused: not a plain {what} (it contains pickled Python objects{shown}, "
-                        f"which urbanseg never loads because loading them can run code); {fix}") from None
+        raise UserError(
+            f"{what} {path} refused: not a plain {what} (it contains pickled Python objects{shown}, "
+            f"which urbanseg never loads because loading them can run code); {fix}"
+        ) from None
 
 
 def _pickled_globals(path: Path) -> list[str] | None:
@@ -180,7 +206,7 @@ def _pickled_globals(path: Path) -> list[str] | None:
             elif isinstance(arg, str):
                 strings.append(arg)
         return names
-    except Exception:  # noqa: BLE001 - any parse failure means "not a complete pickle"
+    except Exception:
         return None
 
 
@@ -201,8 +227,9 @@ def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
         raise state.error("a state dict {name: tensor}")
     classes = LabelSet.read(doc["label_set"]).num_classes
     if classes != heads:
-        raise doc["label_set"]["classes"].invalid(f"lists {classes} classes, but the model's head has {heads} "
-                                                  "(`model.kwargs.num_classes`)")
+        raise doc["label_set"]["classes"].invalid(
+            f"lists {classes} classes, but the model's head has {heads} (`model.kwargs.num_classes`)"
+        )
     doc["input_size"].ints(length=2, min=1)
     for key in ("mean", "std"):
         for value in doc["normalization"][key].items(length=3):
@@ -214,8 +241,17 @@ def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
     doc["train_state"].maybe(Node.obj)
 
 
-def build_payload(model: nn.Module, *, label_set: Any, input_size: tuple[int, int] | list[int], config: dict,
-                  step: int, epoch: int, metrics: dict[str, Any], train_state: dict | None = None) -> dict[str, Any]:
+def build_payload(
+    model: nn.Module,
+    *,
+    label_set: Any,
+    input_size: tuple[int, int] | list[int],
+    config: dict,
+    step: int,
+    epoch: int,
+    metrics: dict[str, Any],
+    train_state: dict | None = None,
+) -> dict[str, Any]:
     """The contract's payload for a `urbanseg.models.SegmentationModel` (`model`)."""
     from urbanseg import __version__
 
@@ -249,8 +285,10 @@ def model_from_checkpoint(ckpt: dict[str, Any] | Path | str) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit its model {arch} "
-                        f"(written by urbanseg {ckpt.get('urbanseg_version')}?): {str(e)[:300]}") from None
+        raise UserError(
+            f"the checkpoint's weights do not fit its model {arch} "
+            f"(written by urbanseg {ckpt.get('urbanseg_version')}?): {str(e)[:300]}"
+        ) from None
     return model.eval()
 
 
@@ -280,8 +318,10 @@ def load_pretrained(model: nn.Module, ckpt: dict[str, Any] | Path | str, strict_
     mine, theirs = model.model_args, ckpt["model"]
     strip = lambda a: {k: v for k, v in a["kwargs"].items() if k != "num_classes"}  # noqa: E731
     if mine["name"] != theirs["name"] or strip(mine) != strip(theirs):
-        raise UserError(f"the checkpoint holds a {theirs['name']} {strip(theirs)}, the model is a "
-                        f"{mine['name']} {strip(mine)}: fine-tune the same architecture")
+        raise UserError(
+            f"the checkpoint holds a {theirs['name']} {strip(theirs)}, the model is a "
+            f"{mine['name']} {strip(mine)}: fine-tune the same architecture"
+        )
     target, source = model.state_dict(), ckpt["model_state"]
     report, state = LoadReport(), {}
     for key, value in target.items():
@@ -302,8 +342,11 @@ def summarize_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The facts a report shows about a checkpoint: model, parameters, label set,
     input size, step, epoch, metrics, urbanseg version, whether it can be resumed."""
     state = ckpt["model_state"]
-    params = sum(v.numel() for k, v in state.items() if v.is_floating_point() and k not in ("mean", "std")
-                 and "running_" not in k)
+    params = sum(
+        v.numel()
+        for k, v in state.items()
+        if v.is_floating_point() and k not in ("mean", "std") and "running_" not in k
+    )
     label_set = ckpt.get("label_set") or {}
     return {
         "model": ckpt["model"]["name"],
@@ -325,12 +368,19 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     miou = summary["metrics"].get("miou")
     kwargs = ", ".join(f"{k}={v}" for k, v in summary["model_kwargs"].items())
     return [
-        ("model", f"{summary['model']}" + (f" ({kwargs})" if kwargs else "")
-         + f", {summary['parameters'] / 1e6:.2f} M parameters"),
+        (
+            "model",
+            f"{summary['model']}"
+            + (f" ({kwargs})" if kwargs else "")
+            + f", {summary['parameters'] / 1e6:.2f} M parameters",
+        ),
         ("classes", f"{summary['label_set']} ({len(summary['classes'])}): {', '.join(summary['classes'])}"),
         ("input size", "x".join(map(str, summary["input_size"] or []))),
-        ("progress", f"step {summary['step']}, epoch {summary['epoch']}"
-         + (f", validation mIoU {miou:.4f}" if isinstance(miou, (int, float)) else "")),
+        (
+            "progress",
+            f"step {summary['step']}, epoch {summary['epoch']}"
+            + (f", validation mIoU {miou:.4f}" if isinstance(miou, (int, float)) else ""),
+        ),
         ("written by", f"urbanseg {summary['urbanseg_version']}" + (", resumable" if summary["resumable"] else "")),
     ]
 

@@ -50,8 +50,10 @@ def describe_os_error(e: OSError) -> str | None:
     if code is None or code not in _WRITE_ERRORS:
         return None
     where = e.filename if e.filename is not None else "a write"
-    return (f"{where}: {os.strerror(code)} ({errno.errorcode[code]}); {_WRITE_ERRORS[code]} "
-            "(what was already on disk is intact)")
+    return (
+        f"{where}: {os.strerror(code)} ({errno.errorcode[code]}); {_WRITE_ERRORS[code]} "
+        "(what was already on disk is intact)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

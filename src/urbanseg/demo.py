@@ -36,10 +36,28 @@ class Plan:
 
 # Training on 256x128 crops costs a quarter of whole 512x256 images per step, so the
 # full demo affords ~4x more steps in the same minutes (and learns more from them).
-FULL = Plan(train=96, val=24, scene_size="1024x512", size="512x256", crop="256x128", iters=600, batch_size=8,
-            gallery=3, pictures=8)
-QUICK = Plan(train=24, val=8, scene_size="512x256", size="256x128", crop="256x128", iters=150, batch_size=8,
-             gallery=2, pictures=4)
+FULL = Plan(
+    train=96,
+    val=24,
+    scene_size="1024x512",
+    size="512x256",
+    crop="256x128",
+    iters=600,
+    batch_size=8,
+    gallery=3,
+    pictures=8,
+)
+QUICK = Plan(
+    train=24,
+    val=8,
+    scene_size="512x256",
+    size="256x128",
+    crop="256x128",
+    iters=150,
+    batch_size=8,
+    gallery=2,
+    pictures=4,
+)
 
 
 def _remove_previous_run(run: Path) -> None:
@@ -68,10 +86,10 @@ def demo(config: cfg.DemoConfig) -> int:
 
 
 def _run_stages(config: cfg.DemoConfig) -> int:
-    from urbanseg.evaluation.evaluate import evaluate
-    from urbanseg.data.prepare import prepare
-    from urbanseg.inference.predict import predict
     from urbanseg.data.pack import pack
+    from urbanseg.data.prepare import prepare
+    from urbanseg.evaluation.evaluate import evaluate
+    from urbanseg.inference.predict import predict
     from urbanseg.synth import synthesize
     from urbanseg.training.train import train
 
@@ -81,29 +99,63 @@ def _run_stages(config: cfg.DemoConfig) -> int:
     data, prepared, shards, run = out / "data", out / "prepared", out / "shards", out / "run"
     begin = time.perf_counter()
 
-    t = _stage(1, "synth", f"{plan.train} training and {plan.val} validation street scenes at {plan.scene_size}, "
-                           f"in Cityscapes layout, into {data}")
-    synthesize(cfg.SynthConfig(out=data, train=plan.train, val=plan.val, test=0, size=plan.scene_size,
-                               seed=config.seed, workers=config.workers))
+    t = _stage(
+        1,
+        "synth",
+        f"{plan.train} training and {plan.val} validation street scenes at {plan.scene_size}, "
+        f"in Cityscapes layout, into {data}",
+    )
+    synthesize(
+        cfg.SynthConfig(
+            out=data,
+            train=plan.train,
+            val=plan.val,
+            test=0,
+            size=plan.scene_size,
+            seed=config.seed,
+            workers=config.workers,
+        )
+    )
     _done(t)
-    t = _stage(2, "prepare", f"resize to {plan.size}, labelIds -> the 8 categories (void, flat, construction, "
-                             f"object, nature, sky, human, vehicle), into {prepared}")
-    prepare(cfg.PrepareConfig(data=data, out=prepared, size=plan.size, splits=["train", "val"],
-                              workers=config.workers))
+    t = _stage(
+        2,
+        "prepare",
+        f"resize to {plan.size}, labelIds -> the 8 categories (void, flat, construction, "
+        f"object, nature, sky, human, vehicle), into {prepared}",
+    )
+    prepare(cfg.PrepareConfig(data=data, out=prepared, size=plan.size, splits=["train", "val"], workers=config.workers))
     _done(t)
     t = _stage(3, "pack", f"image/label pairs -> sharded TFRecord files with spec.json, into {shards}")
     pack(cfg.PackConfig(prepared=prepared, out=shards, shards=2, splits=["train", "val"]))
     _done(t)
-    t = _stage(4, "train", f"{config.model or 'the default model'} for {iters} steps of {plan.batch_size} "
-                           f"augmented {plan.crop} crops, validating as it goes, into {run}")
-    code = train(cfg.TrainConfig(data=shards, run=run, model=config.model, iters=iters, batch_size=plan.batch_size,
-                                 crop=plan.crop,
-                                 seed=config.seed, val_every=max(iters // 4, 1), workers=1))
+    t = _stage(
+        4,
+        "train",
+        f"{config.model or 'the default model'} for {iters} steps of {plan.batch_size} "
+        f"augmented {plan.crop} crops, validating as it goes, into {run}",
+    )
+    code = train(
+        cfg.TrainConfig(
+            data=shards,
+            run=run,
+            model=config.model,
+            iters=iters,
+            batch_size=plan.batch_size,
+            crop=plan.crop,
+            seed=config.seed,
+            val_every=max(iters // 4, 1),
+            workers=1,
+        )
+    )
     if code != 0:
         raise UserError(f"training stopped early (exit code {code}); see the messages above")
     _done(t)
-    t = _stage(5, "evaluate", "the best checkpoint on the validation split at full resolution: per-class IoU, "
-                              "precision, recall, F1, the official Cityscapes category scores, pictures")
+    t = _stage(
+        5,
+        "evaluate",
+        "the best checkpoint on the validation split at full resolution: per-class IoU, "
+        "precision, recall, F1, the official Cityscapes category scores, pictures",
+    )
     evaluate(cfg.EvaluateConfig(run=run, split="val", full_res=True, gallery=plan.gallery))
     _done(t)
     t = _stage(6, "predict", f"{plan.pictures} validation pictures, original | prediction, as the original project")

@@ -131,8 +131,10 @@ def read_marker(folder: Path) -> str | None:
     try:
         return str(json.loads(path.read_text())["command"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); if the folder is urbanseg's output, "
-                        "delete the folder, else choose another one") from None
+        raise UserError(
+            f"{path} is damaged ({type(e).__name__}: {e}); if the folder is urbanseg's output, "
+            "delete the folder, else choose another one"
+        ) from None
 
 
 def write_marker(folder: Path, command: str) -> None:
@@ -168,8 +170,10 @@ def check_owner(folder: Path | str, command: str, what: str = "--out") -> None:
     marker = read_marker(folder)
     whose = f"it holds the output of `urbanseg {marker}`" if marker else f"it has no {MARKER}"
     shown = ", ".join(found[:_SHOW]) + (", ..." if len(found) > _SHOW else "")
-    raise UserError(f"{what} {folder} is not empty and was not written by `urbanseg {command}` ({whose}; found "
-                    f"{shown}); urbanseg replaces only what it wrote: choose a new or empty folder")
+    raise UserError(
+        f"{what} {folder} is not empty and was not written by `urbanseg {command}` ({whose}; found "
+        f"{shown}); urbanseg replaces only what it wrote: choose a new or empty folder"
+    )
 
 
 def check_file(path: Path | str, command: str, is_ours: Callable[[Path], bool], what: str = "--out") -> None:
@@ -179,8 +183,10 @@ def check_file(path: Path | str, command: str, is_ours: Callable[[Path], bool], 
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
     if path.exists() and not is_ours(path):
-        raise UserError(f"{what} {path} exists and was not written by `urbanseg {command}`; urbanseg replaces "
-                        "only what it wrote: give another file name or move that file away")
+        raise UserError(
+            f"{what} {path} exists and was not written by `urbanseg {command}`; urbanseg replaces "
+            "only what it wrote: give another file name or move that file away"
+        )
 
 
 # --------------------------------------------------------------------------- the lock
@@ -203,13 +209,17 @@ def _flock(fd: int, folder: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"{folder} is in use by {_holder(fd)}; wait for it to finish or choose another "
-                        "folder") from None
+        raise UserError(
+            f"{folder} is in use by {_holder(fd)}; wait for it to finish or choose another folder"
+        ) from None
     except OSError as e:
         if e.errno not in _NO_LOCKS:
             raise
-        print(f"urbanseg: warning: cannot lock {folder / LOCK} ({os.strerror(e.errno)}): make sure no other "
-              "urbanseg command writes into this folder meanwhile", file=sys.stderr)
+        print(
+            f"urbanseg: warning: cannot lock {folder / LOCK} ({os.strerror(e.errno)}): make sure no other "
+            "urbanseg command writes into this folder meanwhile",
+            file=sys.stderr,
+        )
 
 
 def _lock(folder: Path, command: str) -> int:
@@ -265,8 +275,9 @@ def _probe(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim(folder: Path | str, command: str, *, what: str = "--out", check: Callable[[], T] | None = None,
-          enabled: bool = True) -> Iterator[T | None]:
+def claim(
+    folder: Path | str, command: str, *, what: str = "--out", check: Callable[[], T] | None = None, enabled: bool = True
+) -> Iterator[T | None]:
     """Hold `folder` for `urbanseg <command>`: refuse a folder it may not write
     (`check_owner`), create it, take its lock (UserError naming the holder), check
     again under the lock (another run may have written in between) together with the

@@ -56,8 +56,10 @@ def _split_pairs(prepared: Path, split: str, info: SplitEntry) -> list[tuple[str
             continue
         pairs.append((Path(stem).name, images / rel, labels / rel))
     if missing:
-        raise UserError(f"{len(missing)} stems of split {split!r} in {prepared / Manifest.FILE} have no image "
-                        f"and label under {images} and {labels}, e.g. {missing[:3]}; re-run `urbanseg prepare`")
+        raise UserError(
+            f"{len(missing)} stems of split {split!r} in {prepared / Manifest.FILE} have no image "
+            f"and label under {images} and {labels}, e.g. {missing[:3]}; re-run `urbanseg prepare`"
+        )
     return pairs
 
 
@@ -67,13 +69,18 @@ def _encode_pair(record_id: int, stem: str, image: Path, label: Path, size: tupl
     w, h, depth, _ = _png_header(image_data, image)
     lw, lh, ldepth, ltype = _png_header(label_data, label)
     if (w, h) != tuple(size) or (lw, lh) != tuple(size):
-        raise UserError(f"{image} is {w}x{h} and {label} {lw}x{lh}, the manifest says {size[0]}x{size[1]}; "
-                        "re-run `urbanseg prepare`")
+        raise UserError(
+            f"{image} is {w}x{h} and {label} {lw}x{lh}, the manifest says {size[0]}x{size[1]}; "
+            "re-run `urbanseg prepare`"
+        )
     if depth != 8 or (ldepth, ltype) != (8, 0):
-        raise UserError(f"{image} / {label}: expected an 8-bit image and an 8-bit greyscale label "
-                        f"(got bit depths {depth}/{ldepth}, label colour type {ltype}); re-run `urbanseg prepare`")
-    return encode_example({"id": record_id, "name": stem, "image_data": image_data, "label_data": label_data,
-                           "height": h, "width": w})
+        raise UserError(
+            f"{image} / {label}: expected an 8-bit image and an 8-bit greyscale label "
+            f"(got bit depths {depth}/{ldepth}, label colour type {ltype}); re-run `urbanseg prepare`"
+        )
+    return encode_example(
+        {"id": record_id, "name": stem, "image_data": image_data, "label_data": label_data, "height": h, "width": w}
+    )
 
 
 def _pixel_counts(pairs: list[tuple[str, Path, Path]], num_classes: int) -> list[int]:
@@ -104,8 +111,15 @@ def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, in
                     f.write(record)
                     bar.update()
             atomic_write_text(index_path(stage / name), "".join(f"{o} {m}\n" for o, m in rows))
-            shards.append(ShardEntry(file=name, index=name + ".index", first_id=bounds[k], records=len(rows),
-                                     bytes=sum(m for _, m in rows)))
+            shards.append(
+                ShardEntry(
+                    file=name,
+                    index=name + ".index",
+                    first_id=bounds[k],
+                    records=len(rows),
+                    bytes=sum(m for _, m in rows),
+                )
+            )
     return shards
 
 
@@ -151,9 +165,17 @@ def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards
     stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=out))
     try:
         shard_list = _write_shards(stage, pairs, min(shards, len(pairs)), manifest.size, f"pack {split}")
-        spec = ShardSpec(split=split, width=manifest.size[0], height=manifest.size[1], label_set=label_set,
-                         pixel_counts=info.pixel_counts or tuple(_pixel_counts(pairs, label_set.num_classes)),
-                         shards=tuple(shard_list), prepared=str(prepared.resolve()), data=manifest.data, pack=config)
+        spec = ShardSpec(
+            split=split,
+            width=manifest.size[0],
+            height=manifest.size[1],
+            label_set=label_set,
+            pixel_counts=info.pixel_counts or tuple(_pixel_counts(pairs, label_set.num_classes)),
+            shards=tuple(shard_list),
+            prepared=str(prepared.resolve()),
+            data=manifest.data,
+            pack=config,
+        )
         spec.save(stage / ShardSpec.FILE)
         outputs.write_marker(stage, "pack")
         _make_readable(stage)
@@ -173,8 +195,10 @@ def pack(config: Any) -> None:
     manifest = _load_manifest(prepared)
     todo = [s for s in config.splits if s in manifest.splits and manifest.splits[s].count]
     if not todo:
-        raise UserError(f"none of the splits {list(config.splits)} is prepared in {prepared} "
-                        f"(it has {sorted(manifest.splits)}); choose others with --splits")
+        raise UserError(
+            f"none of the splits {list(config.splits)} is prepared in {prepared} "
+            f"(it has {sorted(manifest.splits)}); choose others with --splits"
+        )
     for split in config.splits:
         if split not in todo:
             print(f"pack: skipping split {split!r}: not prepared in {prepared}")
@@ -182,8 +206,10 @@ def pack(config: Any) -> None:
         for split in todo:
             spec = pack_split(prepared, manifest, split, out, config.shards, to_dict(config))
             size = sum(s.bytes for s in spec.shards) / 1e6
-            print(f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
-                  f"({size:.1f} MB) -> {out / split}")
+            print(
+                f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
+                f"({size:.1f} MB) -> {out / split}"
+            )
 
 
 def _check_splits(out: Path, splits: list[str]) -> None:

@@ -83,7 +83,7 @@ def _decode_error(path: Path) -> str:
     try:
         with Image.open(path) as im:
             im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder complaint is the message we want
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return "OpenCV cannot decode it"
 
@@ -104,8 +104,10 @@ def _read_ids(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
-                raise BadFile(f"{path}: mode {im.mode} is not an 8-bit single-channel label-id image; "
-                              "for RGB colour annotations use --source color")
+                raise BadFile(
+                    f"{path}: mode {im.mode} is not an 8-bit single-channel label-id image; "
+                    "for RGB colour annotations use --source color"
+                )
             return np.asarray(im)
     except OSError as e:
         raise BadFile(f"{path}: unreadable ({type(e).__name__}: {e}); re-extract or re-download it") from None
@@ -124,8 +126,11 @@ def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
     except BadFile:
         raise
     except ValueError as e:
-        fix = ("is it a Cityscapes *_labelIds.png (not trainIds or instanceIds)?" if source == "labelIds" else
-               "add them to your labelmap.json, or re-export the annotation without anti-aliasing/JPEG blending")
+        fix = (
+            "is it a Cityscapes *_labelIds.png (not trainIds or instanceIds)?"
+            if source == "labelIds"
+            else "add them to your labelmap.json, or re-export the annotation without anti-aliasing/JPEG blending"
+        )
         raise BadFile(f"{path}: {e}; {fix}") from None
 
 
@@ -159,8 +164,10 @@ def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
         bgr = read_bgr(pair.image)
         classes = read_labels(pair.label, job.source, job.label_set)
         if bgr.shape[:2] != classes.shape:
-            raise BadFile(f"{pair.image} is {bgr.shape[1]}x{bgr.shape[0]} but {pair.label} is "
-                          f"{classes.shape[1]}x{classes.shape[0]}; an image and its annotation must match")
+            raise BadFile(
+                f"{pair.image} is {bgr.shape[1]}x{bgr.shape[0]} but {pair.label} is "
+                f"{classes.shape[1]}x{classes.shape[0]}; an image and its annotation must match"
+            )
     except BadFile as e:
         return Outcome(False, None, str(e))
     small = np.ascontiguousarray(resize_image(bgr, job.size)[..., ::-1])  # BGR -> RGB at the small size
@@ -196,11 +203,15 @@ def _header_problem(pair: Pair, source: str) -> str | None:
             return f"{path}: unreadable ({type(e).__name__}: {e}); re-extract or re-download it"
     (image_size, _), (label_size, mode) = found
     if source == "labelIds" and mode not in ("L", "P"):
-        return (f"{pair.label}: mode {mode} is not an 8-bit single-channel label-id image; for RGB colour "
-                "annotations use --source color")
+        return (
+            f"{pair.label}: mode {mode} is not an 8-bit single-channel label-id image; for RGB colour "
+            "annotations use --source color"
+        )
     if image_size != label_size:
-        return (f"{pair.image} is {image_size[0]}x{image_size[1]} but {pair.label} is "
-                f"{label_size[0]}x{label_size[1]}; an image and its annotation must have the same size")
+        return (
+            f"{pair.image} is {image_size[0]}x{image_size[1]} but {pair.label} is "
+            f"{label_size[0]}x{label_size[1]}; an image and its annotation must have the same size"
+        )
     return None
 
 
@@ -209,16 +220,20 @@ def _header_problem(pair: Pair, source: str) -> str | None:
 
 def _check_data(data: Path) -> None:
     if not data.is_dir():
-        raise UserError(f"--data {data} is not a folder; point it at the folder holding leftImg8bit/ and gtFine/ "
-                        "(unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip there, or run "
-                        f"`urbanseg synth --out {data}`)")
+        raise UserError(
+            f"--data {data} is not a folder; point it at the folder holding leftImg8bit/ and gtFine/ "
+            "(unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip there, or run "
+            f"`urbanseg synth --out {data}`)"
+        )
     missing = [d for d in ("leftImg8bit", "gtFine") if not (data / d).is_dir()]
     if missing:
         nested = sorted(str(p.parent) for p in data.glob("*/leftImg8bit") if (p.parent / "gtFine").is_dir())
         hint = f"; did you mean --data {nested[0]}?" if nested else ""
         found = sorted(p.name for p in data.iterdir())[:8]
-        raise UserError(f"--data {data} has no {' or '.join(m + '/' for m in missing)} folder (it holds {found}); "
-                        f"expected the Cityscapes layout leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/{hint}")
+        raise UserError(
+            f"--data {data} has no {' or '.join(m + '/' for m in missing)} folder (it holds {found}); "
+            f"expected the Cityscapes layout leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/{hint}"
+        )
 
 
 def _names(folder: Path, suffix: str) -> dict[tuple[str, str], Path]:
@@ -240,23 +255,42 @@ def find_pairs(data: Path, out: Path, split: str, source: str) -> tuple[list[Pai
     suffix = LABEL_SUFFIX[source]
     images, labels = _names(image_dir, IMAGE_SUFFIX), _names(label_dir, suffix)
     if not images:
-        return [], [(f"split {split!r} has no images: nothing matches {image_dir}/<city>/<stem>{IMAGE_SUFFIX}; "
-                     "add the images or leave the split out with --splits")]
+        return [], [
+            (
+                f"split {split!r} has no images: nothing matches {image_dir}/<city>/<stem>{IMAGE_SUFFIX}; "
+                "add the images or leave the split out with --splits"
+            )
+        ]
     problems = []
     if images.keys() - labels.keys():
         other = "color" if source == "labelIds" else "labelIds"
-        hint = f" (only *{LABEL_SUFFIX[other]} were found: use --source {other})" if not labels and \
-            any(label_dir.glob(f"*/*{LABEL_SUFFIX[other]}")) else ""
+        hint = (
+            f" (only *{LABEL_SUFFIX[other]} were found: use --source {other})"
+            if not labels and any(label_dir.glob(f"*/*{LABEL_SUFFIX[other]}"))
+            else ""
+        )
         problems.append(_unpaired("images", images.keys() - labels.keys(), label_dir, suffix) + hint)
     if labels.keys() - images.keys():
         problems.append(_unpaired("annotations", labels.keys() - images.keys(), image_dir, IMAGE_SUFFIX))
     cities: dict[str, str] = {}
     for city, stem in sorted(images.keys() & labels.keys()):
         if cities.setdefault(stem, city) != city:
-            problems.append(f"stem {stem!r} of split {split!r} is in two cities ({cities[stem]}, {city}); "
-                            "stems must be unique within a split")
-    pairs = [Pair(split, c, s, images[c, s], labels[c, s], out / "images" / split / c / f"{s}.png",
-                  out / "labels" / split / c / f"{s}.png") for c, s in sorted(images.keys() & labels.keys())]
+            problems.append(
+                f"stem {stem!r} of split {split!r} is in two cities ({cities[stem]}, {city}); "
+                "stems must be unique within a split"
+            )
+    pairs = [
+        Pair(
+            split,
+            c,
+            s,
+            images[c, s],
+            labels[c, s],
+            out / "images" / split / c / f"{s}.png",
+            out / "labels" / split / c / f"{s}.png",
+        )
+        for c, s in sorted(images.keys() & labels.keys())
+    ]
     return pairs, problems
 
 
@@ -273,8 +307,11 @@ def _differences(old: dict, new: dict) -> str:
         return (value or {}).get("name", "?") if key == "label_set" else str(value)
 
     flags = {"data": "--data", "size": "--size", "source": "--source", "label_set": "label set"}
-    parts = [f"{flag} {show(k, old)} (now {show(k, new)}" + (", other content)" if show(k, old) == show(k, new) else ")")
-             for k, flag in flags.items() if old.get(k) != new[k]]
+    parts = [
+        f"{flag} {show(k, old)} (now {show(k, new)}" + (", other content)" if show(k, old) == show(k, new) else ")")
+        for k, flag in flags.items()
+        if old.get(k) != new[k]
+    ]
     return ", ".join(parts) or "an older urbanseg's settings"
 
 
@@ -293,9 +330,11 @@ def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None,
         raise UserError(f"{state} is unreadable ({e}); delete {out} and prepare again") from None
     if old != settings:
         if not overwrite:
-            raise UserError(f"--out {out} was prepared with {_differences(old, settings)}; mixing settings in one "
-                            "folder is refused: prepare into another --out, or add --overwrite to delete its "
-                            "images/, labels/ and manifest.json and redo everything")
+            raise UserError(
+                f"--out {out} was prepared with {_differences(old, settings)}; mixing settings in one "
+                "folder is refused: prepare into another --out, or add --overwrite to delete its "
+                "images/, labels/ and manifest.json and redo everything"
+            )
         return None, True
     try:
         return json.loads((out / MANIFEST).read_text()), False
@@ -315,8 +354,12 @@ def _stale_files(out: Path, split: str, pairs: list[Pair]) -> list[Path]:
     """Outputs of `split` that no raw pair produces any more, and temporary files left by
     a killed run (`util.atomic_path`'s)."""
     keep = {p for pair in pairs for p in (pair.out_image, pair.out_label)}
-    found = [p for kind in ("images", "labels") for pattern in ("*/*.png", "*/" + util.temporary_glob())
-             for p in (out / kind / split).glob(pattern)]
+    found = [
+        p
+        for kind in ("images", "labels")
+        for pattern in ("*/*.png", "*/" + util.temporary_glob())
+        for p in (out / kind / split).glob(pattern)
+    ]
     return sorted(p for p in found if p not in keep)
 
 
@@ -340,10 +383,15 @@ def _split_entry(pairs: list[Pair], outcomes: list[Outcome], label_set: LabelSet
 
 def _report_errors(errors: list[str], total: int, *, before_writing: bool) -> UserError:
     shown = "\n  ".join(errors[:10]) + (f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else "")
-    state = ("found before writing: nothing was written" if before_writing else
-             f"nothing was written for them and there is no {MANIFEST}; the pairs that were prepared are kept "
-             "and skipped by the next run")
-    return UserError(f"{len(errors)} of {total} pairs cannot be prepared ({state}). Fix these and run again:\n  {shown}")
+    state = (
+        "found before writing: nothing was written"
+        if before_writing
+        else f"nothing was written for them and there is no {MANIFEST}; the pairs that were prepared are kept "
+        "and skipped by the next run"
+    )
+    return UserError(
+        f"{len(errors)} of {total} pairs cannot be prepared ({state}). Fix these and run again:\n  {shown}"
+    )
 
 
 def _find_splits(config: PrepareConfig, data: Path, out: Path) -> dict[str, list[Pair]]:
@@ -356,22 +404,34 @@ def _find_splits(config: PrepareConfig, data: Path, out: Path) -> dict[str, list
         pairs, found = find_pairs(data, out, split, config.source)
         problems += found
         if pairs is None:
-            print(f"urbanseg prepare: skipping split {split!r}: {data}/leftImg8bit/{split} does not exist",
-                  file=sys.stderr)
+            print(
+                f"urbanseg prepare: skipping split {split!r}: {data}/leftImg8bit/{split} does not exist",
+                file=sys.stderr,
+            )
         else:
             splits[split] = pairs
     if problems:
         raise UserError(f"{data} is not a consistent Cityscapes layout:\n  " + "\n  ".join(problems))
     if not splits:
-        raise UserError(f"none of the splits {list(config.splits)} exist under {data}/leftImg8bit/; "
-                        f"it holds {sorted(p.name for p in (data / 'leftImg8bit').iterdir())}: choose them with --splits")
+        raise UserError(
+            f"none of the splits {list(config.splits)} exist under {data}/leftImg8bit/; "
+            f"it holds {sorted(p.name for p in (data / 'leftImg8bit').iterdir())}: choose them with --splits"
+        )
     return splits
 
 
 def _check_headers(todo: list[Pair], total: int, source: str, workers: int) -> None:
     # Header reads take ~0.1 ms: worker processes only pay off for a large dataset.
-    checks = util.progress_map(functools.partial(_header_problem, source=source), todo,
-                               workers=workers if len(todo) > 500 else 1, desc="check") if todo else []
+    checks = (
+        util.progress_map(
+            functools.partial(_header_problem, source=source),
+            todo,
+            workers=workers if len(todo) > 500 else 1,
+            desc="check",
+        )
+        if todo
+        else []
+    )
     bad = [c for c in checks if c]
     if bad:
         raise _report_errors(bad, total, before_writing=True)
@@ -383,8 +443,10 @@ def prepare(config: PrepareConfig) -> None:
     size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
     label_set = get_label_set(config.labels)
     if config.source == "labelIds" and not label_set.from_cityscapes:
-        raise UserError(f"label set {label_set.name!r} from {config.labels} defines colours only, not Cityscapes "
-                        "label ids: add --source color to read the *_gtFine_color.png annotations")
+        raise UserError(
+            f"label set {label_set.name!r} from {config.labels} defines colours only, not Cityscapes "
+            "label ids: add --source color to read the *_gtFine_color.png annotations"
+        )
     splits = _find_splits(config, data, out)
     settings = _settings(data, size, config.source, label_set)
     _claim_out(out, settings, config.overwrite)  # fail fast; checked again under the folder's lock
@@ -403,15 +465,18 @@ def prepare(config: PrepareConfig) -> None:
         util.write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
         _save_config(config, out)
         job = Job(size, config.source, label_set)
-        outcomes = util.progress_map(functools.partial(process_pair, job=job, redo=config.overwrite), every,
-                                     workers=workers, desc="prepare")
+        outcomes = util.progress_map(
+            functools.partial(process_pair, job=job, redo=config.overwrite), every, workers=workers, desc="prepare"
+        )
         errors = [o.error for o in outcomes if o.error]
         written = sum(o.written for o in outcomes)
         if errors:
             raise _report_errors(errors, len(every), before_writing=False)
         _remove(stale)
-        entries = {split: _split_entry(pairs, [o for o, p in zip(outcomes, every) if p.split == split], label_set)
-                   for split, pairs in splits.items()}
+        entries = {
+            split: _split_entry(pairs, [o for o, p in zip(outcomes, every, strict=True) if p.split == split], label_set)
+            for split, pairs in splits.items()
+        }
         _write_manifest(out, settings, str(data.resolve()), {**(previous or {}).get("splits", {}), **entries})
     counts = ", ".join(f"{s} {len(p)}" for s, p in splits.items())
     print(f"prepared {len(every)} pairs into {out} ({written} written, {len(every) - written} up to date): {counts}")
@@ -423,9 +488,18 @@ def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]
     from urbanseg import __version__
     from urbanseg.data.formats import MANIFEST_VERSION, Manifest
 
-    manifest = Manifest.parse({"format_version": MANIFEST_VERSION, "urbanseg_version": __version__,
-                               "label_set": settings["label_set"], "size": settings["size"],
-                               "source": settings["source"], "data": data, "splits": splits}, out / MANIFEST)
+    manifest = Manifest.parse(
+        {
+            "format_version": MANIFEST_VERSION,
+            "urbanseg_version": __version__,
+            "label_set": settings["label_set"],
+            "size": settings["size"],
+            "source": settings["source"],
+            "data": data,
+            "splits": splits,
+        },
+        out / MANIFEST,
+    )
     util.write_if_changed(out / MANIFEST, manifest.to_json())
 
 

@@ -48,8 +48,9 @@ def evaluate(cfg: EvaluateConfig) -> int:
 
     run = RunDir(cfg.run)
     if not run.path.is_dir():
-        raise UserError(f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS "
-                        f"--run {run.path}`")
+        raise UserError(
+            f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
+        )
     ckpt_path = run.checkpoint(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(cfg.device)
@@ -59,30 +60,51 @@ def evaluate(cfg: EvaluateConfig) -> int:
     dataset = ShardDataset(shards, cfg.split)
     _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / cfg.split)
     raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
-    print(f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {cfg.split} images from {shards} "
-          f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}")
+    print(
+        f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {cfg.split} images from {shards} "
+        f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}"
+    )
     out = run.path / "eval" / cfg.split
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
-        state = run_evaluation(model, dataset, label_set, device=device, batch_size=cfg.batch_size,
-                               workers=cfg.workers, gallery=cfg.gallery, raw=raw)
+        state = run_evaluation(
+            model,
+            dataset,
+            label_set,
+            device=device,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            gallery=cfg.gallery,
+            raw=raw,
+        )
         seconds = time.perf_counter() - start
         result = state.confusion.compute()
         official = state.official.compute() if state.official is not None else None
         summary = summarize_checkpoint(ckpt)
         info = _info(cfg, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
         title = f"Evaluation of {run.path.name} on {cfg.split}" + (" (full resolution)" if raw else "")
-        paths = write_report(out, result=result, matrix=state.confusion.matrix, label_set=label_set, title=title,
-                             header=_header(info, summary), per_image=state.per_image, picks=state.picks(),
-                             info=info, official=official)
+        paths = write_report(
+            out,
+            result=result,
+            matrix=state.confusion.matrix,
+            label_set=label_set,
+            title=title,
+            header=_header(info, summary),
+            per_image=state.per_image,
+            picks=state.picks(),
+            info=info,
+            official=official,
+        )
     print(format_table(result, label_set.classes))
     summary = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
     for key in ("mean_class_iou", "mean_category_iou"):
         if official and key in official:
             summary.append(f"official {key.replace('_', ' ')} {_fmt(official[key])}")
     print(", ".join(summary))
-    print(f"{len(dataset)} images in {seconds:.1f} s; report: {paths['html']} (open it in a browser), "
-          f"{paths['markdown']}; every figure in {paths['metrics']}")
+    print(
+        f"{len(dataset)} images in {seconds:.1f} s; report: {paths['html']} (open it in a browser), "
+        f"{paths['markdown']}; every figure in {paths['metrics']}"
+    )
     return 0
 
 
@@ -114,8 +136,10 @@ class RawTruth:
     def path_for(self, name: str) -> Path:
         stem = _stem(name)
         if stem not in self.files:
-            raise UserError(f"no *_gtFine_{self.kind}.png for image {name!r} under {self.root / 'gtFine'}; "
-                            "--full-res needs the raw dataset the shards were prepared from")
+            raise UserError(
+                f"no *_gtFine_{self.kind}.png for image {name!r} under {self.root / 'gtFine'}; "
+                "--full-res needs the raw dataset the shards were prepared from"
+            )
         return self.files[stem]
 
 
@@ -131,17 +155,23 @@ def raw_data_root(spec: ShardSpec, split_dir: Path, manifest: Manifest | None) -
     data = spec.data
     if not data and spec.prepared:
         if manifest is None:
-            raise UserError(f"--full-res: cannot find {Path(spec.prepared) / 'manifest.json'} (named by "
-                            f"{split_dir / 'spec.json'}) to find the raw dataset; it needs the prepared folder, or "
-                            "shards packed with a newer urbanseg")
+            raise UserError(
+                f"--full-res: cannot find {Path(spec.prepared) / 'manifest.json'} (named by "
+                f"{split_dir / 'spec.json'}) to find the raw dataset; it needs the prepared folder, or "
+                "shards packed with a newer urbanseg"
+            )
         data = manifest.data
     if not data:
-        raise UserError(f"--full-res: neither {split_dir / 'spec.json'} nor the prepared manifest names the raw "
-                        "dataset (`data`); evaluate at the prepared size (drop --full-res)")
+        raise UserError(
+            f"--full-res: neither {split_dir / 'spec.json'} nor the prepared manifest names the raw "
+            "dataset (`data`); evaluate at the prepared size (drop --full-res)"
+        )
     root = Path(data)
     if not (root / "gtFine").is_dir():
-        raise UserError(f"--full-res needs the raw dataset's ground truth, but {root / 'gtFine'} does not exist (the "
-                        f"shards were prepared from {root}); restore it there or drop --full-res")
+        raise UserError(
+            f"--full-res needs the raw dataset's ground truth, but {root / 'gtFine'} does not exist (the "
+            f"shards were prepared from {root}); restore it there or drop --full-res"
+        )
     return root
 
 
@@ -153,15 +183,19 @@ def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSe
     suffix = f"_gtFine_{kind}.png"
     files = {p.name[: -len(suffix)]: p for p in (root / "gtFine" / split).glob(f"*/*{suffix}")}
     if not files:
-        raise UserError(f"--full-res: no *{suffix} files under {root / 'gtFine' / split}; "
-                        "restore the raw dataset's gtFine folder or drop --full-res")
+        raise UserError(
+            f"--full-res: no *{suffix} files under {root / 'gtFine' / split}; "
+            "restore the raw dataset's gtFine folder or drop --full-res"
+        )
     entry = manifest.splits.get(split) if manifest is not None else None
     # Without the manifest each image is checked as it is read.
     stems = list(entry.stems) if entry is not None else []
     missing = [s for s in stems if _stem(s) not in files]
     if missing:
-        raise UserError(f"--full-res: {len(missing)} of the {len(stems)} {split} images have no *{suffix} under "
-                        f"{root / 'gtFine' / split}, e.g. {missing[:3]}; restore the raw dataset or drop --full-res")
+        raise UserError(
+            f"--full-res: {len(missing)} of the {len(stems)} {split} images have no *{suffix} under "
+            f"{root / 'gtFine' / split}, e.g. {missing[:3]}; restore the raw dataset or drop --full-res"
+        )
     return RawTruth(root, files, kind)
 
 
@@ -207,8 +241,11 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the equal-size shard tensors; keep names and raw ground truth (sizes may differ) as lists."""
     import torch
 
-    batch = {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items]),
-             "name": [str(it["name"]) for it in items]}
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "label": torch.stack([it["label"] for it in items]),
+        "name": [str(it["name"]) for it in items],
+    }
     for key in ("gt", "gt_ids", "gt_inst"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
@@ -283,8 +320,12 @@ def run_evaluation(
 
         official = OfficialEvaluator(label_set)
     n = len(dataset)
-    state = EvalState(ConfusionMatrix(label_set.num_classes, label_set.ignore_index), official,
-                      k_best=min(gallery, math.ceil(n / 2)), k_worst=min(gallery, n // 2))
+    state = EvalState(
+        ConfusionMatrix(label_set.num_classes, label_set.ignore_index),
+        official,
+        k_best=min(gallery, math.ceil(n / 2)),
+        k_worst=min(gallery, n // 2),
+    )
     source = FullResDataset(dataset, raw, label_set) if raw is not None else dataset
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
     with torch.inference_mode():
@@ -305,11 +346,17 @@ def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set
     label = batch["label"].to(pred.device)
     state.confusion.update(pred, label)
     rows = image_scores(pred, label, label_set.num_classes, label_set.ignore_index)
-    for i, (name, row) in enumerate(zip(batch["name"], rows)):
+    for i, (name, row) in enumerate(zip(batch["name"], rows, strict=True)):
+
         def make_pick(i: int = i, name: str = name, row: dict = row) -> dict[str, Any]:
-            return {"name": name, "miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"],
-                    "image": batch["image"][i].permute(1, 2, 0).numpy().copy(),
-                    "label": label[i].cpu().numpy().astype(np.uint8), "pred": pred[i].cpu().numpy().astype(np.uint8)}
+            return {
+                "name": name,
+                "miou": row["miou"],
+                "pixel_accuracy": row["pixel_accuracy"],
+                "image": batch["image"][i].permute(1, 2, 0).numpy().copy(),
+                "label": label[i].cpu().numpy().astype(np.uint8),
+                "pred": pred[i].cpu().numpy().astype(np.uint8),
+            }
 
         state.offer({"name": name, **row}, make_pick)
 
@@ -338,8 +385,14 @@ def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_
 
             image = batch["image"][i].permute(1, 2, 0).numpy()
             shown = cv2.resize(image, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
-            return {"name": name, "miou": row["miou"], "pixel_accuracy": row["pixel_accuracy"], "image": shown,
-                    "label": gt, "pred": pred}
+            return {
+                "name": name,
+                "miou": row["miou"],
+                "pixel_accuracy": row["pixel_accuracy"],
+                "image": shown,
+                "label": gt,
+                "pred": pred,
+            }
 
         state.offer({"name": name, **row}, make_pick)
 
@@ -367,13 +420,32 @@ def environment(device: Any) -> dict[str, Any]:
     from urbanseg.util import default_workers
 
     gpu = torch.cuda.get_device_name(device) if getattr(device, "type", "") == "cuda" else None
-    return {"cpu": _cpu_name(), "cpu_cores": default_workers(), "torch_threads": torch.get_num_threads(),
-            "device": str(device), "gpu": gpu, "urbanseg": __version__, "torch": torch.__version__,
-            "python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform()}
+    return {
+        "cpu": _cpu_name(),
+        "cpu_cores": default_workers(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": gpu,
+        "urbanseg": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
 
 
-def _info(cfg: EvaluateConfig, summary: dict[str, Any], training: dict | None, ckpt_path: Path, shards: Path,
-          dataset: Any, device: Any, seconds: float, state: EvalState, raw: RawTruth | None) -> dict[str, Any]:
+def _info(
+    cfg: EvaluateConfig,
+    summary: dict[str, Any],
+    training: dict | None,
+    ckpt_path: Path,
+    shards: Path,
+    dataset: Any,
+    device: Any,
+    seconds: float,
+    state: EvalState,
+    raw: RawTruth | None,
+) -> dict[str, Any]:
     """Everything metrics.json records about how the figures were made; `summary` is
     `checkpoint.summarize_checkpoint`, `training` the checkpoint's training config."""
     from datetime import datetime
@@ -389,17 +461,34 @@ def _info(cfg: EvaluateConfig, summary: dict[str, Any], training: dict | None, c
         "seconds": round(seconds, 3),
         "label_set": dataset.label_set.name,
         "data": {"shards": str(shards), "raw": raw.root.as_posix() if raw else None},
-        "checkpoint": {"path": str(ckpt_path), "step": summary["step"], "epoch": summary["epoch"],
-                       "model": {"name": summary["model"], "kwargs": summary["model_kwargs"]},
-                       "parameters": summary["parameters"], "input_size": summary["input_size"],
-                       "metrics_at_save": summary["metrics"], "urbanseg_version": summary["urbanseg_version"]},
+        "checkpoint": {
+            "path": str(ckpt_path),
+            "step": summary["step"],
+            "epoch": summary["epoch"],
+            "model": {"name": summary["model"], "kwargs": summary["model_kwargs"]},
+            "parameters": summary["parameters"],
+            "input_size": summary["input_size"],
+            "metrics_at_save": summary["metrics"],
+            "urbanseg_version": summary["urbanseg_version"],
+        },
         "environment": environment(device),
         "training_config": training,
     }
 
 
-_TRAINING_KEYS = ("epochs", "iters", "batch_size", "crop", "optimizer", "lr", "schedule", "loss", "class_weights",
-                  "augment", "seed")
+_TRAINING_KEYS = (
+    "epochs",
+    "iters",
+    "batch_size",
+    "crop",
+    "optimizer",
+    "lr",
+    "schedule",
+    "loss",
+    "class_weights",
+    "augment",
+    "seed",
+)
 
 
 def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -411,10 +500,14 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
     training = ", ".join(f"{k}={train[k]}" for k in _TRAINING_KEYS if train.get(k) is not None)
     w, h = info["prepared_size"]
     n, s = info["num_images"], info["seconds"]
-    protocol = (f"full resolution: logits upsampled bilinearly to the raw ground truth in {info['data']['raw']}"
-                if info["protocol"] == "full-res" else f"prepared size {w}x{h}, against the labels in the shards")
+    protocol = (
+        f"full resolution: logits upsampled bilinearly to the raw ground truth in {info['data']['raw']}"
+        if info["protocol"] == "full-res"
+        else f"prepared size {w}x{h}, against the labels in the shards"
+    )
     hardware = f"{env['cpu']} ({env['cpu_cores']} cores), device {env['device']}" + (
-        f" ({env['gpu']})" if env["gpu"] else "")
+        f" ({env['gpu']})" if env["gpu"] else ""
+    )
     return [
         ("date", info["date"]),
         ("checkpoint", f"{info['checkpoint']['path']} ({facts['progress']}; written by {facts['written by']})"),

@@ -47,8 +47,10 @@ def export(cfg: ExportConfig) -> Path:
         export_onnx(model, tmp, meta.input_size, opset=cfg.opset, dynamic=cfg.dynamic, metadata=meta.to_dict())
         agreement = verify_onnx(model, tmp, meta.input_size, dynamic=cfg.dynamic)
     sizes = ", ".join(f"{k}: {v:.4%}" for k, v in agreement.items())
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {cfg.opset}, "
-          f"{'dynamic' if cfg.dynamic else 'fixed'} input) from {source}")
+    print(
+        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {cfg.opset}, "
+        f"{'dynamic' if cfg.dynamic else 'fixed'} input) from {source}"
+    )
     print(f"argmax agreement with PyTorch: {sizes}")
     print(f"run it: urbanseg predict --model {target} --input IMAGES")
     return target
@@ -60,7 +62,7 @@ def is_urbanseg_onnx(path: Path) -> bool:
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - whatever it is, it is not ours
+    except Exception:
         return False
     return any(entry.key == ONNX_META_KEY for entry in proto.metadata_props)
 
@@ -87,8 +89,14 @@ def export_onnx(
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": axes, "logits": axes}, opset_version=opset, dynamo=False,
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": axes, "logits": axes},
+            opset_version=opset,
+            dynamo=False,
         )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
@@ -127,10 +135,14 @@ def verify_onnx(model: Any, path: Path, input_size: tuple[int, int], *, dynamic:
             expected = model(torch.from_numpy(x)).argmax(1).numpy()
         got = session.run(None, {"image": x})[0]
         if got.shape[-2:] != (sh, sw):
-            raise UserError(f"ONNX output is {got.shape[-2]}x{got.shape[-1]} for a {sh}x{sw} input; "
-                            "this model does not export with dynamic sizes, use --no-dynamic")
+            raise UserError(
+                f"ONNX output is {got.shape[-2]}x{got.shape[-1]} for a {sh}x{sw} input; "
+                "this model does not export with dynamic sizes, use --no-dynamic"
+            )
         result[f"{sw}x{sh}"] = float((got.argmax(1) == expected).mean())
         if result[f"{sw}x{sh}"] < MIN_AGREEMENT:
-            raise UserError(f"ONNX Runtime agrees with PyTorch on only {result[f'{sw}x{sh}']:.4%} of the pixels "
-                            f"at {sw}x{sh} (need {MIN_AGREEMENT:.1%}); try another --opset or --no-dynamic")
+            raise UserError(
+                f"ONNX Runtime agrees with PyTorch on only {result[f'{sw}x{sh}']:.4%} of the pixels "
+                f"at {sw}x{sh} (need {MIN_AGREEMENT:.1%}); try another --opset or --no-dynamic"
+            )
     return result

@@ -57,8 +57,10 @@ def predict(cfg: PredictConfig) -> int:
         predictor = load_predictor(onnx=cfg.model)
     else:
         predictor = load_predictor(checkpoint=resolve_checkpoint(cfg.run, cfg.checkpoint), device=cfg.device)
-    print(f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
-          f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})")
+    print(
+        f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
+        f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
+    )
     if cfg.split is not None:
         return predict_split(cfg, predictor)
     out = cfg.out or (cfg.run / "predict" / "input" if cfg.run else Path("predictions"))

@@ -78,8 +78,8 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
     """One scene: {"image": (H, W, 3) uint8, "labelIds": (H, W) uint8, "instanceIds": (H, W)
     uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
     pixel counts}. Deterministic in its arguments."""
-    from urbanseg.synth.render import clip_polygon, draw_polygons, render
     from urbanseg.synth.layout import compose
+    from urbanseg.synth.render import clip_polygon, draw_polygons, render
 
     for attempt in range(MAX_ATTEMPTS):
         key = [seed % 2**63, zlib.crc32(split.encode()), index, attempt]
@@ -106,7 +106,7 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
     for label in LABELS:
         if label.id >= 0:
             palette[label.id, :3] = label.color
-    objects = [{"label": s.label, "polygon": p.tolist()} for s, p in zip(shapes, polys)]
+    objects = [{"label": s.label, "polygon": p.tolist()} for s, p in zip(shapes, polys, strict=True)]
     return {
         "image": render(scene, shapes, polys, rng),
         "labelIds": label_ids,
@@ -152,14 +152,18 @@ def _check_output(config: SynthConfig, planned: set[Path]) -> None:
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read {saved}: {e}; delete the folder or choose another --out") from None
     if (old.get("seed"), old.get("size")) != (config.seed, config.size):
-        raise UserError(f"--out {out} holds a synthetic dataset made with --seed {old.get('seed')} --size "
-                        f"{old.get('size')}, not --seed {config.seed} --size {config.size}; rerun with those "
-                        "flags to complete or extend it, or choose a new folder")
+        raise UserError(
+            f"--out {out} holds a synthetic dataset made with --seed {old.get('seed')} --size "
+            f"{old.get('size')}, not --seed {config.seed} --size {config.size}; rerun with those "
+            "flags to complete or extend it, or choose a new folder"
+        )
     existing = {p for d in ("leftImg8bit", "gtFine") for p in (out / d).rglob("*") if p.is_file()}
     extra = sorted(existing - planned)
     if extra:
-        raise UserError(f"--out {out} holds {len(extra)} scene file(s) this run would not write (e.g. {extra[0]}), "
-                        "from a run with more scenes; give the same --train/--val/--test as before, or a new folder")
+        raise UserError(
+            f"--out {out} holds {len(extra)} scene file(s) this run would not write (e.g. {extra[0]}), "
+            "from a run with more scenes; give the same --train/--val/--test as before, or a new folder"
+        )
 
 
 def synthesize(config: SynthConfig) -> None:
@@ -176,8 +180,8 @@ def synthesize(config: SynthConfig) -> None:
         results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
     print(f"wrote {len(jobs)} scenes to {out}")
     for split in SPLITS:
-        rows = [r for r, job in zip(results, jobs) if job[2] == split]
+        rows = [r for r, job in zip(results, jobs, strict=True) if job[2] == split]
         if rows:
             total = np.sum(rows, axis=0)
-            shares = ", ".join(f"{c} {100 * n / total.sum():.1f}%" for c, n in zip(CATEGORIES, total))
+            shares = ", ".join(f"{c} {100 * n / total.sum():.1f}%" for c, n in zip(CATEGORIES, total, strict=True))
             print(f"  {split}: {len(rows)} scene(s); pixel shares: {shares}")

@@ -31,8 +31,9 @@ def load_run_config(run: Path) -> TrainConfig:
     from urbanseg.rundir import RunDir
 
     if not (run / RunDir.CONFIG).is_file():
-        raise UserError(f"--resume: {run / RunDir.CONFIG} not found; {run} is not a run folder (start without "
-                        "--resume)")
+        raise UserError(
+            f"--resume: {run / RunDir.CONFIG} not found; {run} is not a run folder (start without --resume)"
+        )
     return RunDir(run).config()
 
 
@@ -88,8 +89,13 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
     }
 

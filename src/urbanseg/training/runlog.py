@@ -78,7 +78,7 @@ class RunLog:
         for k in keys:
             if result[k] is not None:
                 self.writer.add_scalar(f"val/{k}", result[k], step)
-        for name, iou in zip(class_names, result["per_class"]["iou"]):
+        for name, iou in zip(class_names, result["per_class"]["iou"], strict=True):
             if iou is not None:
                 self.writer.add_scalar(f"val_iou/{name}", iou, step)
         self.writer.flush()
@@ -100,14 +100,13 @@ class EventWriter:
 
         logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-        self._file = open(logdir / name, "wb")
+        self._file = open(logdir / name, "wb")  # noqa: SIM115 - open for the writer's lifetime; close() closes it
         self._records = RecordWriter(self._file)
         self._event = Event
         self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if purge_step is not None:
             # TensorBoard's reader discards earlier events with step >= purge_step
-            self._write(Event(wall_time=time.time(), step=purge_step,
-                              session_log=SessionLog(status=SessionLog.START)))
+            self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
         self.flush()
 
     def _write(self, event: Any) -> None:
@@ -142,12 +141,12 @@ def plot_curves(csv_path: Path, out: Path) -> None:
     val = [(int(r["step"]), float(r["miou"])) for r in rows if r["split"] == "val" and r["miou"]]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), color="tab:blue", label="training loss")
+        ax.plot(*zip(*train, strict=True), color="tab:blue", label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
     if val:
-        ax2.plot(*zip(*val), "o-", color="tab:orange", label="validation mIoU")
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:orange", label="validation mIoU")
     ax2.set_ylabel("validation mIoU", color="tab:orange")
     ax2.set_ylim(0, 1)
     ax.set_title(f"{csv_path.parent.name}: loss and mIoU")

@@ -51,8 +51,10 @@ def check_run_folder(config: TrainConfig) -> None:
     outputs.check_owner(config.run, "train", what="--run")
     saved = [name for name in ("last.pt", "best.pt") if (config.run / name).exists()]
     if saved and not config.resume:
-        raise UserError(f"{config.run} already holds a training run; continue it with --resume, or choose a new "
-                        f"--run (it has {' and '.join(saved)})")
+        raise UserError(
+            f"{config.run} already holds a training run; continue it with --resume, or choose a new "
+            f"--run (it has {' and '.join(saved)})"
+        )
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -86,19 +88,25 @@ def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[ShardDataset, 
 
     for split in ("train", "val"):
         if not (config.data / split / "spec.json").is_file():
-            raise UserError(f"{config.data / split / 'spec.json'} not found: --data must be a folder written by "
-                            f"`urbanseg pack` with train and val splits")
+            raise UserError(
+                f"{config.data / split / 'spec.json'} not found: --data must be a folder written by "
+                f"`urbanseg pack` with train and val splits"
+            )
     train_set, val_set = ShardDataset(config.data, "train"), ShardDataset(config.data, "val")
     if train_set.label_set.classes != val_set.label_set.classes:
         raise UserError(f"{config.data}: the train and val splits use different label sets; pack them together")
     if len(train_set) == 0 or len(val_set) == 0:
         raise UserError(f"{config.data}: the train or val split is empty")
     if config.batch_size > len(train_set):
-        raise UserError(f"--batch-size {config.batch_size} is larger than the train split ({len(train_set)} "
-                        f"images in {config.data / 'train'}); use --batch-size {len(train_set)} or less")
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the train split ({len(train_set)} "
+            f"images in {config.data / 'train'}); use --batch-size {len(train_set)} or less"
+        )
     if config.batch_size % info.world_size:
-        raise UserError(f"--batch-size {config.batch_size} (global) does not split evenly over "
-                        f"{info.world_size} processes; use a multiple of {info.world_size}")
+        raise UserError(
+            f"--batch-size {config.batch_size} (global) does not split evenly over "
+            f"{info.world_size} processes; use a multiple of {info.world_size}"
+        )
     return train_set, val_set
 
 
@@ -123,24 +131,33 @@ def load_init_weights(model: SegmentationModel, path: Path, label_set: LabelSet,
     ckpt = load_checkpoint(path)
     old = LabelSet.from_dict(ckpt["label_set"]).classes
     if old != label_set.classes and len(old) == len(label_set.classes) and not new_head:
-        raise UserError(f"--init {path} was trained on classes {list(old)}, the data has {list(label_set.classes)}: "
-                        f"same count, different classes. Pass --new-head to fine-tune with a new head")
+        raise UserError(
+            f"--init {path} was trained on classes {list(old)}, the data has {list(label_set.classes)}: "
+            f"same count, different classes. Pass --new-head to fine-tune with a new head"
+        )
     if new_head:
-        ckpt = {**ckpt, "model_state": {k: v for k, v in ckpt["model_state"].items()
-                                        if not k.startswith(model.head_prefixes)}}
+        ckpt = {
+            **ckpt,
+            "model_state": {k: v for k, v in ckpt["model_state"].items() if not k.startswith(model.head_prefixes)},
+        }
     report = load_pretrained(model, ckpt)
     if report.skipped:
-        print(f"--init {path}: new {label_set.num_classes}-class head, {len(report.loaded)} tensors loaded",
-              file=sys.stderr)
+        print(
+            f"--init {path}: new {label_set.num_classes}-class head, {len(report.loaded)} tensors loaded",
+            file=sys.stderr,
+        )
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig,
-                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    model: nn.Module, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW or SGD (no weight decay on biases and norm weights) and a LambdaLR: linear
     warm-up, then poly (power 0.9, as in DeepLab) or cosine decay to 0 at `total_steps`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
     optimizer: torch.optim.Optimizer
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
@@ -163,8 +180,12 @@ def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     benchmarks/bench_train.py) and not at all on older CPUs, so it is opt-in: --amp bf16."""
     if config.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or --amp off")
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-            "auto": torch.float16 if device.type == "cuda" else None}[config.amp]
+    return {
+        "off": None,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "auto": torch.float16 if device.type == "cuda" else None,
+    }[config.amp]
 
 
 def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Trainer:
@@ -188,16 +209,37 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     if config.compile:
         wrapped = cast(nn.Module, torch.compile(wrapped))
     counts = pixel_count_array(train_set.spec.pixel_counts, label_set.classes)
-    criterion = SegmentationLoss(config.loss, weight=class_weights(counts, config.class_weights), ohem=config.ohem,
-                                 ohem_thresh=config.ohem_thresh, ohem_min_kept=config.ohem_min_kept,
-                                 ignore_index=label_set.ignore_index).to(device)
+    criterion = SegmentationLoss(
+        config.loss,
+        weight=class_weights(counts, config.class_weights),
+        ohem=config.ohem,
+        ohem_thresh=config.ohem_thresh,
+        ohem_min_kept=config.ohem_min_kept,
+        ignore_index=label_set.ignore_index,
+    ).to(device)
     steps_per_epoch = len(train_set) // config.batch_size  # every process: the same count, see `fit`
     total = config.iters if config.iters is not None else cast(int, config.epochs) * steps_per_epoch  # resolved
     optimizer, scheduler = build_optimizer(model, config, total)
     dtype = amp_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Trainer(config, info, device, model, wrapped, criterion, optimizer, scheduler, scaler, dtype, train_set,
-                   val_set, label_set, steps_per_epoch, total, config.batch_size // info.world_size)
+    return Trainer(
+        config,
+        info,
+        device,
+        model,
+        wrapped,
+        criterion,
+        optimizer,
+        scheduler,
+        scaler,
+        dtype,
+        train_set,
+        val_set,
+        label_set,
+        steps_per_epoch,
+        total,
+        config.batch_size // info.world_size,
+    )
 
 
 # --------------------------------------------------------------------------- before the first step
@@ -211,15 +253,24 @@ def preflight(config: TrainConfig, info: dist_.DistInfo, device: torch.device, t
     size = parse_size(config.crop, "--crop") if config.crop else data
     check_memory(config, info, device, size, data, train_set.label_set.num_classes)
     if info.is_main and (size[0] > data[0] or size[1] > data[1]):
-        print(f"urbanseg train: warning: --crop {config.crop} is larger than the training images "
-              f"({data[0]}x{data[1]} in {config.data / 'train'}): the crops are padded with ignored pixels, so "
-              f"every step computes on padding; use --crop {min(size[0], data[0])}x{min(size[1], data[1])} or "
-              f"smaller", file=sys.stderr)
+        print(
+            f"urbanseg train: warning: --crop {config.crop} is larger than the training images "
+            f"({data[0]}x{data[1]} in {config.data / 'train'}): the crops are padded with ignored pixels, so "
+            f"every step computes on padding; use --crop {min(size[0], data[0])}x{min(size[1], data[1])} or "
+            f"smaller",
+            file=sys.stderr,
+        )
     verify_data(config, info)
 
 
-def check_memory(config: TrainConfig, info: dist_.DistInfo, device: torch.device, size: tuple[int, int],
-                 data: tuple[int, int], num_classes: int) -> None:
+def check_memory(
+    config: TrainConfig,
+    info: dist_.DistInfo,
+    device: torch.device,
+    size: tuple[int, int],
+    data: tuple[int, int],
+    num_classes: int,
+) -> None:
     """Refuse a crop (or whole images) of `size` whose batch alone cannot fit:
     `memory.train_step_floor` of this process's batch, on its GPU, or on the CPU times the
     processes sharing this machine. The crop suggested is no larger than the `data`."""
@@ -236,8 +287,9 @@ def check_memory(config: TrainConfig, info: dist_.DistInfo, device: torch.device
     fixes = [f"a smaller --crop (about {min(w, data[0])}x{min(h, data[1])} at most at this batch size)"]
     if room >= per_sample and config.batch_size > info.world_size:
         fixes.append(f"--batch-size {room // per_sample * info.world_size}")
-    what = (f"--crop {config.crop}" if config.crop else f"training on whole {size[0]}x{size[1]} images") + \
-        f" at --batch-size {config.batch_size} (inputs and logits alone, before the model's activations)"
+    what = (
+        f"--crop {config.crop}" if config.crop else f"training on whole {size[0]}x{size[1]} images"
+    ) + f" at --batch-size {config.batch_size} (inputs and logits alone, before the model's activations)"
     memory.require(per_sample * local_batch * sharing, what, "use " + " or ".join(fixes), have=have, where=where)
 
 
@@ -257,8 +309,10 @@ def verify_data(config: TrainConfig, info: dist_.DistInfo) -> None:
             problem = str(e)
     problem = dist_.broadcast_from_main(problem)
     if problem:
-        raise UserError(f"{problem}. Found by checking every record before the first step: nothing was written "
-                        f"to {config.run}, and the same command runs once the shards are re-packed")
+        raise UserError(
+            f"{problem}. Found by checking every record before the first step: nothing was written "
+            f"to {config.run}, and the same command runs once the shards are re-packed"
+        )
 
 
 # --------------------------------------------------------------------------- the command
@@ -274,8 +328,9 @@ def train(config: TrainConfig) -> int:
         config = resolve_config(config)
         # Only rank 0 writes, so only it checks and locks the run folder; if it refuses,
         # it exits 2 and torchrun stops the other processes.
-        with outputs.claim(config.run, "train", what="--run", check=lambda: check_run_folder(config),
-                           enabled=info.is_main):
+        with outputs.claim(
+            config.run, "train", what="--run", check=lambda: check_run_folder(config), enabled=info.is_main
+        ):
             return _train(config, info, device)
     finally:
         dist_.cleanup()
@@ -295,9 +350,12 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
             reason = fit(t, st, log, stop)
     except NonFiniteLoss as e:
         if info.is_main:
-            print(f"urbanseg train: error: {e}; training stopped without saving. "
-                  f"{last} keeps the last good state{'' if last.is_file() else ' (none was saved yet)'}. "
-                  f"Try a lower --lr, --clip-grad 1.0 or --amp off", file=sys.stderr)
+            print(
+                f"urbanseg train: error: {e}; training stopped without saving. "
+                f"{last} keeps the last good state{'' if last.is_file() else ' (none was saved yet)'}. "
+                f"Try a lower --lr, --clip-grad 1.0 or --amp off",
+                file=sys.stderr,
+            )
         return EXIT_DIVERGED
     finally:
         log.close()
