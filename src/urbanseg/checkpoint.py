@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from urbanseg.errors import UserError
+from urbanseg.models.registry import SegmentationModel, create_model
 from urbanseg.schema import Node, check_version
+from urbanseg.torchfile import torch_load
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -46,9 +47,6 @@ REQUIRED_KEYS = (
     "epoch",
     "metrics",
 )
-# Globals of plain data in a protocol-2 pickle (bytes and sets), not worth naming in an error.
-_PLAIN_GLOBALS = {f"{m}.{n}" for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytes", "bytearray")}
-_PLAIN_GLOBALS.add("_codecs.encode")
 # What torch.load(weights_only=True) accepts besides tensors and containers.
 _PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -147,69 +145,6 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
-def torch_load(
-    path: Path | str,
-    map_location: Any = "cpu",
-    *,
-    what: str = "checkpoint",
-    fix: str = "use another checkpoint (best.pt or last.pt of the run) or train again",
-) -> Any:
-    """`torch.load(path, weights_only=True)`; any failure -> UserError naming `what`,
-    `path` and `fix`. A well-formed pickle that PyTorch's weights-only unpickler rejects
-    holds Python objects: that is "refused", never "corrupt", and PyTorch's advice to load
-    with `weights_only=False` (which would run the payload) is never quoted."""
-    import pickle
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the error below says more
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip, pickle, EOF and weights-only errors
-        names = _pickled_globals(Path(path)) if isinstance(e, pickle.UnpicklingError) else None
-        if names is None:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            detail = "damaged pickle data" if "weights_only" in str(e) else f"{type(e).__name__}: {first}"
-            raise UserError(
-                f"{what} {path} cannot be read ({detail}); it is truncated, corrupt or not a PyTorch file: {fix}"
-            ) from None
-        foreign = [
-            n for n in dict.fromkeys(names) if not n.startswith(("torch.", "collections.")) and n not in _PLAIN_GLOBALS
-        ][:3]
-        shown = f" ({', '.join(foreign)})" if foreign else ""
-        raise UserError(
-            f"{what} {path} refused: not a plain {what} (it contains pickled Python objects{shown}, "
-            f"which urbanseg never loads because loading them can run code); {fix}"
-        ) from None
-
-
-def _pickled_globals(path: Path) -> list[str] | None:
-    """The "module.name" globals the pickle stream of a torch file refers to, read with
-    `pickletools.genops` (which parses opcodes and runs nothing); None when the file holds
-    no complete pickle stream (truncated, corrupt or foreign)."""
-    import pickletools
-    import zipfile
-
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
-        else:
-            data = path.read_bytes()
-        names: list[str] = []
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(".".join(strings[-2:]))
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return names
-    except Exception:
-        return None
-
-
 def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
     """Check a loaded checkpoint against the contract (module docstring): format version,
     model {name, kwargs with num_classes}, a state dict of tensors, a label set with as
@@ -242,7 +177,7 @@ def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
 
 
 def build_payload(
-    model: nn.Module,
+    model: SegmentationModel,
     *,
     label_set: Any,
     input_size: tuple[int, int] | list[int],
@@ -273,11 +208,9 @@ def build_payload(
     return payload
 
 
-def model_from_checkpoint(ckpt: dict[str, Any] | Path | str) -> nn.Module:
+def model_from_checkpoint(ckpt: dict[str, Any] | Path | str) -> SegmentationModel:
     """Rebuild the model a checkpoint (dict or path) describes, with its weights, in
     eval mode. No weights are downloaded: the state dict holds them all."""
-    from urbanseg.models import create_model
-
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     arch = ckpt["model"]
@@ -306,7 +239,9 @@ class LoadReport:
         return text
 
 
-def load_pretrained(model: nn.Module, ckpt: dict[str, Any] | Path | str, strict_head: bool = False) -> LoadReport:
+def load_pretrained(
+    model: SegmentationModel, ckpt: dict[str, Any] | Path | str, strict_head: bool = False
+) -> LoadReport:
     """Fine-tuning: load every weight of checkpoint `ckpt` into `model` (the same
     architecture), except head tensors whose shape differs (another class count):
     those keep their fresh initialisation and are listed in the report.

@@ -89,11 +89,16 @@ def _pixel_counts(pairs: list[tuple[str, Path, Path]], num_classes: int) -> list
 
     counts = np.zeros(256, np.int64)
     for _, _, label in pairs:
-        counts += np.bincount(cv2.imread(str(label), cv2.IMREAD_UNCHANGED).ravel(), minlength=256)
+        labels = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+        if labels is None:
+            raise UserError(f"{label} cannot be decoded as a PNG; re-run `urbanseg prepare`")
+        counts += np.bincount(labels.ravel(), minlength=256)
     return counts[:num_classes].tolist()
 
 
-def _write_shards(stage: Path, pairs: list, num_shards: int, size: tuple[int, int], desc: str) -> list[ShardEntry]:
+def _write_shards(
+    stage: Path, pairs: list[tuple[str, Path, Path]], num_shards: int, size: tuple[int, int], desc: str
+) -> list[ShardEntry]:
     """Write `pairs` as `num_shards` contiguous, even shards (+ index files) into `stage`."""
     from tqdm import tqdm
 

@@ -371,7 +371,8 @@ def _remove(paths: list[Path]) -> None:
 
 
 def _split_entry(pairs: list[Pair], outcomes: list[Outcome], label_set: LabelSet) -> dict[str, Any]:
-    counts = np.sum([o.counts for o in outcomes], axis=0) if outcomes else np.zeros(256, np.int64)
+    counted = [o.counts for o in outcomes if o.counts is not None]  # (every outcome here succeeded)
+    counts = np.sum(counted, axis=0) if counted else np.zeros(256, np.int64)
     return {
         "count": len(pairs),
         "stems": [p.stem for p in pairs],
@@ -455,6 +456,7 @@ def prepare(config: PrepareConfig) -> None:
     workers = config.workers or util.default_workers()
     _check_headers(todo, len(every), config.source, workers)
     with outputs.claim(out, "prepare", check=lambda: _claim_out(out, settings, config.overwrite)) as claimed:
+        assert claimed is not None  # what the check= above returned
         previous, wipe = claimed
         # Every check passed: from here on files are written. No manifest while they change.
         if wipe:

@@ -96,11 +96,11 @@ def evaluate(cfg: EvaluateConfig) -> int:
             official=official,
         )
     print(format_table(result, label_set.classes))
-    summary = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
+    scores = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
     for key in ("mean_class_iou", "mean_category_iou"):
         if official and key in official:
-            summary.append(f"official {key.replace('_', ' ')} {_fmt(official[key])}")
-    print(", ".join(summary))
+            scores.append(f"official {key.replace('_', ' ')} {_fmt(official[key])}")
+    print(", ".join(scores))
     print(
         f"{len(dataset)} images in {seconds:.1f} s; report: {paths['html']} (open it in a browser), "
         f"{paths['markdown']}; every figure in {paths['metrics']}"
@@ -326,7 +326,7 @@ def run_evaluation(
         k_best=min(gallery, math.ceil(n / 2)),
         k_worst=min(gallery, n // 2),
     )
-    source = FullResDataset(dataset, raw, label_set) if raw is not None else dataset
+    source: Any = FullResDataset(dataset, raw, label_set) if raw is not None else dataset  # map-style
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):

@@ -31,7 +31,7 @@ from urbanseg.config import PredictConfig, parse_size
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
 from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.segment import segment
+from urbanseg.inference.segment import Mode, segment
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
@@ -117,7 +117,7 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[Job], list[tuple
 
 
 def _segment(cfg: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    mode = "tile" if cfg.tile else "native" if cfg.native else "resize"
+    mode: Mode = "tile" if cfg.tile else "native" if cfg.native else "resize"
     tile = parse_size(cfg.tile_size, "--tile-size") if cfg.tile_size else None
     return segment(predictor, images, mode=mode, tile_size=tile, overlap=cfg.tile_overlap, batch_size=cfg.batch_size)
 
@@ -196,7 +196,7 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
                         break
                     if writer is None:
                         h, w = batch[0].shape[:2]
-                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
                             raise ValueError(f"OpenCV cannot write an mp4v video to {target}")
                     for frame, lab in zip(batch, _segment(cfg, predictor, batch), strict=False):
@@ -213,7 +213,7 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
 
 def _read_frames(cap: Any, n: int) -> list[np.ndarray]:
     """Up to n frames as (H, W, 3) uint8 RGB."""
-    frames = []
+    frames: list[np.ndarray] = []
     while len(frames) < n:
         ok, frame = cap.read()
         if not ok:
@@ -231,19 +231,25 @@ def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
 
     from urbanseg.data.loader import ShardDataset
 
-    root = cfg.data or RunDir(cfg.run).data
-    dataset = ShardDataset(root, cfg.split)
-    out = cfg.out or (cfg.run / "predict" / cfg.split if cfg.run else Path("predictions") / cfg.split)
+    split = cfg.split or "val"  # (called with --split only)
+    if cfg.data is not None:
+        root = cfg.data
+    elif cfg.run is not None:
+        root = RunDir(cfg.run).data
+    else:  # PredictConfig refuses --split without --run or --data
+        raise UserError("--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data")
+    dataset = ShardDataset(root, split)
+    out = cfg.out or (cfg.run / "predict" / split if cfg.run else Path("predictions") / split)
     n = min(cfg.num, len(dataset))
     title = _model_title(predictor)
     with claim(out, "predict"):
-        for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {cfg.split}", unit="batch"):
+        for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {split}", unit="batch"):
             items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
             images = [item["image"].permute(1, 2, 0).numpy() for item in items]
             for item, image, lab in zip(items, images, _segment(cfg, predictor, images), strict=False):
                 picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
                 save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
-    print(f"wrote {n} pictures (image | prediction) from {root}/{cfg.split} to {out}")
+    print(f"wrote {n} pictures (image | prediction) from {root}/{split} to {out}")
     return 0
 
 

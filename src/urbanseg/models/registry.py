@@ -30,6 +30,7 @@ from urbanseg.models.builders import (
     SmpConfigBuilder,
     UNetOriginalBuilder,
 )
+from urbanseg.torchfile import torch_load
 from urbanseg.util import atomic_path
 
 _MBV3, _MBV4 = "tu-mobilenetv3_large_100", "tu-mobilenetv4_conv_small"
@@ -203,8 +204,6 @@ def load_encoder_weights(model: SegmentationModel, path: Path | str) -> None:
     """Load a local state dict into `model.encoder`. Accepts the encoder's own keys or
     the keys of a whole-model file with a known prefix; keys of other parts (e.g. an
     ImageNet classifier) are ignored. Missing or mis-shaped encoder weights -> UserError."""
-    from urbanseg.checkpoint import torch_load
-
     state = torch_load(
         path,
         what="encoder weights file",

@@ -91,7 +91,7 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
             if poly is not None:
                 shapes.append(shape)
                 polys.append(poly)
-        ids, instances = _label_values([s.label for s in shapes])
+        ids, instances = _label_values([s.label or "" for s in shapes])
         drawn = [k for k, i in enumerate(ids) if i >= 0]
         label_ids = draw_polygons((width, height), [polys[k] for k in drawn], [ids[k] for k in drawn], "L")
         cat_of_id = np.zeros(256, np.int64)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def configure_determinism(config: TrainConfig) -> None:
 def rng_state() -> dict[str, Any]:
     """This process's generator states (torch CPU and CUDA, numpy, python) as tensors and
     plain values, loadable with weights_only=True."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -36,7 +36,7 @@ class RunLog:
     def __init__(self, run: Path, *, enabled: bool, resume_step: int | None = None) -> None:
         self.enabled = enabled
         self.csv_path = run / "metrics.csv"
-        self.writer = None
+        self.writer: EventWriter | None = None  # None: disabled, or closed
         if not enabled:
             return
         rows = read_metrics(self.csv_path) if resume_step is not None else []
@@ -63,14 +63,14 @@ class RunLog:
             raise
 
     def train(self, step: int, epoch: int, loss: float, lr: float, images_per_s: float) -> None:
-        if not self.enabled:
+        if self.writer is None:
             return
         self._row(dict(step=step, epoch=epoch, split="train", loss=loss, lr=lr, images_per_s=images_per_s))
         for tag, value in (("train/loss", loss), ("train/lr", lr), ("train/images_per_s", images_per_s)):
             self.writer.add_scalar(tag, value, step)
 
     def val(self, step: int, epoch: int, loss: float, result: dict[str, Any], class_names: tuple[str, ...]) -> None:
-        if not self.enabled:
+        if self.writer is None:
             return
         keys = ("miou", "pixel_accuracy", "mean_accuracy")
         self._row(dict(step=step, epoch=epoch, split="val", loss=loss, **{k: result[k] for k in keys}))

@@ -116,6 +116,7 @@ def build_model(config: TrainConfig, label_set: LabelSet) -> SegmentationModel:
     from urbanseg.models import create_model
 
     kwargs = json.loads(config.model_args) if config.model_args else {}
+    assert config.model is not None  # resolve_config fills it in
     model = create_model(config.model, label_set.num_classes, encoder_weights=config.encoder_weights, **kwargs)
     if config.init is not None:
         load_init_weights(model, config.init, label_set, config.new_head)
@@ -159,6 +160,7 @@ def build_optimizer(
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
     optimizer: torch.optim.Optimizer
+    assert config.lr is not None  # resolve_config fills it in
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=config.lr)
     else:
