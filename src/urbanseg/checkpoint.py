@@ -28,10 +28,13 @@ from typing import Any
 
 import torch
 
+from urbanseg import __version__
 from urbanseg.errors import UserError
+from urbanseg.labels import LabelSet
 from urbanseg.models.registry import SegmentationModel, create_model
 from urbanseg.schema import Node, check_version
 from urbanseg.torchfile import torch_load
+from urbanseg.util import atomic_path
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
@@ -58,7 +61,6 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     Raises ValueError for a missing contract key and TypeError for a value that
     `torch.load(weights_only=True)` would refuse (e.g. a numpy array), naming its key;
     OSError naming `path` when the write fails (e.g. ENOSPC for a full disk)."""
-    from urbanseg.util import atomic_path
 
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
@@ -150,7 +152,6 @@ def check_checkpoint(ckpt: dict[str, Any], where: str) -> None:
     model {name, kwargs with num_classes}, a state dict of tensors, a label set with as
     many classes as the head, input_size two positive ints, normalization 3 + 3 numbers
     (std > 0), step/epoch >= 0, config and metrics objects. FormatError naming the field."""
-    from urbanseg.labels import LabelSet
 
     doc = Node.root(ckpt, file=where, fix="use another checkpoint (best.pt or last.pt of the run) or train again")
     check_version(doc, FORMAT_VERSION, "checkpoint")
@@ -188,7 +189,6 @@ def build_payload(
     train_state: dict | None = None,
 ) -> dict[str, Any]:
     """The contract's payload for a `urbanseg.models.SegmentationModel` (`model`)."""
-    from urbanseg import __version__
 
     payload = {
         "format_version": FORMAT_VERSION,

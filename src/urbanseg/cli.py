@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from urbanseg import __version__
 from urbanseg import config as cfg
 from urbanseg.errors import UserError, user_message
 
@@ -57,7 +58,6 @@ def describe_os_error(e: OSError) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from urbanseg import __version__
 
     parser = argparse.ArgumentParser(
         prog="urbanseg",

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from urbanseg.errors import UserError
+from urbanseg.schema import describe
+from urbanseg.util import atomic_write_text
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **extra: Any) -> Any:
@@ -66,7 +68,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save(config: Any, path: Path) -> None:
     """Write the resolved config as YAML (or JSON for a .json path), atomically."""
-    from urbanseg.util import atomic_write_text
 
     data = to_dict(config)
     if path.suffix == ".json":
@@ -82,7 +83,6 @@ def from_dict(cls: type, data: Any) -> Any:
     """A config dataclass from a plain mapping (a saved config.yaml): each value checked
     against its field's type (a str for a Path, one of a Literal's choices, ...), then by
     the class's own checks. Absent keys take their defaults. UserError naming the key."""
-    from urbanseg.schema import describe
 
     if not isinstance(data, dict):
         raise UserError(f"it holds {describe(data)}, expected a mapping of flag names to values")

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from urbanseg import config as cfg
 from urbanseg import outputs
+from urbanseg.data.pack import pack
+from urbanseg.data.prepare import prepare
 from urbanseg.errors import UserError
+from urbanseg.evaluation.evaluate import evaluate
+from urbanseg.inference.predict import predict
+from urbanseg.synth import synthesize
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,6 @@ def demo(config: cfg.DemoConfig) -> int:
 
 
 def _run_stages(config: cfg.DemoConfig) -> int:
-    from urbanseg.data.pack import pack
-    from urbanseg.data.prepare import prepare
-    from urbanseg.evaluation.evaluate import evaluate
-    from urbanseg.inference.predict import predict
-    from urbanseg.synth import synthesize
     from urbanseg.training.train import train
 
     plan = QUICK if config.quick else FULL

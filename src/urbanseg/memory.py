@@ -105,25 +105,11 @@ def check_synth(config: SynthConfig) -> None:
     )
 
 
-def check_prepare(config: PrepareConfig) -> None:
-    """`urbanseg prepare`: one pair per worker in memory at once, at the raw size (the first
-    raw image's, from its header) and the output size. No raw image found: nothing to check
-    (prepare's own checks say why)."""
-    from PIL import Image
-
-    from urbanseg.data.prepare import IMAGE_SUFFIX
-
-    roots = [Path(config.data) / "leftImg8bit" / split for split in config.splits]
-    images = sorted(p for root in roots for p in root.glob(f"*/*{IMAGE_SUFFIX}"))
-    if not images:
-        return
-    try:
-        with Image.open(images[0]) as im:
-            raw = im.size
-    except OSError:  # unreadable: prepare's header check names it
-        return
+def check_prepare(config: PrepareConfig, raw: tuple[int, int], pairs: int) -> None:
+    """`urbanseg prepare`: one pair per worker in memory at once, at the raw size `raw`
+    (width, height: the first raw image's) and the output size, for `pairs` pairs."""
     size = parse_size(config.size)
-    workers = max(1, min(config.workers or default_workers(), len(images)))
+    workers = max(1, min(config.workers or default_workers(), pairs))
     fixed = PREPARE_BYTES_PER_RAW_PIXEL * raw[0] * raw[1]
     per_pair = fixed + PREPARE_BYTES_PER_OUT_PIXEL * size[0] * size[1]
     have = available_bytes()

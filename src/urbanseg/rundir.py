@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from urbanseg.config import TrainConfig, from_dict
 from urbanseg.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ class RunDir:
         flag), `run` defaults to this folder; a missing or malformed file -> UserError
         naming it and the field."""
         import yaml
-
-        from urbanseg.config import TrainConfig, from_dict
 
         path = self.path / self.CONFIG
         if not path.is_file():

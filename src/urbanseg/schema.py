@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from urbanseg import __version__
 from urbanseg.errors import UserError
 
 T = TypeVar("T")
@@ -175,8 +176,6 @@ def check_version(doc: Node, supported: int, what: str) -> int:
     format this one cannot know: "upgrade urbanseg". Returns the version."""
     version = doc["format_version"].integer(min=1)
     if version > supported:
-        from urbanseg import __version__
-
         writer = doc["urbanseg_version"].value if doc["urbanseg_version"].present else "a newer version"
         raise FormatError(
             f"{doc.file} has {what} format {version}, written by urbanseg {writer}; this urbanseg "

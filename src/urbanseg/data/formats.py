@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from urbanseg import __version__
 from urbanseg.labels import LabelSet
 from urbanseg.schema import FormatError, Node, check_version, load_json
+from urbanseg.util import atomic_write_text
 
 MANIFEST_VERSION = 1
 SPEC_VERSION = 1
@@ -33,7 +35,6 @@ FEATURES = {
 
 
 def _current_version() -> str:
-    from urbanseg import __version__
 
     return __version__
 
@@ -135,7 +136,6 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
     def save(self, path: Path | str) -> None:
-        from urbanseg.util import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 
@@ -262,7 +262,6 @@ class ShardSpec:
         return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items()) + "\n}\n"
 
     def save(self, path: Path | str) -> None:
-        from urbanseg.util import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 

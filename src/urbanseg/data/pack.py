@@ -10,17 +10,20 @@ complete. The out folder and every split folder it replaces must be pack's own
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from urbanseg import outputs
+from urbanseg.config import to_dict
 from urbanseg.data.formats import Manifest, ShardEntry, ShardSpec, SplitEntry
 from urbanseg.data.tfrecord import encode_example, frame_record, index_path
 from urbanseg.errors import UserError
-from urbanseg.util import current_umask
+from urbanseg.util import atomic_path, atomic_write_text, current_umask
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -102,8 +105,6 @@ def _write_shards(
     """Write `pairs` as `num_shards` contiguous, even shards (+ index files) into `stage`."""
     from tqdm import tqdm
 
-    from urbanseg.util import atomic_path, atomic_write_text
-
     n, shards = len(pairs), []
     bounds = [k * n // num_shards for k in range(num_shards + 1)]
     with tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True) as bar:
@@ -139,7 +140,6 @@ def _make_readable(folder: Path) -> None:
 
 def _swap_in(stage: Path, final: Path) -> None:
     """Replace the folder `final` by `stage` with two renames (the old one is then deleted)."""
-    import shutil
 
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -159,8 +159,6 @@ def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards
     `out/.<split>.partial-*` (each shard under a temporary name, spec.json last) and swapped
     in place of any previous `out/<split>` only when complete. The caller holds `out`
     (`outputs.claim`) and has checked that `out/<split>` is pack's (`_check_splits`)."""
-    import shutil
-    import tempfile
 
     info, label_set = manifest.splits[split], manifest.label_set
     pairs = _split_pairs(prepared, split, info)
@@ -194,7 +192,6 @@ def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards
 def pack(config: Any) -> None:
     """`urbanseg pack`: every requested split present in the prepared manifest ->
     `<out>/<split>/NNNNN-of-NNNNN.tfrecord` + `.index` + `spec.json`."""
-    from urbanseg.config import to_dict
 
     prepared, out = Path(config.prepared), Path(config.out)
     manifest = _load_manifest(prepared)

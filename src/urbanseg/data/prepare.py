@@ -27,8 +27,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from urbanseg import outputs, util
+from urbanseg import __version__, outputs, util
 from urbanseg.config import PrepareConfig, parse_size, to_dict
+from urbanseg.data.formats import MANIFEST_VERSION, Manifest
 from urbanseg.errors import UserError
 from urbanseg.imaging import resize_image, resize_labels, save_png
 from urbanseg.labels import LabelSet, get_label_set
@@ -438,9 +439,22 @@ def _check_headers(todo: list[Pair], total: int, source: str, workers: int) -> N
         raise _report_errors(bad, total, before_writing=True)
 
 
+def _check_memory(config: PrepareConfig, pairs: list[Pair]) -> None:
+    """Refuse, before any work, a size whose pairs cannot fit in memory (`memory.check_prepare`),
+    judged at the first raw image's size (read from its header; an unreadable one is named
+    by the header checks that follow)."""
+    from PIL import Image
+
+    try:
+        with Image.open(pairs[0].image) as im:
+            raw = im.size
+    except OSError:
+        return
+    check_prepare_memory(config, raw, len(pairs))
+
+
 def prepare(config: PrepareConfig) -> None:
     """`urbanseg prepare`: resize every raw pair of the requested splits into config.out."""
-    check_prepare_memory(config)
     size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
     label_set = get_label_set(config.labels)
     if config.source == "labelIds" and not label_set.from_cityscapes:
@@ -449,6 +463,7 @@ def prepare(config: PrepareConfig) -> None:
             "label ids: add --source color to read the *_gtFine_color.png annotations"
         )
     splits = _find_splits(config, data, out)
+    _check_memory(config, [pair for pairs in splits.values() for pair in pairs])
     settings = _settings(data, size, config.source, label_set)
     _claim_out(out, settings, config.overwrite)  # fail fast; checked again under the folder's lock
     every = [pair for pairs in splits.values() for pair in pairs]
@@ -487,8 +502,6 @@ def prepare(config: PrepareConfig) -> None:
 def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]) -> None:
     """manifest.json (`urbanseg.data.formats.Manifest`) from the settings and the split
     entries (dicts shaped like `SplitEntry.to_dict()`), checked like any reader checks it."""
-    from urbanseg import __version__
-    from urbanseg.data.formats import MANIFEST_VERSION, Manifest
 
     manifest = Manifest.parse(
         {

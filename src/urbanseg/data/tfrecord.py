@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from urbanseg.data.formats import ShardSpec
 from urbanseg.errors import UserError
+from urbanseg.util import atomic_write_text
 
 _MASK_DELTA = 0xA282EAD8
 _HEADER = struct.Struct("<QI")  # length, masked crc of the 8 length bytes
@@ -207,7 +209,6 @@ def index_path(shard: Path | str) -> Path:
 def build_index(shard: Path | str) -> np.ndarray:
     """Scan `shard` (checking CRCs), write `<shard>.index` atomically and return it as an
     int64 array (records, 2) of [offset, length]."""
-    from urbanseg.util import atomic_write_text
 
     rows, offset = [], 0
     for data in iter_records(shard):
@@ -249,8 +250,6 @@ def verify_shards(split_dir: Path | str, *, progress: bool = True) -> dict[str, 
     and that `id` runs 0..n-1. Returns {"shards": n, "records": n, "bytes": n}; raises
     CorruptRecordError / UserError naming the shard, record and offset on the first problem."""
     from tqdm import tqdm
-
-    from urbanseg.data.formats import ShardSpec
 
     split_dir = Path(split_dir)
     spec = ShardSpec.load(split_dir / ShardSpec.FILE)

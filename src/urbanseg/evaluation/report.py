@@ -13,7 +13,10 @@ so this works headless and in worker threads.
 
 from __future__ import annotations
 
+import csv
 import html
+import io
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from urbanseg.evaluation.metrics import format_table
 from urbanseg.labels import LabelSet
 from urbanseg.util import atomic_path, atomic_write_text
 
@@ -214,7 +218,6 @@ def markdown_report(
     result: `ConfusionMatrix.compute()`; header: (label, value) rows; gallery: {"best"|
     "worst": [{"file", "name", "miou", "pixel_accuracy"}, ...]} with paths relative to
     the report."""
-    from urbanseg.evaluation.metrics import format_table
 
     lines = [f"# {title}", ""]
     lines += [f"- **{k}:** {v}" for k, v in header]
@@ -429,8 +432,6 @@ def official_tables(official: dict[str, Any]) -> tuple[str, str]:
 
 def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
     """per_image.csv text: name, miou, pixel_accuracy, pixels (empty cell for None)."""
-    import csv
-    import io
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -495,7 +496,6 @@ def write_report(
     picture that is not there. metrics.json holds `info` (what was evaluated), the
     scores (`result` from `ConfusionMatrix.compute`), the (C, C) int64 confusion
     `matrix`, the official scores if any, and the gallery entries."""
-    import json
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from urbanseg import __version__
 from urbanseg.labels import LabelSet
 from urbanseg.schema import FormatError, Node, check_version
 
@@ -22,7 +23,6 @@ _FIX = "export it again with `urbanseg export`, or predict from the checkpoint w
 
 
 def _current_version() -> str:
-    from urbanseg import __version__
 
     return __version__
 

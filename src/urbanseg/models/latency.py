@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import statistics
 import time
 from collections.abc import Iterable
@@ -31,7 +32,6 @@ def measure_latency(
     Each model lives in its own process (no model's memory or thread state can affect
     another's timing), and the models are timed round-robin, one pass each per round,
     so a slow spell on a shared machine hits them all alike and their ratios stay fair."""
-    import multiprocessing
 
     from tqdm import tqdm
 

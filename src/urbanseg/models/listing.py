@@ -11,6 +11,7 @@ from typing import Any
 
 from urbanseg.config import ModelsConfig, parse_size
 from urbanseg.errors import UserError
+from urbanseg.models.pretrained import pretrained_table, table_notes
 from urbanseg.models.registry import DEFAULT_MODEL, MODELS, model_stats
 
 FIGURES_PATH = Path(__file__).with_name("model_figures.json")
@@ -69,7 +70,6 @@ def list_models(config: ModelsConfig) -> int:
 
 def list_pretrained() -> int:
     """`urbanseg models --pretrained`: the table of `urbanseg.models.pretrained.PRETRAINED`."""
-    from urbanseg.models.pretrained import pretrained_table, table_notes
 
     print(pretrained_table())
     print()

@@ -30,6 +30,7 @@ from urbanseg.models.builders import (
     SmpConfigBuilder,
     UNetOriginalBuilder,
 )
+from urbanseg.models.hub import hf_hub_cache, hub_offline, hub_reachable
 from urbanseg.torchfile import torch_load
 from urbanseg.util import atomic_path
 
@@ -156,7 +157,6 @@ def _build_imagenet(builder: Any, num_classes: int, kwargs: dict[str, Any]) -> B
     """Build with the libraries' ImageNet weights. When the hub cannot be reached, build
     in the hub's offline mode: cached weights still load, missing ones fail at once
     instead of after huggingface_hub's ~25 s of connection retries."""
-    from urbanseg.models.hub import hub_offline, hub_reachable
 
     if hub_reachable():
         return builder(num_classes, True, **kwargs)
@@ -165,7 +165,6 @@ def _build_imagenet(builder: Any, num_classes: int, kwargs: dict[str, Any]) -> B
 
 
 def _offline_message(name: str, error: Exception) -> str:
-    from urbanseg.models.hub import hf_hub_cache
 
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
     return (

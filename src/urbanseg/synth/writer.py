@@ -28,6 +28,7 @@ from urbanseg.config import SynthConfig
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
 from urbanseg.memory import check_synth as check_synth_memory
+from urbanseg.synth.layout import compose
 from urbanseg.util import default_workers, progress_map, write_if_changed
 
 SPLITS = ("train", "val", "test")
@@ -78,7 +79,6 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
     """One scene: {"image": (H, W, 3) uint8, "labelIds": (H, W) uint8, "instanceIds": (H, W)
     uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
     pixel counts}. Deterministic in its arguments."""
-    from urbanseg.synth.layout import compose
     from urbanseg.synth.render import clip_polygon, draw_polygons, render
 
     for attempt in range(MAX_ATTEMPTS):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from urbanseg.config import TrainConfig, parse_size
 from urbanseg.data.loader import EpochSampler
+from urbanseg.evaluation.metrics import ConfusionMatrix
 from urbanseg.training import distributed as dist_
 from urbanseg.training.runlog import RunLog
 from urbanseg.training.trainer import LoopState, Trainer
@@ -95,7 +96,6 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
 @torch.no_grad()
 def validate(t: Trainer) -> tuple[float, dict[str, Any]]:
     """Mean loss and dataset-level scores (metrics.ConfusionMatrix, all-reduced) on `val`."""
-    from urbanseg.evaluation.metrics import ConfusionMatrix
 
     if t.val_loader is None:
         raise RuntimeError("validate() before fit() made the val loader")

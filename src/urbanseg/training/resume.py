@@ -20,6 +20,8 @@ import torch
 
 from urbanseg.config import TrainConfig
 from urbanseg.errors import UserError
+from urbanseg.rundir import RunDir
+from urbanseg.util import temporary_glob
 
 # Flags that `--resume` may change: where things are and how fast they run, never what is
 # computed. Anything else must match the run's config.yaml (or be left at its default).
@@ -28,7 +30,6 @@ RESUME_MUTABLE = ("data", "run", "resume", "workers", "device", "compile")
 
 def load_run_config(run: Path) -> TrainConfig:
     """The resolved TrainConfig saved in `run`/config.yaml (`urbanseg.rundir.RunDir.config`)."""
-    from urbanseg.rundir import RunDir
 
     if not (run / RunDir.CONFIG).is_file():
         raise UserError(
@@ -113,7 +114,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def remove_stale_temporaries(run: Path) -> None:
     """Temporary files of writes a killed process never renamed (`util.atomic_path`'s)."""
-    from urbanseg.util import temporary_glob
 
     for tmp in run.glob(temporary_glob()):
         tmp.unlink(missing_ok=True)

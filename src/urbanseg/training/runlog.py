@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from urbanseg.util import atomic_write_text, name_the_file
+from urbanseg.util import atomic_write_bytes, atomic_write_text, name_the_file
 
 COLUMNS = ("step", "epoch", "split", "loss", "lr", "images_per_s", "miou", "pixel_accuracy", "mean_accuracy")
 
@@ -155,6 +155,5 @@ def plot_curves(csv_path: Path, out: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    from urbanseg.util import atomic_write_bytes
 
     atomic_write_bytes(out, buf.getvalue())

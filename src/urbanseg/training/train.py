@@ -21,11 +21,14 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from urbanseg import outputs
+from urbanseg import memory, outputs
 from urbanseg.config import TrainConfig, parse_size
 from urbanseg.config import save as save_config
+from urbanseg.data.tfrecord import verify_shards
 from urbanseg.device import pick_device
 from urbanseg.errors import UserError
+from urbanseg.evaluation.metrics import format_table
+from urbanseg.labels import LabelSet
 from urbanseg.training import distributed as dist_
 from urbanseg.training.loop import NonFiniteLoss, StopSignal, fit
 from urbanseg.training.resume import configure_determinism, merge_for_resume, remove_stale_temporaries
@@ -127,7 +130,6 @@ def load_init_weights(model: SegmentationModel, path: Path, label_set: LabelSet,
     """--init: every weight of checkpoint `path`; the head too unless the class count
     differs or `new_head`. The same count with other class names needs `new_head`."""
     from urbanseg.checkpoint import load_checkpoint, load_pretrained
-    from urbanseg.labels import LabelSet
 
     ckpt = load_checkpoint(path)
     old = LabelSet.from_dict(ckpt["label_set"]).classes
@@ -276,7 +278,6 @@ def check_memory(
     """Refuse a crop (or whole images) of `size` whose batch alone cannot fit:
     `memory.train_step_floor` of this process's batch, on its GPU, or on the CPU times the
     processes sharing this machine. The crop suggested is no larger than the `data`."""
-    from urbanseg import memory
 
     local_batch = config.batch_size // info.world_size
     per_sample = memory.train_step_floor(1, size, num_classes)
@@ -300,7 +301,6 @@ def verify_data(config: TrainConfig, info: dist_.DistInfo) -> None:
     files and the record ids (`tfrecord.verify_shards`): a corrupt shard stops the run here,
     not hours in. Rank 0 reads (about 1 s per GB from the page cache, docs/benchmarks.md),
     the other processes wait for its verdict."""
-    from urbanseg.data.tfrecord import verify_shards
 
     problem = None
     if info.is_main:
@@ -371,7 +371,6 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
 def report(t: Trainer, st: LoopState, reason: str) -> None:
     """The final lines: where training ended and the files it left, only those that exist
     (no best.pt before the first validation), then the last validation's table."""
-    from urbanseg.evaluation.metrics import format_table
 
     run = t.config.run
     best, last = run / "best.pt", run / "last.pt"

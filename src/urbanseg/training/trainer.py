@@ -21,6 +21,7 @@ from torch import nn
 
 from urbanseg.config import TrainConfig, to_dict
 from urbanseg.errors import UserError
+from urbanseg.labels import LabelSet
 from urbanseg.training import distributed as dist_
 from urbanseg.training.resume import rng_state, set_rng_state
 
@@ -129,7 +130,6 @@ class Trainer:
         """Load last.pt at `path` into the trainer and this process's RNGs; return the loop
         position it was saved at."""
         from urbanseg.checkpoint import load_checkpoint
-        from urbanseg.labels import LabelSet
 
         ckpt = load_checkpoint(path, map_location=self.device)
         if LabelSet.from_dict(ckpt["label_set"]).classes != self.label_set.classes:
