@@ -107,13 +107,13 @@ def reset_peak():  # Linux >= 4.0: VmHWM := VmRSS
     return status("VmRSS:")
 
 if stage == "prepare":
-    from urbanseg.data.prepare import Job, Pair, process_pair
+    from urbanseg.data.prepare import Conversion, Pair, process_pair
     from urbanseg.labels import get_label_set
 
     def run(folder, size):
         paths = scene_paths(folder, "train", 0)
         pair = Pair("train", "c", "s", paths["image"], paths["labelIds"], tmp / "i.png", tmp / "l.png")
-        process_pair(pair, Job(size, "labelIds", get_label_set("classes19")), redo=True)
+        process_pair(pair, Conversion(size, "labelIds", get_label_set("classes19")), redo=True)
     run(tmp / "tiny", (8, 8))  # imports and first-call allocations, outside the measurement
     before = reset_peak()
     run(tmp / "raw", (w, h))

@@ -145,3 +145,21 @@ def test_shared_modules_import_no_stage_package():
                 if _stage(imp) and not (name == "urbanseg.checkpoint" and _stage(imp) == "models"):
                     bad.append(f"{name} imports {imp}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_command_takes_its_config_and_returns_an_exit_code():
+    """cli.COMMANDS maps each command to one function `f(config: <its Config>) -> int`."""
+    import importlib
+    import inspect
+    import typing
+
+    from urbanseg.cli import COMMANDS
+
+    for name, (config_class, target) in COMMANDS.items():
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        hints = typing.get_type_hints(func)
+        params = list(inspect.signature(func).parameters)
+        assert params == ["config"], f"{name}: {target} takes {params}, expected (config)"
+        assert hints["config"] is config_class, f"{name}: config is {hints['config']}, expected {config_class}"
+        assert hints["return"] is int, f"{name}: {target} returns {hints['return']}, expected an exit code (int)"

@@ -321,9 +321,9 @@ def slow_make_one(job):
     return real_make_one(job)
 
 
-def slow_process_pair(pair, job, redo=False):
+def slow_process_pair(pair, conversion, redo=False):
     time.sleep(0.5)
-    return real_process_pair(pair, job, redo=redo)
+    return real_process_pair(pair, conversion, redo=redo)
 
 
 writer._make_one, prepare.process_pair = slow_make_one, slow_process_pair

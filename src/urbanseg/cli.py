@@ -13,21 +13,34 @@ import os
 import sys
 
 from urbanseg import __version__
-from urbanseg import config as cfg
+from urbanseg.config import (
+    DemoConfig,
+    EvaluateConfig,
+    ExportConfig,
+    ImportConfig,
+    ModelsConfig,
+    PackConfig,
+    PredictConfig,
+    PrepareConfig,
+    SynthConfig,
+    TrainConfig,
+    add_arguments,
+    from_namespace,
+)
 from urbanseg.errors import UserError, user_message
 
 # command -> (config class, "module:function"). The only list of commands.
 COMMANDS: dict[str, tuple[type, str]] = {
-    "synth": (cfg.SynthConfig, "urbanseg.synth.writer:synthesize"),
-    "prepare": (cfg.PrepareConfig, "urbanseg.data.prepare:prepare"),
-    "pack": (cfg.PackConfig, "urbanseg.data.pack:pack"),
-    "models": (cfg.ModelsConfig, "urbanseg.models.listing:list_models"),
-    "import": (cfg.ImportConfig, "urbanseg.models.convert:import_model"),
-    "train": (cfg.TrainConfig, "urbanseg.training.train:train"),
-    "evaluate": (cfg.EvaluateConfig, "urbanseg.evaluation.evaluate:evaluate"),
-    "predict": (cfg.PredictConfig, "urbanseg.inference.predict:predict"),
-    "export": (cfg.ExportConfig, "urbanseg.inference.export:export"),
-    "demo": (cfg.DemoConfig, "urbanseg.demo:demo"),
+    "synth": (SynthConfig, "urbanseg.synth.writer:synthesize"),
+    "prepare": (PrepareConfig, "urbanseg.data.prepare:prepare"),
+    "pack": (PackConfig, "urbanseg.data.pack:pack"),
+    "models": (ModelsConfig, "urbanseg.models.listing:list_models"),
+    "import": (ImportConfig, "urbanseg.models.convert:import_model"),
+    "train": (TrainConfig, "urbanseg.training.train:train"),
+    "evaluate": (EvaluateConfig, "urbanseg.evaluation.evaluate:evaluate"),
+    "predict": (PredictConfig, "urbanseg.inference.predict:predict"),
+    "export": (ExportConfig, "urbanseg.inference.export:export"),
+    "demo": (DemoConfig, "urbanseg.demo:demo"),
 }
 
 
@@ -70,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip()
         summary = doc.split(":", 1)[-1].strip() if doc.startswith("`") else doc
         p = sub.add_parser(name, help=summary, description=summary)
-        cfg.add_arguments(p, cls)
+        add_arguments(p, cls)
     return parser
 
 
@@ -79,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cls, target = COMMANDS[args.command]
     module_name, func_name = target.split(":")
     try:
-        config = cfg.from_namespace(cls, args)
+        config = from_namespace(cls, args)
         func = getattr(importlib.import_module(module_name), func_name)
         result = func(config)
     except UserError as e:
@@ -94,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"urbanseg {args.command}: interrupted", file=sys.stderr)
         return 130
-    return result if isinstance(result, int) else 0
+    return int(result)

@@ -14,8 +14,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from urbanseg import config as cfg
 from urbanseg import outputs
+from urbanseg.config import (
+    DemoConfig,
+    EvaluateConfig,
+    PackConfig,
+    PredictConfig,
+    PrepareConfig,
+    SynthConfig,
+    TrainConfig,
+)
 from urbanseg.data.pack import pack
 from urbanseg.data.prepare import prepare
 from urbanseg.errors import UserError
@@ -82,7 +90,7 @@ def _done(start: float) -> None:
     print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def demo(config: cfg.DemoConfig) -> int:
+def demo(config: DemoConfig) -> int:
     """Entry point of `urbanseg demo`; returns 0 when every stage succeeded. The demo
     writes only into a new folder or one it made before (`outputs.claim`)."""
     with outputs.claim(config.out, "demo"):
@@ -90,7 +98,7 @@ def demo(config: cfg.DemoConfig) -> int:
         return _run_stages(config)
 
 
-def _run_stages(config: cfg.DemoConfig) -> int:
+def _run_stages(config: DemoConfig) -> int:
     from urbanseg.training.train import train
 
     plan = QUICK if config.quick else FULL
@@ -106,7 +114,7 @@ def _run_stages(config: cfg.DemoConfig) -> int:
         f"in Cityscapes layout, into {data}",
     )
     synthesize(
-        cfg.SynthConfig(
+        SynthConfig(
             out=data,
             train=plan.train,
             val=plan.val,
@@ -123,10 +131,10 @@ def _run_stages(config: cfg.DemoConfig) -> int:
         f"resize to {plan.size}, labelIds -> the 8 categories (void, flat, construction, "
         f"object, nature, sky, human, vehicle), into {prepared}",
     )
-    prepare(cfg.PrepareConfig(data=data, out=prepared, size=plan.size, splits=["train", "val"], workers=config.workers))
+    prepare(PrepareConfig(data=data, out=prepared, size=plan.size, splits=["train", "val"], workers=config.workers))
     _done(t)
     t = _stage(3, "pack", f"image/label pairs -> sharded TFRecord files with spec.json, into {shards}")
-    pack(cfg.PackConfig(prepared=prepared, out=shards, shards=2, splits=["train", "val"]))
+    pack(PackConfig(prepared=prepared, out=shards, shards=2, splits=["train", "val"]))
     _done(t)
     t = _stage(
         4,
@@ -135,7 +143,7 @@ def _run_stages(config: cfg.DemoConfig) -> int:
         f"augmented {plan.crop} crops, validating as it goes, into {run}",
     )
     code = train(
-        cfg.TrainConfig(
+        TrainConfig(
             data=shards,
             run=run,
             model=config.model,
@@ -156,10 +164,10 @@ def _run_stages(config: cfg.DemoConfig) -> int:
         "the best checkpoint on the validation split at full resolution: per-class IoU, "
         "precision, recall, F1, the official Cityscapes category scores, pictures",
     )
-    evaluate(cfg.EvaluateConfig(run=run, split="val", full_res=True, gallery=plan.gallery))
+    evaluate(EvaluateConfig(run=run, split="val", full_res=True, gallery=plan.gallery))
     _done(t)
     t = _stage(6, "predict", f"{plan.pictures} validation pictures, original | prediction, as the original project")
-    predict(cfg.PredictConfig(run=run, split="val", num=plan.pictures))
+    predict(PredictConfig(run=run, split="val", num=plan.pictures))
     _done(t)
     _summary(run, time.perf_counter() - begin)
     return 0

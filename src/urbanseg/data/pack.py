@@ -14,12 +14,11 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from urbanseg import outputs
-from urbanseg.config import to_dict
+from urbanseg.config import PackConfig, to_dict
 from urbanseg.data.formats import Manifest, ShardEntry, ShardSpec, SplitEntry
 from urbanseg.data.tfrecord import encode_example, frame_record, index_path
 from urbanseg.errors import UserError
@@ -189,7 +188,7 @@ def pack_split(prepared: Path, manifest: Manifest, split: str, out: Path, shards
     return spec
 
 
-def pack(config: Any) -> None:
+def pack(config: PackConfig) -> int:
     """`urbanseg pack`: every requested split present in the prepared manifest ->
     `<out>/<split>/NNNNN-of-NNNNN.tfrecord` + `.index` + `spec.json`."""
 
@@ -212,6 +211,7 @@ def pack(config: Any) -> None:
                 f"pack: {split}: {spec.data_length} records in {len(spec.shards)} shards "
                 f"({size:.1f} MB) -> {out / split}"
             )
+    return 0
 
 
 def _check_splits(out: Path, splits: list[str]) -> None:

@@ -56,7 +56,7 @@ class Pair:
 
 
 @dataclass(frozen=True)
-class Job:
+class Conversion:
     """What every pair is turned into: output size (W, H), annotation kind, label set."""
 
     size: tuple[int, int]
@@ -135,35 +135,35 @@ def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
         raise BadFile(f"{path}: {e}; {fix}") from None
 
 
-def _existing_counts(pair: Pair, job: Job) -> np.ndarray | None:
+def _existing_counts(pair: Pair, conversion: Conversion) -> np.ndarray | None:
     """Histogram of an existing, valid output label, or None if it must be redone."""
     from PIL import Image
 
     try:
         with Image.open(pair.out_label) as im:
-            labels = np.asarray(im) if im.mode == "L" and im.size == job.size else None
+            labels = np.asarray(im) if im.mode == "L" and im.size == conversion.size else None
         with Image.open(pair.out_image) as im:
-            image_ok = im.mode == "RGB" and im.size == job.size
+            image_ok = im.mode == "RGB" and im.size == conversion.size
     except OSError:
         return None
     if labels is None or not image_ok:
         return None
     counts = np.bincount(labels.ravel(), minlength=256)
-    valid = counts[: job.label_set.num_classes].sum() + counts[job.label_set.ignore_index]
+    valid = counts[: conversion.label_set.num_classes].sum() + counts[conversion.label_set.ignore_index]
     return counts if valid == labels.size else None
 
 
-def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
+def process_pair(pair: Pair, conversion: Conversion, *, redo: bool = False) -> Outcome:
     """Prepare one pair, or keep its outputs when they are newer than both inputs."""
     # No cv2.setNumThreads(1) here: in a forked worker it waits forever on the parent's
     # thread-pool state (seen in gdb: pthread_cond_destroy). OpenCV itself copes with fork.
     if not redo and _is_up_to_date(pair):
-        counts = _existing_counts(pair, job)
+        counts = _existing_counts(pair, conversion)
         if counts is not None:
             return Outcome(False, counts, None)
     try:
         bgr = read_bgr(pair.image)
-        classes = read_labels(pair.label, job.source, job.label_set)
+        classes = read_labels(pair.label, conversion.source, conversion.label_set)
         if bgr.shape[:2] != classes.shape:
             raise BadFile(
                 f"{pair.image} is {bgr.shape[1]}x{bgr.shape[0]} but {pair.label} is "
@@ -171,8 +171,8 @@ def process_pair(pair: Pair, job: Job, *, redo: bool = False) -> Outcome:
             )
     except BadFile as e:
         return Outcome(False, None, str(e))
-    small = np.ascontiguousarray(resize_image(bgr, job.size)[..., ::-1])  # BGR -> RGB at the small size
-    labels = resize_labels(classes, job.size)
+    small = np.ascontiguousarray(resize_image(bgr, conversion.size)[..., ::-1])  # BGR -> RGB at the small size
+    labels = resize_labels(classes, conversion.size)
     # A pair counts as done only when both files exist and are newer than its inputs, so a
     # run stopped between these two writes redoes the pair.
     save_png(pair.out_label, labels)
@@ -453,7 +453,7 @@ def _check_memory(config: PrepareConfig, pairs: list[Pair]) -> None:
     check_prepare_memory(config, raw, len(pairs))
 
 
-def prepare(config: PrepareConfig) -> None:
+def prepare(config: PrepareConfig) -> int:
     """`urbanseg prepare`: resize every raw pair of the requested splits into config.out."""
     size, out, data = parse_size(config.size), Path(config.out), Path(config.data)
     label_set = get_label_set(config.labels)
@@ -481,9 +481,12 @@ def prepare(config: PrepareConfig) -> None:
             (out / MANIFEST).unlink(missing_ok=True)
         util.write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
         _save_config(config, out)
-        job = Job(size, config.source, label_set)
+        conversion = Conversion(size, config.source, label_set)
         outcomes = util.progress_map(
-            functools.partial(process_pair, job=job, redo=config.overwrite), every, workers=workers, desc="prepare"
+            functools.partial(process_pair, conversion=conversion, redo=config.overwrite),
+            every,
+            workers=workers,
+            desc="prepare",
         )
         errors = [o.error for o in outcomes if o.error]
         written = sum(o.written for o in outcomes)
@@ -497,6 +500,7 @@ def prepare(config: PrepareConfig) -> None:
         _write_manifest(out, settings, str(data.resolve()), {**(previous or {}).get("splits", {}), **entries})
     counts = ", ".join(f"{s} {len(p)}" for s, p in splits.items())
     print(f"prepared {len(every)} pairs into {out} ({written} written, {len(every) - written} up to date): {counts}")
+    return 0
 
 
 def _write_manifest(out: Path, settings: dict, data: str, splits: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ from urbanseg.rundir import RunDir
 from urbanseg.util import default_workers
 
 
-def evaluate(cfg: EvaluateConfig) -> int:
+def evaluate(config: EvaluateConfig) -> int:
     """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
     checkpoint, shards, split or raw ground truth, or a label-set mismatch."""
 
@@ -51,25 +51,25 @@ def evaluate(cfg: EvaluateConfig) -> int:
     from urbanseg.data.loader import ShardDataset
     from urbanseg.device import pick_device
 
-    run = RunDir(cfg.run)
+    run = RunDir(config.run)
     if not run.path.is_dir():
         raise UserError(
             f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
         )
-    ckpt_path = run.checkpoint(cfg.checkpoint)
+    ckpt_path = run.checkpoint(config.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    device = pick_device(cfg.device)
+    device = pick_device(config.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
     label_set = LabelSet.from_dict(ckpt["label_set"])
-    shards = Path(cfg.data) if cfg.data is not None else run.data
-    dataset = ShardDataset(shards, cfg.split)
-    _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / cfg.split)
-    raw = _raw_ground_truth(dataset, shards, cfg.split, label_set) if cfg.full_res else None
+    shards = Path(config.data) if config.data is not None else run.data
+    dataset = ShardDataset(shards, config.split)
+    _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / config.split)
+    raw = _raw_ground_truth(dataset, shards, config.split, label_set) if config.full_res else None
     print(
-        f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {cfg.split} images from {shards} "
+        f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {config.split} images from {shards} "
         f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}"
     )
-    out = run.path / "eval" / cfg.split
+    out = run.path / "eval" / config.split
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
         state = run_evaluation(
@@ -77,17 +77,17 @@ def evaluate(cfg: EvaluateConfig) -> int:
             dataset,
             label_set,
             device=device,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            gallery=cfg.gallery,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            gallery=config.gallery,
             raw=raw,
         )
         seconds = time.perf_counter() - start
         result = state.confusion.compute()
         official = state.official.compute() if state.official is not None else None
         summary = summarize_checkpoint(ckpt)
-        info = _info(cfg, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
-        title = f"Evaluation of {run.path.name} on {cfg.split}" + (" (full resolution)" if raw else "")
+        info = _info(config, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
+        title = f"Evaluation of {run.path.name} on {config.split}" + (" (full resolution)" if raw else "")
         paths = write_report(
             out,
             result=result,
@@ -428,7 +428,7 @@ def environment(device: Any) -> dict[str, Any]:
 
 
 def _info(
-    cfg: EvaluateConfig,
+    config: EvaluateConfig,
     summary: dict[str, Any],
     training: dict | None,
     ckpt_path: Path,
@@ -446,8 +446,8 @@ def _info(
     return {
         "format_version": 1,
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "split": cfg.split,
-        "protocol": "full-res" if cfg.full_res else "prepared",
+        "split": config.split,
+        "protocol": "full-res" if config.full_res else "prepared",
         "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),

@@ -33,27 +33,27 @@ from urbanseg.util import atomic_path
 MIN_AGREEMENT = 0.999
 
 
-def export(cfg: ExportConfig) -> Path:
-    """Entry point of `urbanseg export`; returns the path written."""
+def export(config: ExportConfig) -> int:
+    """Entry point of `urbanseg export`: write the ONNX model; returns 0."""
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 
-    source = resolve_checkpoint(cfg.run, cfg.checkpoint)
-    target = Path(cfg.out or source.with_suffix(".onnx"))
+    source = resolve_checkpoint(config.run, config.checkpoint)
+    target = Path(config.out or source.with_suffix(".onnx"))
     check_file(target, "export", is_urbanseg_onnx)
     ckpt = load_checkpoint(source)
     model = model_from_checkpoint(ckpt).eval()
-    meta = OnnxMetadata.from_checkpoint(ckpt, source, cfg.opset, cfg.dynamic)
+    meta = OnnxMetadata.from_checkpoint(ckpt, source, config.opset, config.dynamic)
     with atomic_path(target) as tmp:
-        export_onnx(model, tmp, meta.input_size, opset=cfg.opset, dynamic=cfg.dynamic, metadata=meta.to_dict())
-        agreement = verify_onnx(model, tmp, meta.input_size, dynamic=cfg.dynamic)
+        export_onnx(model, tmp, meta.input_size, opset=config.opset, dynamic=config.dynamic, metadata=meta.to_dict())
+        agreement = verify_onnx(model, tmp, meta.input_size, dynamic=config.dynamic)
     sizes = ", ".join(f"{k}: {v:.4%}" for k, v in agreement.items())
     print(
-        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {cfg.opset}, "
-        f"{'dynamic' if cfg.dynamic else 'fixed'} input) from {source}"
+        f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, opset {config.opset}, "
+        f"{'dynamic' if config.dynamic else 'fixed'} input) from {source}"
     )
     print(f"argmax agreement with PyTorch: {sizes}")
     print(f"run it: urbanseg predict --model {target} --input IMAGES")
-    return target
+    return 0
 
 
 def is_urbanseg_onnx(path: Path) -> bool:

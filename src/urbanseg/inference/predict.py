@@ -40,7 +40,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 @dataclass(frozen=True)
-class Job:
+class InputFile:
     """One input file and the output path prefix its results go to (`<out>/<rel>/<stem>`)."""
 
     source: Path
@@ -51,29 +51,29 @@ class Job:
         return self.source.suffix.lower() in VIDEO_SUFFIXES
 
 
-def predict(cfg: PredictConfig) -> int:
+def predict(config: PredictConfig) -> int:
     """Entry point of `urbanseg predict`. Returns 0, or raises UserError listing failures."""
-    if cfg.model is not None:
-        predictor = load_predictor(onnx=cfg.model)
+    if config.model is not None:
+        predictor = load_predictor(onnx=config.model)
     else:
-        predictor = load_predictor(checkpoint=resolve_checkpoint(cfg.run, cfg.checkpoint), device=cfg.device)
+        predictor = load_predictor(checkpoint=resolve_checkpoint(config.run, config.checkpoint), device=config.device)
     print(
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
-    if cfg.split is not None:
-        return predict_split(cfg, predictor)
-    out = cfg.out or (cfg.run / "predict" / "input" if cfg.run else Path("predictions"))
-    jobs, failures = collect_inputs(cfg.input, out)
-    total = len(jobs) + len(failures)  # every input counts once: a missing one fails in collect_inputs
-    id_lut = predictor.label_set.cityscapes_ids() if cfg.cityscapes_ids else None
-    with claim(out, "predict") if jobs else contextlib.nullcontext():
-        failures += predict_images(cfg, predictor, [j for j in jobs if not j.is_video], id_lut)
-        for job in (j for j in jobs if j.is_video):
+    if config.split is not None:
+        return predict_split(config, predictor)
+    out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
+    files, failures = collect_inputs(config.input, out)
+    total = len(files) + len(failures)  # every input counts once: a missing one fails in collect_inputs
+    id_lut = predictor.label_set.cityscapes_ids() if config.cityscapes_ids else None
+    with claim(out, "predict") if files else contextlib.nullcontext():
+        failures += predict_images(config, predictor, [j for j in files if not j.is_video], id_lut)
+        for file in (j for j in files if j.is_video):
             try:
-                predict_video(cfg, predictor, job)
+                predict_video(config, predictor, file)
             except ValueError as e:
-                failures.append((str(job.source), str(e)))
+                failures.append((str(file.source), str(e)))
     print(f"wrote predictions for {total - len(failures)} of {total} inputs to {out}")
     if failures:
         lines = "\n".join(f"  {src}: {why}" for src, why in failures)
@@ -81,25 +81,25 @@ def predict(cfg: PredictConfig) -> int:
     return 0
 
 
-def collect_inputs(entries: list[str], out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Expand files, folders (recursively, keeping sub-folders) and globs into jobs.
+def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list[tuple[str, str]]]:
+    """Expand files, folders (recursively, keeping sub-folders) and globs into InputFiles.
 
-    Returns (jobs, failures) where a failure is (entry, reason)."""
-    jobs: list[Job] = []
+    Returns (files, failures) where a failure is (entry, reason)."""
+    files: list[InputFile] = []
     failures: list[tuple[str, str]] = []
     wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     for entry in entries:
         path = Path(entry)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
-            jobs += [Job(p, out / p.relative_to(path).parent / p.stem) for p in found]
+            files += [InputFile(p, out / p.relative_to(path).parent / p.stem) for p in found]
             reason = f"folder has no images or videos ({', '.join(sorted(wanted))})"
         elif path.is_file():
             found = [path]
-            jobs.append(Job(path, out / path.stem))
+            files.append(InputFile(path, out / path.stem))
         elif glob.has_magic(entry):
             found = sorted(Path(p) for p in glob.glob(entry, recursive=True) if Path(p).is_file())
-            jobs += [Job(p, out / p.stem) for p in found]
+            files += [InputFile(p, out / p.stem) for p in found]
             reason = "the pattern matches no files"
         else:
             found, reason = [], "no such file or folder"
@@ -107,38 +107,40 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[Job], list[tuple
             failures.append((entry, reason))
     seen: dict[Path, Path] = {}
     unique = []
-    for job in jobs:
-        if job.prefix in seen:
-            failures.append((str(job.source), f"same output name as {seen[job.prefix]}; pass them in separate runs"))
+    for file in files:
+        if file.prefix in seen:
+            failures.append((str(file.source), f"same output name as {seen[file.prefix]}; pass them in separate runs"))
         else:
-            seen[job.prefix] = job.source
-            unique.append(job)
+            seen[file.prefix] = file.source
+            unique.append(file)
     return unique, failures
 
 
-def _segment(cfg: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    mode: Mode = "tile" if cfg.tile else "native" if cfg.native else "resize"
-    tile = parse_size(cfg.tile_size, "--tile-size") if cfg.tile_size else None
-    return segment(predictor, images, mode=mode, tile_size=tile, overlap=cfg.tile_overlap, batch_size=cfg.batch_size)
+def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
+    mode: Mode = "tile" if config.tile else "native" if config.native else "resize"
+    tile = parse_size(config.tile_size, "--tile-size") if config.tile_size else None
+    return segment(
+        predictor, images, mode=mode, tile_size=tile, overlap=config.tile_overlap, batch_size=config.batch_size
+    )
 
 
-def _read(job: Job) -> np.ndarray | str:
+def _read(file: InputFile) -> np.ndarray | str:
     try:
-        return read_image(job.source)
+        return read_image(file.source)
     except (ValueError, OSError) as e:
         return str(e)
 
 
 def predict_images(
-    cfg: PredictConfig, predictor: Predictor, jobs: list[Job], id_lut: np.ndarray | None
+    config: PredictConfig, predictor: Predictor, files: list[InputFile], id_lut: np.ndarray | None
 ) -> list[tuple[str, str]]:
     """Segment still images `batch_size` at a time, reading the next batch on a thread
     while the model runs. Returns the failures as (file, reason)."""
     from tqdm import tqdm
 
     failures: list[tuple[str, str]] = []
-    chunks = [jobs[i : i + cfg.batch_size] for i in range(0, len(jobs), cfg.batch_size)]
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(jobs), desc="predict", unit="img") as bar:
+    chunks = [files[i : i + config.batch_size] for i in range(0, len(files), config.batch_size)]
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(files), desc="predict", unit="img") as bar:
         pending: list[Future] = [pool.submit(_read, j) for j in chunks[0]] if chunks else []
         for k, chunk in enumerate(chunks):
             loaded = [f.result() for f in pending]
@@ -146,9 +148,9 @@ def predict_images(
             ok = [(j, im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, np.ndarray)]
             failures += [(str(j.source), im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, str)]
             if ok:
-                labels = _segment(cfg, predictor, [im for _, im in ok])
-                for (job, image), lab in zip(ok, labels, strict=False):
-                    write_outputs(job.prefix, image, lab, predictor, cfg, id_lut)
+                labels = _segment(config, predictor, [im for _, im in ok])
+                for (file, image), lab in zip(ok, labels, strict=False):
+                    write_outputs(file.prefix, image, lab, predictor, config, id_lut)
             bar.update(len(chunk))
     return failures
 
@@ -158,40 +160,40 @@ def write_outputs(
     image: np.ndarray,
     labels: np.ndarray,
     predictor: Predictor,
-    cfg: PredictConfig,
+    config: PredictConfig,
     id_lut: np.ndarray | None,
 ) -> None:
     """Write the requested PNGs for one (H, W, 3) image and its (H, W) uint8 class indices."""
     color = predictor.label_set.colorize(labels)
     name = prefix.name
-    if "overlay" in cfg.outputs:
-        save_png(prefix.with_name(f"{name}_overlay.png"), overlay(image, color, cfg.alpha))
-    if "color" in cfg.outputs:
+    if "overlay" in config.outputs:
+        save_png(prefix.with_name(f"{name}_overlay.png"), overlay(image, color, config.alpha))
+    if "color" in config.outputs:
         save_png(prefix.with_name(f"{name}_color.png"), color)
-    if "labels" in cfg.outputs:
+    if "labels" in config.outputs:
         save_png(prefix.with_name(f"{name}_labels.png"), labels)
     if id_lut is not None:
         save_png(prefix.with_name(f"{name}_labelIds.png"), id_lut[labels])
 
 
-def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
+def predict_video(config: PredictConfig, predictor: Predictor, file: InputFile) -> Path:
     """Segment every frame of a video; write `<prefix>_overlay.mp4` (mp4v) at the same
     size and frame rate. ValueError if the video cannot be opened or has no frames."""
     import cv2
     from tqdm import tqdm
 
-    cap = cv2.VideoCapture(str(job.source))
+    cap = cv2.VideoCapture(str(file.source))
     try:
         if not cap.isOpened():
-            raise ValueError(f"cannot open {job.source} as a video (corrupt, or a codec OpenCV lacks)")
+            raise ValueError(f"cannot open {file.source} as a video (corrupt, or a codec OpenCV lacks)")
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-        target = job.prefix.with_name(f"{job.prefix.name}_overlay.mp4")
+        target = file.prefix.with_name(f"{file.prefix.name}_overlay.mp4")
         with atomic_path(target) as tmp:
             writer: Any = None
-            with tqdm(total=total, desc=job.source.name, unit="frame") as bar:
+            with tqdm(total=total, desc=file.source.name, unit="frame") as bar:
                 while True:
-                    batch = _read_frames(cap, cfg.batch_size)
+                    batch = _read_frames(cap, config.batch_size)
                     if not batch:
                         break
                     if writer is None:
@@ -199,12 +201,12 @@ def predict_video(cfg: PredictConfig, predictor: Predictor, job: Job) -> Path:
                         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
                             raise ValueError(f"OpenCV cannot write an mp4v video to {target}")
-                    for frame, lab in zip(batch, _segment(cfg, predictor, batch), strict=False):
-                        mixed = overlay(frame, predictor.label_set.colorize(lab), cfg.alpha)
+                    for frame, lab in zip(batch, _segment(config, predictor, batch), strict=False):
+                        mixed = overlay(frame, predictor.label_set.colorize(lab), config.alpha)
                         writer.write(np.ascontiguousarray(mixed[..., ::-1]))
                     bar.update(len(batch))
             if writer is None:
-                raise ValueError(f"{job.source} has no readable frames")
+                raise ValueError(f"{file.source} has no readable frames")
             writer.release()
     finally:
         cap.release()
@@ -225,28 +227,28 @@ def _read_frames(cap: Any, n: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- --split
 
 
-def predict_split(cfg: PredictConfig, predictor: Predictor) -> int:
+def predict_split(config: PredictConfig, predictor: Predictor) -> int:
     """The original's mode: `--num` pictures from the split's shards, image | prediction."""
     from tqdm import tqdm
 
     from urbanseg.data.loader import ShardDataset
 
-    split = cfg.split or "val"  # (called with --split only)
-    if cfg.data is not None:
-        root = cfg.data
-    elif cfg.run is not None:
-        root = RunDir(cfg.run).data
+    split = config.split or "val"  # (called with --split only)
+    if config.data is not None:
+        root = config.data
+    elif config.run is not None:
+        root = RunDir(config.run).data
     else:  # PredictConfig refuses --split without --run or --data
         raise UserError("--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data")
     dataset = ShardDataset(root, split)
-    out = cfg.out or (cfg.run / "predict" / split if cfg.run else Path("predictions") / split)
-    n = min(cfg.num, len(dataset))
+    out = config.out or (config.run / "predict" / split if config.run else Path("predictions") / split)
+    n = min(config.num, len(dataset))
     title = _model_title(predictor)
     with claim(out, "predict"):
-        for start in tqdm(range(0, n, cfg.batch_size), desc=f"predict {split}", unit="batch"):
-            items = [dataset[i] for i in range(start, min(n, start + cfg.batch_size))]
+        for start in tqdm(range(0, n, config.batch_size), desc=f"predict {split}", unit="batch"):
+            items = [dataset[i] for i in range(start, min(n, start + config.batch_size))]
             images = [item["image"].permute(1, 2, 0).numpy() for item in items]
-            for item, image, lab in zip(items, images, _segment(cfg, predictor, images), strict=False):
+            for item, image, lab in zip(items, images, _segment(config, predictor, images), strict=False):
                 picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
                 save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
     print(f"wrote {n} pictures (image | prediction) from {root}/{split} to {out}")

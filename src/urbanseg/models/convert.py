@@ -262,23 +262,24 @@ def _source_entry(src: Source, snap: Snapshot, entry: PretrainedModel | None) ->
     return out
 
 
-def import_model(cfg: ImportConfig) -> Path:
-    """Entry point of `urbanseg import`; returns the checkpoint written (or reused)."""
-    src = parse_source(cfg.source)
-    if cfg.folder is not None and src.repo_id is None:
+def import_model(config: ImportConfig) -> int:
+    """Entry point of `urbanseg import`: write (or reuse) the converted checkpoint; returns 0."""
+    src = parse_source(config.source)
+    if config.folder is not None and src.repo_id is None:
         raise UserError("--folder goes with a hub id (the model it was fetched from); a folder alone is a SOURCE")
-    if cfg.out is not None and cfg.out.exists() and not cfg.overwrite:
-        raise UserError(f"{cfg.out} exists; pick another --out or add --overwrite to replace it")
-    size = parse_size(cfg.input_size, "--input-size") if cfg.input_size else None
-    if cfg.out is None and cfg.folder is None:
-        path = resolve_pretrained(cfg.source)
+    if config.out is not None and config.out.exists() and not config.overwrite:
+        raise UserError(f"{config.out} exists; pick another --out or add --overwrite to replace it")
+    size = parse_size(config.input_size, "--input-size") if config.input_size else None
+    if config.out is None and config.folder is None:
+        path = resolve_pretrained(config.source)
     else:
-        snap = local_snapshot(cfg.folder.resolve()) if cfg.folder is not None else _snapshot(src)
+        snap = local_snapshot(config.folder.resolve()) if config.folder is not None else _snapshot(src)
         path = write_conversion(
-            convert(src, snap, labels=cfg.labels, input_size=size), cfg.out if cfg.out is not None else cache_path(src)
+            convert(src, snap, labels=config.labels, input_size=size),
+            config.out if config.out is not None else cache_path(src),
         )
     print(describe(path))
-    return path
+    return 0
 
 
 def _snapshot(src: Source) -> Snapshot:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from urbanseg import config as cfg
 from urbanseg import outputs
-from urbanseg.config import SynthConfig
+from urbanseg.config import SynthConfig, parse_size
+from urbanseg.config import save as save_config
 from urbanseg.errors import UserError
 from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
 from urbanseg.memory import check_synth as check_synth_memory
@@ -166,16 +166,16 @@ def _check_output(config: SynthConfig, planned: set[Path]) -> None:
         )
 
 
-def synthesize(config: SynthConfig) -> None:
+def synthesize(config: SynthConfig) -> int:
     """Write the dataset described by `config` (see the module docstring)."""
     check_synth_memory(config)
-    width, height = cfg.parse_size(config.size)
+    width, height = parse_size(config.size)
     out = Path(config.out)
     counts = {"train": config.train, "val": config.val, "test": config.test}
     jobs = [(out, config.seed, split, i, width, height) for split in SPLITS for i in range(counts[split])]
     planned = {p for _, _, split, i, _, _ in jobs for p in scene_paths(out, split, i).values()}
     with outputs.claim(out, "synth", check=lambda: _check_output(config, planned)):
-        cfg.save(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
+        save_config(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
         workers = config.workers or default_workers()
         results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
     print(f"wrote {len(jobs)} scenes to {out}")
@@ -185,3 +185,4 @@ def synthesize(config: SynthConfig) -> None:
             total = np.sum(rows, axis=0)
             shares = ", ".join(f"{c} {100 * n / total.sum():.1f}%" for c, n in zip(CATEGORIES, total, strict=True))
             print(f"  {split}: {len(rows)} scene(s); pixel shares: {shares}")
+    return 0
