@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean browser
+.PHONY: setup demo test lint bench clean browser
 
 setup: $(STAMP)
 
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/urbanseg demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The habits CI enforces: ruff (lint, import order, formatting) and mypy on src/.
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks docs
+	$(PY) -m ruff format --check src tests benchmarks docs
+	$(PY) -m mypy
 
 # The HTML report is tested in headless Chromium from Debian's packages; installed here
 # when missing and we may (root), otherwise that one test is skipped with the reason.
