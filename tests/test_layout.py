@@ -163,3 +163,16 @@ def test_every_command_takes_its_config_and_returns_an_exit_code():
         assert params == ["config"], f"{name}: {target} takes {params}, expected (config)"
         assert hints["config"] is config_class, f"{name}: config is {hints['config']}, expected {config_class}"
         assert hints["return"] is int, f"{name}: {target} returns {hints['return']}, expected an exit code (int)"
+
+
+def test_public_api_names_resolve_and_import_urbanseg_stays_light():
+    """Every name of `urbanseg.__all__` resolves; `import urbanseg` alone loads no PyTorch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, urbanseg; light = 'torch' not in sys.modules; "
+        "[getattr(urbanseg, n) for n in urbanseg.__all__]; print(light)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
