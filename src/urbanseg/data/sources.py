@@ -1,0 +1,451 @@
+"""Where `urbanseg prepare` finds its raw image/annotation pairs, one function per layout,
+and which split each pair goes to.
+
+- Cityscapes layout (``--data``): ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png``
+  with ``gtFine/<split>/<city>/<stem>_gtFine_<kind>`` (`LABEL_SUFFIX`).
+- Paired folders (``--images``, ``--masks``): files matched by stem at any depth, the
+  image and annotation endings configurable. Splits come from split sub-folders
+  (``train/``, ``val/``, ``test/``; ``training/``, ``validation/``, ``testing/`` too), from
+  list files (``--split-file``), from ``--splits NAME`` alone for a folder without them,
+  and ``--val-fraction`` moves a seeded share of train to val. Prepared files go to
+  ``<out>/{images,labels}/<split>/<group>/<stem>.png``: the group is the first folder
+  below the split folder (the city in Cityscapes), ``all`` for files right in it.
+
+Every problem is collected and raised as one UserError listing them all, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from urbanseg.config import PrepareConfig
+from urbanseg.data.annotations import JSON_SOURCES
+from urbanseg.errors import UserError
+from urbanseg.imaging import IMAGE_SUFFIXES
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = {
+    "labelIds": "_gtFine_labelIds.png",
+    "color": "_gtFine_color.png",
+    "trainIds": "_gtFine_labelTrainIds.png",  # what cityscapesscripts' createTrainIdLabelImgs writes
+    "polygons": "_gtFine_polygons.json",
+}
+SPLIT_FOLDERS = {"training": "train", "validation": "val", "testing": "test"}  # other datasets' names
+FLAT_GROUP = "all"  # the group of files right in a split (or in a folder without splits)
+_SHOW = 5  # offending names listed in an error message
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One raw image/annotation pair and where its prepared files go."""
+
+    split: str
+    city: str  # the group folder: the Cityscapes city, or the first folder below the split
+    stem: str
+    image: Path
+    label: Path
+    out_image: Path
+    out_label: Path
+
+
+@dataclass(frozen=True)
+class Found:
+    """The pairs of the requested splits that exist, by split, and what the outputs depend
+    on besides the files' contents (`settings`, recorded by prepare); `data` is the raw
+    folder the manifest names, `masks` the annotation folder of paired folders (whose
+    manifest also lists each pair's annotation, relative to it: `annotations`)."""
+
+    layout: str  # "cityscapes" or "pairs"
+    splits: dict[str, list[Pair]]
+    settings: dict[str, Any]
+    data: str
+    masks: str | None = None
+
+    def annotations(self, split: str) -> list[str] | None:
+        if self.masks is None:
+            return None
+        return [p.label.relative_to(self.masks).as_posix() for p in self.splits[split]]
+
+
+def find(config: PrepareConfig, out: Path, settings: dict[str, Any]) -> Found:
+    """The pairs `config` asks for (`settings`: size and label set, completed here with the
+    layout's folders and source). UserError listing every problem found."""
+    if config.data is not None:
+        data = Path(config.data)
+        splits = _find_splits(config, data, out)
+        resolved = str(data.resolve())
+        return Found("cityscapes", splits, {"data": resolved, **settings}, resolved)
+    images = Path(config.images or ".")
+    masks = Path(config.masks) if config.masks is not None else images
+    splits = _paired_splits(config, images, masks, out)
+    settings = {"layout": "pairs", "images": str(images.resolve()), "masks": str(masks.resolve()), **settings}
+    return Found("pairs", splits, settings, str(images.resolve()), str(masks.resolve()))
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+
+def _check_data(data: Path) -> None:
+    if not data.is_dir():
+        raise UserError(
+            f"--data {data} is not a folder; point it at the folder holding leftImg8bit/ and gtFine/ "
+            "(unzip leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip there, or run "
+            f"`urbanseg synth --out {data}`)"
+        )
+    missing = [d for d in ("leftImg8bit", "gtFine") if not (data / d).is_dir()]
+    if missing:
+        nested = sorted(str(p.parent) for p in data.glob("*/leftImg8bit") if (p.parent / "gtFine").is_dir())
+        hint = (
+            f"; did you mean --data {nested[0]}?"
+            if nested
+            else "; for images and annotations in folders of your own use --images DIR --masks DIR"
+        )
+        found = sorted(p.name for p in data.iterdir())[:8]
+        raise UserError(
+            f"--data {data} has no {' or '.join(m + '/' for m in missing)} folder (it holds {found}); "
+            f"expected the Cityscapes layout leftImg8bit/<split>/<city>/ and gtFine/<split>/<city>/{hint}"
+        )
+
+
+def _names(folder: Path, suffix: str) -> dict[tuple[str, str], Path]:
+    """{(city, stem): path} of <folder>/<city>/<stem><suffix>."""
+    return {(p.parent.name, p.name[: -len(suffix)]): p for p in folder.glob(f"*/*{suffix}")}
+
+
+def _unpaired(what: str, keys: set, folder: Path, suffix: str) -> str:
+    shown = ", ".join(f"{city}/{stem}" for city, stem in sorted(keys)[:_SHOW])
+    return f"{len(keys)} {what} have no {folder}/<city>/<stem>{suffix} (e.g. {shown})"
+
+
+def _other_sources_hint(label_dir: Path, source: str) -> str:
+    """" (only *_gtFine_color.png were found: use --source color)" when other kinds are there."""
+    others = [k for k, suffix in LABEL_SUFFIX.items() if k != source and any(label_dir.glob(f"*/*{suffix}"))]
+    if not others:
+        return ""
+    found = ", ".join(f"*{LABEL_SUFFIX[k]}" for k in others)
+    return f" (only {found} were found: use {' or '.join(f'--source {k}' for k in others)})"
+
+
+def find_pairs(data: Path, out: Path, split: str, source: str) -> tuple[list[Pair] | None, list[str]]:
+    """The pairs of one split, sorted by (city, stem), and the pairing problems found.
+    None when the split exists in neither leftImg8bit/ nor gtFine/."""
+    image_dir, label_dir = data / "leftImg8bit" / split, data / "gtFine" / split
+    if not image_dir.is_dir() and not label_dir.is_dir():
+        return None, []
+    suffix = LABEL_SUFFIX[source]
+    images, labels = _names(image_dir, IMAGE_SUFFIX), _names(label_dir, suffix)
+    if not images:
+        return [], [
+            (
+                f"split {split!r} has no images: nothing matches {image_dir}/<city>/<stem>{IMAGE_SUFFIX}; "
+                "add the images or leave the split out with --splits"
+            )
+        ]
+    problems = []
+    if images.keys() - labels.keys():
+        hint = _other_sources_hint(label_dir, source) if not labels else ""
+        problems.append(_unpaired("images", images.keys() - labels.keys(), label_dir, suffix) + hint)
+    if labels.keys() - images.keys():
+        problems.append(_unpaired("annotations", labels.keys() - images.keys(), image_dir, IMAGE_SUFFIX))
+    cities: dict[str, str] = {}
+    for city, stem in sorted(images.keys() & labels.keys()):
+        if cities.setdefault(stem, city) != city:
+            problems.append(
+                f"stem {stem!r} of split {split!r} is in two cities ({cities[stem]}, {city}); "
+                "stems must be unique within a split"
+            )
+    pairs = [
+        Pair(split, c, s, images[c, s], labels[c, s], *_outputs(out, split, c, s))
+        for c, s in sorted(images.keys() & labels.keys())
+    ]
+    return pairs, problems
+
+
+def _outputs(out: Path, split: str, group: str, stem: str) -> tuple[Path, Path]:
+    return out / "images" / split / group / f"{stem}.png", out / "labels" / split / group / f"{stem}.png"
+
+
+def _find_splits(config: PrepareConfig, data: Path, out: Path) -> dict[str, list[Pair]]:
+    """{split: pairs} of the requested splits that exist; UserError listing every pairing
+    problem of every split."""
+    _check_data(data)
+    splits: dict[str, list[Pair]] = {}
+    problems: list[str] = []
+    for split in config.splits:
+        pairs, found = find_pairs(data, out, split, config.source or "labelIds")
+        problems += found
+        if pairs is None:
+            print(
+                f"urbanseg prepare: skipping split {split!r}: {data}/leftImg8bit/{split} does not exist",
+                file=sys.stderr,
+            )
+        else:
+            splits[split] = pairs
+    if problems:
+        raise UserError(f"{data} is not a consistent Cityscapes layout:\n  " + "\n  ".join(problems))
+    if not splits:
+        raise UserError(
+            f"none of the splits {list(config.splits)} exist under {data}/leftImg8bit/; "
+            f"it holds {sorted(p.name for p in (data / 'leftImg8bit').iterdir())}: choose them with --splits"
+        )
+    return splits
+
+
+# --------------------------------------------------------------------------- paired folders
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file found under --images or --masks: its stem, the split its folder names (None
+    outside split folders) and its group (the first folder below the split)."""
+
+    path: Path
+    rel: str
+    stem: str
+    split: str | None
+    group: str
+
+
+def _ending(name: str, suffixes: list[str]) -> str | None:
+    """The longest of `suffixes` `name` ends with (case-insensitive), leaving a stem."""
+    lower = name.lower()
+    hits = [s for s in suffixes if lower.endswith(s.lower()) and len(name) > len(s)]
+    return max(hits, key=len) if hits else None
+
+
+def scan(root: Path, suffixes: list[str], split_names: set[str], skip: set[Path]) -> list[RawFile]:
+    """Every file under `root` (any depth, hidden files and folders left out, nothing
+    under the folders of `skip`) whose name ends with one of `suffixes`, sorted by path."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or any(path.is_relative_to(s) for s in skip):
+            continue
+        suffix = _ending(path.name, suffixes)
+        if suffix is None or not path.is_file():
+            continue
+        folders = rel.parts[:-1]
+        split = SPLIT_FOLDERS.get(folders[0], folders[0]) if folders else None
+        if split not in split_names:
+            split = None
+        below = folders[1:] if split is not None else folders
+        found.append(RawFile(path, rel.as_posix(), path.name[: -len(suffix)], split, below[0] if below else FLAT_GROUP))
+    return found
+
+
+def _examples(files: list[RawFile]) -> str:
+    return ", ".join(f.rel for f in files[:_SHOW])
+
+
+def _index(files: list[RawFile], by_split: bool, flag: str, problems: list[str]) -> dict[tuple, RawFile]:
+    """{(split or None, stem): file}; a key found twice is a problem naming both files."""
+    index: dict[tuple, RawFile] = {}
+    for f in files:
+        key = (f.split if by_split else None, f.stem)
+        if key in index:
+            within = f" within split {f.split!r}" if by_split else ""
+            problems.append(
+                f"stem {f.stem!r} is in {flag} twice ({index[key].rel}, {f.rel}); stems must be unique{within}"
+            )
+        index.setdefault(key, f)
+    return index
+
+
+def _match(images: list[RawFile], masks: list[RawFile], config: PrepareConfig, problems: list[str]) -> list:
+    """[(image, mask)] matched by stem (and split folder, when both sides have them)."""
+    by_split = not config.split_file and any(f.split for f in images) and any(f.split for f in masks)
+    image_index = _index(images, by_split, "--images", problems)
+    mask_index = _index(masks, by_split, "--masks", problems)
+    lonely_images = [f for k, f in image_index.items() if k not in mask_index]
+    lonely_masks = [f for k, f in mask_index.items() if k not in image_index]
+    mask_suffix = _mask_suffix(config)
+    if lonely_images:
+        problems.append(
+            f"{len(lonely_images)} images have no annotation <stem>{mask_suffix} in --masks {config.masks or config.images} "
+            f"(e.g. {_examples(lonely_images)}); add them, or set the annotation ending with --mask-suffix"
+        )
+    if lonely_masks:
+        problems.append(
+            f"{len(lonely_masks)} annotations have no image of the same stem in --images {config.images} "
+            f"(e.g. {_examples(lonely_masks)}); add them, or set the image endings with --image-suffix"
+        )
+    return [(image_index[k], mask_index[k]) for k in image_index if k in mask_index]
+
+
+def _mask_suffix(config: PrepareConfig) -> str:
+    if config.mask_suffix is not None:
+        return config.mask_suffix
+    return ".json" if config.source in JSON_SOURCES else ".png"
+
+
+def _scan_both(config: PrepareConfig, images: Path, masks: Path, out: Path) -> tuple[list, list]:
+    for flag, folder in (("--images", images), ("--masks", masks)):
+        if not folder.is_dir():
+            raise UserError(f"{flag} {folder} is not a folder")
+    mask_suffix = _mask_suffix(config)
+    image_suffixes = list(config.image_suffix) or sorted(IMAGE_SUFFIXES)
+    if images.resolve() == masks.resolve() and mask_suffix.lower() in (s.lower() for s in image_suffixes):
+        raise UserError(
+            f"--images and --masks are the same folder and {mask_suffix} files would be both: give the "
+            "annotations their own ending (e.g. --mask-suffix _mask.png) or their own folder"
+        )
+    names = set(config.splits) | set(SPLIT_FOLDERS.values())
+    skip = {out.resolve()}
+    found_masks = scan(masks.resolve(), [mask_suffix], names, skip)
+    mask_paths = {f.path for f in found_masks}
+    found_images = [f for f in scan(images.resolve(), image_suffixes, names, skip) if f.path not in mask_paths]
+    if not found_images:
+        raise UserError(
+            f"--images {images} holds no image files (endings {', '.join(image_suffixes)}, at any depth); "
+            "check the folder or give the endings with --image-suffix"
+        )
+    return found_images, found_masks
+
+
+def _paired_splits(config: PrepareConfig, images: Path, masks: Path, out: Path) -> dict[str, list[Pair]]:
+    """{split: pairs sorted by (group, stem)} of paired folders; UserError listing every problem."""
+    found_images, found_masks = _scan_both(config, images, masks, out)
+    problems: list[str] = []
+    matched = _match(found_images, found_masks, config, problems)
+    split_of = _assign_splits(config, matched, images, problems)
+    if problems:
+        raise UserError(f"--images {images} and --masks {masks} do not pair up:\n  " + "\n  ".join(problems))
+    splits: dict[str, list[Pair]] = defaultdict(list)
+    for image, mask in matched:
+        split = split_of.get(image.rel)
+        if split is not None:
+            outputs = _outputs(out, split, image.group, image.stem)
+            splits[split].append(Pair(split, image.group, image.stem, image.path, mask.path, *outputs))
+    present = {s: sorted(splits[s], key=lambda p: (p.city, p.stem)) for s in config.splits if splits.get(s)}
+    for split in config.splits:
+        if split not in present:
+            print(f"urbanseg prepare: skipping split {split!r}: no pairs in {images}", file=sys.stderr)
+    if not present:
+        raise UserError(
+            f"none of the splits {list(config.splits)} has pairs in --images {images}; "
+            f"found splits: {sorted(set(split_of.values())) or 'none'}: choose them with --splits"
+        )
+    return present
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _assign_splits(config: PrepareConfig, matched: list, images: Path, problems: list[str]) -> dict[str, str]:
+    """{image's path below --images: split} of every matched pair whose split is known
+    (pairs of splits not requested are left out later); problems appended."""
+    if config.split_file:
+        listed = _listed_splits(config, {image.stem for image, _ in matched}, problems)
+        split_of = {image.rel: listed[image.stem] for image, _ in matched if image.stem in listed}
+    elif any(image.split or mask.split for image, mask in matched):
+        split_of = {image.rel: image.split or mask.split for image, mask in matched if image.split or mask.split}
+        strays = [image for image, mask in matched if not (image.split or mask.split)]
+        if strays:
+            problems.append(
+                f"{len(strays)} images are outside the split folders ({', '.join(sorted(set(split_of.values())))}/) "
+                f"of --images {images} (e.g. {_examples(strays)}); move them into one, or list the splits "
+                "with --split-file"
+            )
+    elif len(config.splits) == 1 or config.val_fraction > 0:
+        only = config.splits[0] if len(config.splits) == 1 else "train"
+        split_of = {image.rel: only for image, _ in matched}
+    else:
+        problems.append(
+            f"--images {images} has no split sub-folders (train/, val/, test/); say which pair goes where "
+            "with --val-fraction 0.2 (a seeded random val split), --split-file train.txt val.txt, or "
+            "--splits NAME to prepare every pair as that one split"
+        )
+        return {}
+    if config.val_fraction > 0:
+        _carve_val(config, split_of, {image.rel: image.stem for image, _ in matched}, problems)
+    return split_of
+
+
+def _carve_val(config: PrepareConfig, split_of: dict[str, str], stems: dict[str, str], problems: list[str]) -> None:
+    """Move round(fraction * n) of the n train stems to val: those whose hash of (seed,
+    stem) ranks lowest, so the choice does not depend on the file order or system, and
+    adding files moves few others."""
+    if "train" not in config.splits or "val" not in config.splits:
+        problems.append("--val-fraction moves train pairs to val: --splits must include train and val")
+        return
+    if any(s == "val" for s in split_of.values()):
+        problems.append(
+            "--val-fraction: split 'val' already has pairs (from its sub-folder or list); drop --val-fraction"
+        )
+        return
+    train = [rel for rel, split in split_of.items() if split == "train"]
+    if len(train) < 2:
+        problems.append(f"--val-fraction needs at least 2 train pairs to split; found {len(train)}")
+        return
+    count = min(max(1, round(config.val_fraction * len(train))), len(train) - 1)
+    rank = sorted(train, key=lambda rel: (hashlib.sha256(f"{config.seed}/{stems[rel]}".encode()).hexdigest(), rel))
+    for rel in rank[:count]:
+        split_of[rel] = "val"
+
+
+def _list_entries(path: Path) -> dict[str, list[str]]:
+    """{split: entries} of one --split-file: a text file (split = its name without the
+    extension; one entry a line, its first column; blank lines and # comments skipped) or
+    a .json/.yaml mapping split -> list of entries."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--split-file {path}: cannot read it ({type(e).__name__}: {e})") from None
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        lines = [line.strip() for line in text.splitlines()]
+        return {path.stem: [line.split()[0] for line in lines if line and not line.startswith("#")]}
+    try:
+        if path.suffix.lower() == ".json":
+            value = json.loads(text)
+        else:
+            import yaml
+
+            value = yaml.safe_load(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise UserError(f"--split-file {path}: cannot parse it ({type(e).__name__}: {e})") from None
+    ok = isinstance(value, dict) and all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in value.values()
+    )
+    if not ok:
+        raise UserError(f'--split-file {path}: expected a mapping of split -> list of names, e.g. {{"train": ["a", "b"]}}')
+    return {str(k): v for k, v in value.items()}
+
+
+def _entry_stem(entry: str, stems: set[str], suffixes: list[str]) -> str:
+    """A list entry ("stem", "x/y/stem.jpg") -> the stem it names."""
+    name = entry.replace("\\", "/").rsplit("/", 1)[-1]
+    if name in stems:
+        return name
+    suffix = _ending(name, suffixes)
+    return name[: -len(suffix)] if suffix else name
+
+
+def _listed_splits(config: PrepareConfig, stems: set[str], problems: list[str]) -> dict[str, str]:
+    suffixes = list(config.image_suffix) or sorted(IMAGE_SUFFIXES)
+    suffixes.append(_mask_suffix(config))
+    split_of: dict[str, str] = {}
+    missing: dict[str, list[str]] = defaultdict(list)
+    for path in config.split_file:
+        for split, entries in _list_entries(Path(path)).items():
+            for entry in entries:
+                stem = _entry_stem(entry, stems, suffixes)
+                if stem not in stems:
+                    missing[split].append(entry)
+                elif split_of.setdefault(stem, split) != split:
+                    problems.append(f"{stem!r} is listed in two splits ({split_of[stem]}, {split}); list it once")
+    for split, entries in missing.items():
+        problems.append(
+            f"{len(entries)} names listed for split {split!r} have no image/annotation pair "
+            f"(e.g. {', '.join(entries[:_SHOW])})"
+        )
+    unlisted = len(stems - split_of.keys())
+    if unlisted:
+        print(f"urbanseg prepare: {unlisted} pairs are in no --split-file and are left out", file=sys.stderr)
+    return split_of
