@@ -199,7 +199,9 @@ def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
 class SynthConfig:
     """`urbanseg synth`: write a synthetic street-scene dataset in Cityscapes layout (or paired folders, labelme)."""
 
-    out: Path = opt(help="output folder; gets leftImg8bit/ and gtFine/ like a Cityscapes download (see --layout)", short="-o")
+    out: Path = opt(
+        help="output folder; gets leftImg8bit/ and gtFine/ like a Cityscapes download (see --layout)", short="-o"
+    )
     train: int = opt(40, "number of training scenes")
     val: int = opt(12, "number of validation scenes")
     test: int = opt(0, "number of test scenes")
@@ -253,7 +255,7 @@ class PrepareConfig:
     mask_suffix: str | None = opt(
         None, "with --images: the ending of an annotation file (default: .png, or .json for polygons and labelme)"
     )
-    split_file: list[Path] = opt(
+    split_file: list[str] = opt(
         [],
         "with --images: lists of stems, one file per split named after it (train.txt val.txt), "
         "or one .json/.yaml mapping split -> stems",
@@ -312,7 +314,7 @@ class PrepareConfig:
         suffixes = [*self.image_suffix, *([self.mask_suffix] if self.mask_suffix is not None else [])]
         bad = [x for x in suffixes if not x or "/" in x or "\\" in x]
         check(not bad, f"suffix {bad[0]!r} must be the end of a file name, e.g. .png or _mask.png" if bad else "")
-        lists = [p for p in self.split_file if p.suffix.lower() in (".json", ".yaml", ".yml")]
+        lists = [p for p in self.split_file if Path(p).suffix.lower() in (".json", ".yaml", ".yml")]
         check(
             not lists or len(self.split_file) == 1,
             f"--split-file {lists[0] if lists else ''}: a .json/.yaml file names every split; give it alone",

@@ -32,6 +32,10 @@ from urbanseg.schema import FormatError, Node
 
 PNG_SOURCES = ("labelIds", "trainIds", "indices", "color")
 JSON_SOURCES = ("polygons", "labelme")
+# Kinds that give Cityscapes label ids (the official scores) to a Cityscapes label set, and
+# those that also give instance ids (the official iIoU).
+ID_SOURCES = ("labelIds", "trainIds", "polygons")
+INSTANCE_SOURCES = ("polygons",)
 _SINGLE_CHANNEL = ("labelIds", "trainIds", "indices")
 # labelme shapes without an area: nothing to fill, so they are skipped and reported.
 _LABELME_SKIPPED = ("line", "linestrip", "point", "points")
@@ -98,7 +102,7 @@ def read_bgr(path: Path) -> np.ndarray:
 
 def _mode_problem(path: Path, mode: str, source: str) -> str | None:
     if source in _SINGLE_CHANNEL and mode not in ("L", "P"):
-        what = "label-id" if source == "labelIds" else "single-channel mask"
+        what = "label-id" if source == "labelIds" else "mask"
         return (
             f"{path}: mode {mode} is not an 8-bit single-channel {what} image; for RGB colour "
             "annotations use --source color"
@@ -176,7 +180,7 @@ def _labelme(doc: Node) -> Drawing:
         shape = _labelme_shape(node, notes, f"{doc.file} shapes[{i}]")
         if shape is not None:
             shapes.append((*shape, node["label"].text()))
-    return Drawing(size, tuple(shapes), tuple(notes))  # type: ignore[arg-type]
+    return Drawing(size, tuple(shapes), tuple(notes))
 
 
 def read_drawing(path: Path, source: str) -> Drawing:
@@ -300,25 +304,27 @@ def header_problem(image: Path, label: Path, source: str, label_set: LabelSet) -
 
 
 def read_truth(path: Path, source: str, label_set: LabelSet) -> Truth:
-    """A raw annotation for `evaluate --full-res`. Label ids come with the Cityscapes kinds
-    a Cityscapes set can read them from: labelIds, trainIds (`label_ids_from_train_ids`),
-    polygons and labelme whose names are all Cityscapes labels; instance ids only from
-    Cityscapes polygons (json2instanceImg's numbering). BadFile for any problem."""
+    """A raw annotation for `evaluate --full-res`. For a Cityscapes label set, the kinds
+    of `ID_SOURCES` also give label ids: labelIds as stored, trainIds through
+    `label_ids_from_train_ids`, polygons drawn with their labels' ids; polygons give
+    instance ids too (json2instanceImg's numbering). BadFile for any problem."""
     classes = read_labels(path, source, label_set)
-    if not label_set.from_cityscapes:
+    if not label_set.from_cityscapes or source not in ID_SOURCES:
         return Truth(classes)
     if source == "labelIds":
         return Truth(classes, _read_single_channel(path, source))
     if source == "trainIds":
         return Truth(classes, label_ids_from_train_ids(_read_single_channel(path, source)))
-    if source in JSON_SOURCES:
-        drawing = read_drawing(path, source)
-        if all(cityscapes_label(name) is not None for _, _, name in drawing.shapes):
-            ids, instances = polygon_values([name for _, _, name in drawing.shapes])
-            drawn = [k for k, i in enumerate(ids) if i >= 0]
-            shapes = [drawing.shapes[k][:2] for k in drawn]
-            label_ids = draw_shapes(drawing.size, shapes, [ids[k] for k in drawn], "L")
-            if source == "labelme":
-                return Truth(classes, label_ids)
-            return Truth(classes, label_ids, draw_shapes(drawing.size, shapes, [instances[k] for k in drawn], "I"))
-    return Truth(classes)
+    drawing = read_drawing(path, source)
+    names = [name for _, _, name in drawing.shapes]
+    unknown = sorted({n for n in names if cityscapes_label(n) is None})
+    if unknown:
+        raise BadFile(
+            f"{path}: labels {unknown[:10]} are no Cityscapes labels; the official scores need Cityscapes "
+            "label names in the polygons"
+        )
+    ids, instances = polygon_values(names)
+    drawn = [k for k, i in enumerate(ids) if i >= 0]
+    shapes = [drawing.shapes[k][:2] for k in drawn]
+    label_ids = draw_shapes(drawing.size, shapes, [ids[k] for k in drawn], "L")
+    return Truth(classes, label_ids, draw_shapes(drawing.size, shapes, [instances[k] for k in drawn], "I"))

@@ -181,7 +181,7 @@ class Manifest:
         doc.obj()
         check_version(doc, MANIFEST_VERSION, "manifest")
         label_set = LabelSet.read(doc["label_set"])
-        return cls(
+        manifest = cls(
             label_set=label_set,
             size=tuple(doc["size"].ints(length=2, min=1)),  # type: ignore[arg-type]
             splits={
@@ -193,6 +193,13 @@ class Manifest:
             layout=doc["layout"].maybe(lambda n: n.text(choices=LAYOUTS)),
             masks=doc["masks"].maybe(Node.text),
         )
+        if manifest.layout == "pairs":  # what evaluate --full-res finds the raw annotations by
+            if manifest.masks is None:
+                raise doc["masks"].error("the annotation folder of the paired folders")
+            for name, entry in manifest.splits.items():
+                if entry.annotations is None:
+                    raise doc["splits"][name]["annotations"].error("the raw annotation of each stem")
+        return manifest
 
 
 # --------------------------------------------------------------------------- spec.json

@@ -27,6 +27,7 @@ from typing import Any
 
 from urbanseg.config import PrepareConfig
 from urbanseg.data.annotations import JSON_SOURCES
+from urbanseg.data.formats import Manifest
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES
 
@@ -125,7 +126,7 @@ def _unpaired(what: str, keys: set, folder: Path, suffix: str) -> str:
 
 
 def _other_sources_hint(label_dir: Path, source: str) -> str:
-    """" (only *_gtFine_color.png were found: use --source color)" when other kinds are there."""
+    """ " (only *_gtFine_color.png were found: use --source color)" when other kinds are there."""
     others = [k for k, suffix in LABEL_SUFFIX.items() if k != source and any(label_dir.glob(f"*/*{suffix}"))]
     if not others:
         return ""
@@ -268,8 +269,9 @@ def _match(images: list[RawFile], masks: list[RawFile], config: PrepareConfig, p
     mask_suffix = _mask_suffix(config)
     if lonely_images:
         problems.append(
-            f"{len(lonely_images)} images have no annotation <stem>{mask_suffix} in --masks {config.masks or config.images} "
-            f"(e.g. {_examples(lonely_images)}); add them, or set the annotation ending with --mask-suffix"
+            f"{len(lonely_images)} images have no annotation <stem>{mask_suffix} in --masks "
+            f"{config.masks or config.images} (e.g. {_examples(lonely_images)}); add them, or set the "
+            "annotation ending with --mask-suffix"
         )
     if lonely_masks:
         problems.append(
@@ -301,6 +303,10 @@ def _scan_both(config: PrepareConfig, images: Path, masks: Path, out: Path) -> t
     found_masks = scan(masks.resolve(), [mask_suffix], names, skip)
     mask_paths = {f.path for f in found_masks}
     found_images = [f for f in scan(images.resolve(), image_suffixes, names, skip) if f.path not in mask_paths]
+    # Split folders not asked for are left alone (BDD100K's test/ has images, no masks).
+    wanted = set(config.splits)
+    found_images = [f for f in found_images if f.split is None or f.split in wanted]
+    found_masks = [f for f in found_masks if f.split is None or f.split in wanted]
     if not found_images:
         raise UserError(
             f"--images {images} holds no image files (endings {', '.join(image_suffixes)}, at any depth); "
@@ -414,7 +420,9 @@ def _list_entries(path: Path) -> dict[str, list[str]]:
         isinstance(v, list) and all(isinstance(x, str) for x in v) for v in value.values()
     )
     if not ok:
-        raise UserError(f'--split-file {path}: expected a mapping of split -> list of names, e.g. {{"train": ["a", "b"]}}')
+        raise UserError(
+            f'--split-file {path}: expected a mapping of split -> list of names, e.g. {{"train": ["a", "b"]}}'
+        )
     return {str(k): v for k, v in value.items()}
 
 
@@ -449,3 +457,24 @@ def _listed_splits(config: PrepareConfig, stems: set[str], problems: list[str]) 
     if unlisted:
         print(f"urbanseg prepare: {unlisted} pairs are in no --split-file and are left out", file=sys.stderr)
     return split_of
+
+
+# --------------------------------------------------------------------------- evaluate --full-res
+
+
+def raw_annotations(manifest: Manifest, split: str) -> tuple[Path, dict[str, Path]] | None:
+    """(folder, {stem: raw annotation file}) of a prepared split whose annotations
+    `evaluate --full-res` cannot find as Cityscapes' ``*_gtFine_labelIds.png`` (or
+    ``_color.png``): those of paired folders (the manifest lists them) and the Cityscapes
+    layout's trainIds and polygons files. None for the Cityscapes layout's labelIds and
+    color (evaluate finds those under gtFine/ itself) and for a split not in the manifest."""
+    entry = manifest.splits.get(split)
+    if entry is None:
+        return None
+    if manifest.layout == "pairs" and manifest.masks is not None and entry.annotations is not None:
+        root = Path(manifest.masks)
+        return root, {stem: root / rel for stem, rel in zip(entry.stems, entry.annotations, strict=True)}
+    if manifest.source in ("trainIds", "polygons") and manifest.data is not None:
+        root, suffix = Path(manifest.data) / "gtFine" / split, LABEL_SUFFIX[manifest.source]
+        return root, {Path(f).name: root / f"{f}{suffix}" for f in entry.entries if "/" in f}
+    return None

@@ -13,7 +13,6 @@ perspective. Everything is vectorised over the pixels of one shape at a time.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import numpy as np
 
