@@ -282,3 +282,17 @@ def test_errors_name_the_file_and_write_nothing(world, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"is 128x64 but {mask} is 128x32" in err and "found before writing: nothing was written" in err
+
+
+def test_synth_layouts_do_not_mix(tmp_path, capsys):
+    """A synth folder of one layout is not completed in another; the same flags complete it."""
+    out = tmp_path / "scenes"
+    run("synth", "--out", out, "--layout", "labelme", *SCENES)
+    assert main(["synth", "--out", str(out), *SCENES]) == 2
+    assert "--layout labelme, not" in capsys.readouterr().err
+    doc = json.loads(next(out.glob("images/train/*/*.json")).read_text())
+    assert doc["imagePath"].endswith(".png") and doc["shapes"][0]["shape_type"] == "polygon"
+    before = {p: p.stat().st_mtime_ns for p in out.glob("images/*/*/*")}
+    assert len(before) == 10  # 5 photos and their JSON
+    run("synth", "--out", out, "--layout", "labelme", *SCENES)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # identical files are not rewritten
