@@ -205,6 +205,33 @@ def test_kitti_semantics_recipe(world):
         official = ours["metrics"]["official"]
         assert official["class_iou"] and official["category_iou"] and official["mean_category_iou"] is not None
         assert official["mean_class_iiou"] is None and set(official["class_iiou"].values()) == {None}
+    run_dir = pipeline(prepared, root)
+    run("predict", "--run", run_dir, "--input", data / "testing" / "image_2", "--cityscapes-ids", "--out", root / "kp")
+    assert (root / "kp" / "000000_10_labelIds.png").is_file()
+
+
+def test_colour_masks_with_a_label_map(world):
+    """Paired folders of RGB colour masks (Cityscapes' *_color.png, any name) read with a
+    labelmap.json of the categories8 colours: the categories8 labels byte for byte."""
+    root = world["root"]
+    ls = get_label_set("categories8")
+    labelmap = {
+        name: {"id": k, "colors": [list(c) for c, kk in ls.color_to_class if kk == k]}
+        for k, name in enumerate(ls.classes)
+    }
+    (root / "colours.json").write_text(json.dumps(labelmap))
+    for image in sorted(world["raw"].glob("leftImg8bit/*/*/*_leftImg8bit.png")):
+        split, stem = image.parts[-3], image.name[: -len("_leftImg8bit.png")]
+        for folder in ("photos", "painted"):
+            (root / "colour" / folder / split).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, root / "colour" / "photos" / split / f"{stem}.png")
+        color = world["raw"] / "gtFine" / split / image.parts[-2] / f"{stem}_gtFine_color.png"
+        shutil.copy(color, root / "colour" / "painted" / split / f"{stem}_mask.png")
+    prepared = root / "colour-prepared"
+    images, masks = root / "colour" / "photos", root / "colour" / "painted"
+    args = ["--source", "color", "--labels", root / "colours.json", "--mask-suffix", "_mask.png"]
+    prepare(prepared, "--images", images, "--masks", masks, *args)
+    assert files(prepared, "labels") == files(root / "cs-categories8", "labels")
     pipeline(prepared, root)
 
 

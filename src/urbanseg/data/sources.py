@@ -5,20 +5,17 @@ and which split each pair goes to.
   with ``gtFine/<split>/<city>/<stem>_gtFine_<kind>`` (`LABEL_SUFFIX`).
 - Paired folders (``--images``, ``--masks``): files matched by stem at any depth, the
   image and annotation endings configurable. Splits come from split sub-folders
-  (``train/``, ``val/``, ``test/``; ``training/``, ``validation/``, ``testing/`` too), from
-  list files (``--split-file``), from ``--splits NAME`` alone for a folder without them,
-  and ``--val-fraction`` moves a seeded share of train to val. Prepared files go to
+  (``train/``, ``val/``, ``test/``; ``training/``, ``validation/``, ``testing/`` too) or
+  from `urbanseg.data.splits` (list files, ``--splits NAME``, ``--val-fraction``). Prepared files go to
   ``<out>/{images,labels}/<split>/<group>/<stem>.png``: the group is the first folder
   below the split folder (the city in Cityscapes), ``all`` for files right in it.
 
 Every problem is collected and raised as one UserError listing them all, before anything
-is written.
+is written. Which split a pair of paired folders goes to: `urbanseg.data.splits`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from typing import Any
 from urbanseg.config import PrepareConfig
 from urbanseg.data.annotations import JSON_SOURCES
 from urbanseg.data.formats import Manifest
+from urbanseg.data.splits import Candidate, assign_splits, file_ending
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES
 
@@ -214,13 +212,6 @@ class RawFile:
     group: str
 
 
-def _ending(name: str, suffixes: list[str]) -> str | None:
-    """The longest of `suffixes` `name` ends with (case-insensitive), leaving a stem."""
-    lower = name.lower()
-    hits = [s for s in suffixes if lower.endswith(s.lower()) and len(name) > len(s)]
-    return max(hits, key=len) if hits else None
-
-
 def scan(root: Path, suffixes: list[str], split_names: set[str], skip: set[Path]) -> list[RawFile]:
     """Every file under `root` (any depth, hidden files and folders left out, nothing
     under the folders of `skip`) whose name ends with one of `suffixes`, sorted by path."""
@@ -229,7 +220,7 @@ def scan(root: Path, suffixes: list[str], split_names: set[str], skip: set[Path]
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or any(path.is_relative_to(s) for s in skip):
             continue
-        suffix = _ending(path.name, suffixes)
+        suffix = file_ending(path.name, suffixes)
         if suffix is None or not path.is_file():
             continue
         folders = rel.parts[:-1]
@@ -320,7 +311,9 @@ def _paired_splits(config: PrepareConfig, images: Path, masks: Path, out: Path) 
     found_images, found_masks = _scan_both(config, images, masks, out)
     problems: list[str] = []
     matched = _match(found_images, found_masks, config, problems)
-    split_of = _assign_splits(config, matched, images, problems)
+    candidates = [Candidate(image.rel, image.stem, image.split or mask.split) for image, mask in matched]
+    suffixes = [*(list(config.image_suffix) or sorted(IMAGE_SUFFIXES)), _mask_suffix(config)]
+    split_of = assign_splits(config, candidates, f"--images {images}", suffixes, problems)
     if problems:
         raise UserError(f"--images {images} and --masks {masks} do not pair up:\n  " + "\n  ".join(problems))
     splits: dict[str, list[Pair]] = defaultdict(list)
@@ -339,124 +332,6 @@ def _paired_splits(config: PrepareConfig, images: Path, masks: Path, out: Path) 
             f"found splits: {sorted(set(split_of.values())) or 'none'}: choose them with --splits"
         )
     return present
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def _assign_splits(config: PrepareConfig, matched: list, images: Path, problems: list[str]) -> dict[str, str]:
-    """{image's path below --images: split} of every matched pair whose split is known
-    (pairs of splits not requested are left out later); problems appended."""
-    if config.split_file:
-        listed = _listed_splits(config, {image.stem for image, _ in matched}, problems)
-        split_of = {image.rel: listed[image.stem] for image, _ in matched if image.stem in listed}
-    elif any(image.split or mask.split for image, mask in matched):
-        split_of = {image.rel: image.split or mask.split for image, mask in matched if image.split or mask.split}
-        strays = [image for image, mask in matched if not (image.split or mask.split)]
-        if strays:
-            problems.append(
-                f"{len(strays)} images are outside the split folders ({', '.join(sorted(set(split_of.values())))}/) "
-                f"of --images {images} (e.g. {_examples(strays)}); move them into one, or list the splits "
-                "with --split-file"
-            )
-    elif len(config.splits) == 1 or config.val_fraction > 0:
-        only = config.splits[0] if len(config.splits) == 1 else "train"
-        split_of = {image.rel: only for image, _ in matched}
-    else:
-        problems.append(
-            f"--images {images} has no split sub-folders (train/, val/, test/); say which pair goes where "
-            "with --val-fraction 0.2 (a seeded random val split), --split-file train.txt val.txt, or "
-            "--splits NAME to prepare every pair as that one split"
-        )
-        return {}
-    if config.val_fraction > 0:
-        _carve_val(config, split_of, {image.rel: image.stem for image, _ in matched}, problems)
-    return split_of
-
-
-def _carve_val(config: PrepareConfig, split_of: dict[str, str], stems: dict[str, str], problems: list[str]) -> None:
-    """Move round(fraction * n) of the n train stems to val: those whose hash of (seed,
-    stem) ranks lowest, so the choice does not depend on the file order or system, and
-    adding files moves few others."""
-    if "train" not in config.splits or "val" not in config.splits:
-        problems.append("--val-fraction moves train pairs to val: --splits must include train and val")
-        return
-    if any(s == "val" for s in split_of.values()):
-        problems.append(
-            "--val-fraction: split 'val' already has pairs (from its sub-folder or list); drop --val-fraction"
-        )
-        return
-    train = [rel for rel, split in split_of.items() if split == "train"]
-    if len(train) < 2:
-        problems.append(f"--val-fraction needs at least 2 train pairs to split; found {len(train)}")
-        return
-    count = min(max(1, round(config.val_fraction * len(train))), len(train) - 1)
-    rank = sorted(train, key=lambda rel: (hashlib.sha256(f"{config.seed}/{stems[rel]}".encode()).hexdigest(), rel))
-    for rel in rank[:count]:
-        split_of[rel] = "val"
-
-
-def _list_entries(path: Path) -> dict[str, list[str]]:
-    """{split: entries} of one --split-file: a text file (split = its name without the
-    extension; one entry a line, its first column; blank lines and # comments skipped) or
-    a .json/.yaml mapping split -> list of entries."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--split-file {path}: cannot read it ({type(e).__name__}: {e})") from None
-    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        lines = [line.strip() for line in text.splitlines()]
-        return {path.stem: [line.split()[0] for line in lines if line and not line.startswith("#")]}
-    try:
-        if path.suffix.lower() == ".json":
-            value = json.loads(text)
-        else:
-            import yaml
-
-            value = yaml.safe_load(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        raise UserError(f"--split-file {path}: cannot parse it ({type(e).__name__}: {e})") from None
-    ok = isinstance(value, dict) and all(
-        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in value.values()
-    )
-    if not ok:
-        raise UserError(
-            f'--split-file {path}: expected a mapping of split -> list of names, e.g. {{"train": ["a", "b"]}}'
-        )
-    return {str(k): v for k, v in value.items()}
-
-
-def _entry_stem(entry: str, stems: set[str], suffixes: list[str]) -> str:
-    """A list entry ("stem", "x/y/stem.jpg") -> the stem it names."""
-    name = entry.replace("\\", "/").rsplit("/", 1)[-1]
-    if name in stems:
-        return name
-    suffix = _ending(name, suffixes)
-    return name[: -len(suffix)] if suffix else name
-
-
-def _listed_splits(config: PrepareConfig, stems: set[str], problems: list[str]) -> dict[str, str]:
-    suffixes = list(config.image_suffix) or sorted(IMAGE_SUFFIXES)
-    suffixes.append(_mask_suffix(config))
-    split_of: dict[str, str] = {}
-    missing: dict[str, list[str]] = defaultdict(list)
-    for path in config.split_file:
-        for split, entries in _list_entries(Path(path)).items():
-            for entry in entries:
-                stem = _entry_stem(entry, stems, suffixes)
-                if stem not in stems:
-                    missing[split].append(entry)
-                elif split_of.setdefault(stem, split) != split:
-                    problems.append(f"{stem!r} is listed in two splits ({split_of[stem]}, {split}); list it once")
-    for split, entries in missing.items():
-        problems.append(
-            f"{len(entries)} names listed for split {split!r} have no image/annotation pair "
-            f"(e.g. {', '.join(entries[:_SHOW])})"
-        )
-    unlisted = len(stems - split_of.keys())
-    if unlisted:
-        print(f"urbanseg prepare: {unlisted} pairs are in no --split-file and are left out", file=sys.stderr)
-    return split_of
 
 
 # --------------------------------------------------------------------------- evaluate --full-res
