@@ -197,14 +197,21 @@ def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """`urbanseg synth`: write a synthetic street-scene dataset in Cityscapes layout."""
+    """`urbanseg synth`: write a synthetic street-scene dataset in Cityscapes layout (or paired folders, labelme)."""
 
-    out: Path = opt(help="output folder; gets leftImg8bit/ and gtFine/ like a Cityscapes download", short="-o")
+    out: Path = opt(
+        help="output folder; gets leftImg8bit/ and gtFine/ like a Cityscapes download (see --layout)", short="-o"
+    )
     train: int = opt(40, "number of training scenes")
     val: int = opt(12, "number of validation scenes")
     test: int = opt(0, "number of test scenes")
     size: str = opt("2048x1024", "scene size WIDTHxHEIGHT (Cityscapes is 2048x1024)", metavar="WxH")
     seed: int = opt(0, "random seed; the same seed and flags give the same bytes")
+    layout: Literal["cityscapes", "pairs", "labelme"] = opt(
+        "cityscapes",
+        "cityscapes: leftImg8bit/ + gtFine/; pairs: images/<split>/<city>/<stem>.png + masks/ of the same "
+        "names holding categories8 class indices; labelme: images/ with a labelme <stem>.json beside each image",
+    )
     workers: int = opt(0, "worker processes (0: one per core)")
 
     def __post_init__(self) -> None:
@@ -214,15 +221,49 @@ class SynthConfig:
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
 
 
+# What `urbanseg prepare --source` reads, by layout (urbanseg.data.annotations has the readers).
+CITYSCAPES_SOURCES = ("labelIds", "trainIds", "color", "polygons")
+Source = Literal["labelIds", "trainIds", "indices", "color", "polygons", "labelme"]
+
+
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    """`urbanseg prepare`: resize a raw Cityscapes-layout dataset into image/label pairs."""
+    """`urbanseg prepare`: resize a raw dataset (Cityscapes layout or paired folders) into image/label pairs."""
 
-    data: Path = opt(help="raw dataset folder holding leftImg8bit/ and gtFine/")
     out: Path = opt(help="output folder for images/, labels/ and manifest.json", short="-o")
+    data: Path | None = opt(None, "raw dataset folder in Cityscapes layout, holding leftImg8bit/ and gtFine/")
+    images: Path | None = opt(
+        None,
+        "instead of --data: a folder of images (any depth), matched to --masks by file stem; "
+        "train/ val/ test/ sub-folders give the splits",
+    )
+    masks: Path | None = opt(
+        None, "with --images: the folder of their annotations (default: --images itself, e.g. for labelme JSON)"
+    )
     labels: str = opt("categories8", "label set: categories8, categories7, classes19, or a labelmap.json path")
     size: str = opt("512x256", "output size WIDTHxHEIGHT", metavar="WxH")
-    source: Literal["labelIds", "color"] = opt("labelIds", "annotation to read: *_labelIds.png or the RGB *_color.png")
+    source: Source | None = opt(
+        None,
+        "what the annotations hold: labelIds (Cityscapes label ids), trainIds (Cityscapes training ids, "
+        "255 ignored), indices (the label set's class indices 0..N-1, 255 ignored), color (RGB label "
+        "colours), polygons (Cityscapes *_polygons.json), labelme (labelme JSON); default labelIds with "
+        "--data, indices with --images",
+    )
+    image_suffix: list[str] = opt(
+        [], "with --images: the endings that make a file an image, e.g. _leftImg8bit.png (default: any image type)"
+    )
+    mask_suffix: str | None = opt(
+        None, "with --images: the ending of an annotation file (default: .png, or .json for polygons and labelme)"
+    )
+    split_file: list[str] = opt(
+        [],
+        "with --images: lists of stems, one file per split named after it (train.txt val.txt), "
+        "or one .json/.yaml mapping split -> stems",
+    )
+    val_fraction: float = opt(
+        0.0, "with --images: move this fraction of the train pairs to val, picked by --seed (stable as files are added)"
+    )
+    seed: int = opt(0, "with --val-fraction: the seed that picks the val pairs")
     splits: list[str] = opt(["train", "val", "test"], "splits to prepare (those missing on disk are skipped)")
     workers: int = opt(0, "worker processes (0: one per core)")
     overwrite: bool = opt(
@@ -238,6 +279,46 @@ class PrepareConfig:
         check(len(set(self.splits)) == len(self.splits), f"--splits {' '.join(self.splits)} repeats a split")
         bad = [s for s in self.splits if not s or s.startswith(".") or "/" in s or "\\" in s]
         check(not bad, f"--splits {bad[0]!r} is not a folder name like train, val or test" if bad else "")
+        check(
+            (self.data is None) != (self.images is None),
+            "give --data DIR (a Cityscapes-layout dataset) or --images DIR [--masks DIR] (paired folders), not both",
+        )
+        if self.data is not None:
+            self._check_cityscapes()
+        else:
+            self._check_pairs()
+
+    def _check_cityscapes(self) -> None:
+        given = [
+            flag
+            for flag, value in (
+                ("--masks", self.masks),
+                ("--image-suffix", self.image_suffix),
+                ("--mask-suffix", self.mask_suffix),
+                ("--split-file", self.split_file),
+                ("--val-fraction", self.val_fraction),
+            )
+            if value
+        ]
+        check(not given, f"{given[0] if given else ''} applies to paired folders: give --images instead of --data")
+        object.__setattr__(self, "source", self.source or "labelIds")  # the resolved value is what is saved
+        check(
+            self.source in CITYSCAPES_SOURCES,
+            f"--source {self.source} reads paired folders (--images, --masks); the Cityscapes layout has "
+            f"{', '.join(CITYSCAPES_SOURCES)}",
+        )
+
+    def _check_pairs(self) -> None:
+        object.__setattr__(self, "source", self.source or "indices")
+        check(0.0 <= self.val_fraction < 1.0, f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        suffixes = [*self.image_suffix, *([self.mask_suffix] if self.mask_suffix is not None else [])]
+        bad = [x for x in suffixes if not x or "/" in x or "\\" in x]
+        check(not bad, f"suffix {bad[0]!r} must be the end of a file name, e.g. .png or _mask.png" if bad else "")
+        lists = [p for p in self.split_file if Path(p).suffix.lower() in (".json", ".yaml", ".yml")]
+        check(
+            not lists or len(self.split_file) == 1,
+            f"--split-file {lists[0] if lists else ''}: a .json/.yaml file names every split; give it alone",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

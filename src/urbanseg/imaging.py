@@ -1,5 +1,6 @@
 """Image files and pixels shared by the stages: reading any still image as RGB, resizing
-images (anti-aliased) and label maps (nearest neighbour), writing PNGs, blending overlays.
+images (anti-aliased) and label maps (nearest neighbour), rasterising polygons, writing
+PNGs, blending overlays.
 
 Training images are resized here by `prepare`, and inference resizes its inputs with the
 same function, so a model sees at prediction time what it saw in training.
@@ -7,7 +8,9 @@ same function, so a model sees at prediction time what it saw in training.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -85,6 +88,46 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if labels.shape[::-1] == tuple(size):
         return labels
     return cv2.resize(labels, tuple(size), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+Shape = Literal["polygon", "rectangle", "ellipse"]
+
+
+def draw_shapes(
+    size: tuple[int, int],
+    shapes: Sequence[tuple[Shape, Any]],
+    values: Sequence[int],
+    mode: str,
+    background: int = 0,
+) -> np.ndarray:
+    """Fill `shapes` in order with `values` on an image of `size` (W, H) filled with
+    `background`: mode "L" -> (H, W) uint8, mode "I" -> (H, W) int32. A shape is (kind,
+    points): "polygon" with K >= 1 (x, y) points (any numbers, as read from a file),
+    "rectangle" and "ellipse" with the two corners of their box.
+
+    PIL's ImageDraw fills the polygons, as cityscapesscripts' json2labelImg does (fill
+    only, no outline), so the same polygons give the same pixels; synthetic scenes, their
+    JSON and every polygon annotation are rasterised here."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new(mode, size, background)
+    draw = ImageDraw.Draw(image)
+    for (kind, points), value in zip(shapes, values, strict=True):
+        xy = [tuple(p) for p in np.asarray(points).tolist()]
+        if kind == "polygon":
+            draw.polygon(xy, fill=int(value))
+        else:  # two corners in any order: PIL wants them sorted
+            (x0, y0), (x1, y1) = xy
+            box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+            (draw.rectangle if kind == "rectangle" else draw.ellipse)(box, fill=int(value))
+    return np.asarray(image)
+
+
+def draw_polygons(
+    size: tuple[int, int], polygons: Sequence[Any], values: Sequence[int], mode: str, background: int = 0
+) -> np.ndarray:
+    """`draw_shapes` of polygons only: each a (K, 2) array or list of (x, y) points."""
+    return draw_shapes(size, [("polygon", p) for p in polygons], values, mode, background)
 
 
 def save_png(path: Path | str, array: np.ndarray, compress_level: int = 1) -> None:

@@ -12,6 +12,10 @@ Built-in sets:
 
 Custom sets come from a JSON file shaped like the original project's ``labelmap.json``:
 ``{"class name": {"id": 0, "colors": [[r, g, b], ...]}, ...}``.
+
+Annotations a set reads (`urbanseg.data.annotations`): Cityscapes label ids (built-in sets),
+Cityscapes training ids (built-in sets; 255 is ignored), the set's own class indices
+(0..N-1, 255 ignore), colours, and polygon label names (`LabelSet.class_of_name`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,52 @@ def _uint8_id(label_id: int) -> int:
     return label_id & 0xFF
 
 
+# Names polygon annotations give the pixels no shape covers, first match wins: labelme's
+# background label, then common names for it (see `LabelSet.background_class`).
+BACKGROUND_NAMES = ("_background_", "background", "unlabeled")
+
+
+def cityscapes_label(name: str) -> Label | None:
+    """The Cityscapes label a polygon's name stands for, as json2labelImg reads it: a name
+    that is not a label but ends in "group" is that label ("cargroup" -> car). None if unknown."""
+    if name not in NAME_TO_LABEL and name.endswith("group"):
+        name = name[: -len("group")]
+    return NAME_TO_LABEL.get(name)
+
+
+def polygon_values(names: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Label id and instance id per Cityscapes polygon name, in drawing order, as
+    json2labelImg and json2instanceImg compute them: "cargroup" -> car without an instance;
+    the k-th polygon of a label with instances -> id * 1000 + k; license plate -> id -1
+    (not drawn). KeyError for a name that is no Cityscapes label."""
+    counts: dict[str, int] = {}
+    ids, instances = [], []
+    for name in names:
+        label = cityscapes_label(name)
+        if label is None:
+            raise KeyError(name)
+        group = name not in NAME_TO_LABEL
+        ids.append(label.id)
+        instance = label.id
+        if label.hasInstances and not group:
+            instance = label.id * 1000 + counts.get(label.name, 0)
+            counts[label.name] = counts.get(label.name, 0) + 1
+        instances.append(instance)
+    return ids, instances
+
+
+def label_ids_from_train_ids(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 Cityscapes training ids -> (H, W) uint8 label ids for the official
+    scores: trainId t -> the one label with that trainId, 255 -> 0 (unlabeled). Every label
+    whose trainId is 255 is ignoreInEval, so the official class and category IoU computed
+    from these ids equal those from the original ids. ValueError naming unknown values."""
+    out = np.take(_TRAIN_TO_ID, np.asarray(train_ids, dtype=np.uint8))
+    if (out == _UNKNOWN).any():
+        bad = sorted(set(np.unique(np.asarray(train_ids)[out == _UNKNOWN]).tolist()))
+        raise ValueError(f"unknown Cityscapes training ids {bad[:10]} (known: 0-18, and 255 for ignore)")
+    return out
+
+
 @dataclass(frozen=True)
 class LabelSet:
     """Classes, display palette and the lookups from annotations to class indices.
@@ -202,6 +252,63 @@ class LabelSet:
             lut[k] = (scored or ids or [0])[0]
         return lut
 
+    def labels_from_train_ids(self, train_ids: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 Cityscapes training ids (0..18, 255 ignore; what BDD100K's semantic
+        masks and createTrainIdLabelImgs hold) -> (H, W) uint8 class indices: trainId t
+        takes the class of its label; 255 is ignored in every set (it stands for many
+        labels: void, parking, guard rail, ...). ValueError naming any value outside these."""
+        import cv2
+
+        if self.id_to_class is None:
+            raise UserError(
+                f"label set {self.name!r} defines colours only, not Cityscapes training ids; use --source color"
+            )
+        ids = np.ascontiguousarray(train_ids, dtype=np.uint8)
+        out = cv2.LUT(ids, _train_lut(self.id_to_class, self.ignore_index))
+        if (out == _UNKNOWN).any():
+            bad = sorted(set(np.unique(ids[out == _UNKNOWN]).tolist()))
+            raise ValueError(f"unknown Cityscapes training ids {bad[:10]} (known: 0-18, and 255 for ignore)")
+        return out
+
+    def labels_from_indices(self, indices: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 class indices of this set (0..N-1, the ignore index) -> the same
+        array, checked. ValueError naming the values that are neither."""
+        out = np.ascontiguousarray(indices, dtype=np.uint8)
+        counts = np.bincount(out.ravel(), minlength=256)
+        counts[: self.num_classes] = 0
+        counts[self.ignore_index] = 0
+        if counts.any():
+            bad = np.flatnonzero(counts)[:10].tolist()
+            raise ValueError(
+                f"values {bad} are not class indices of label set {self.name!r} "
+                f"(0..{self.num_classes - 1}, {self.ignore_index} ignore)"
+            )
+        return out
+
+    def class_of_name(self, name: str) -> int | None:
+        """The class index a polygon labelled `name` is drawn with: the class of that name
+        in this set; for a set derived from Cityscapes also any Cityscapes label name
+        (json2labelImg's reading: "cargroup" is car), through its label id; a background
+        name (`BACKGROUND_NAMES`) -> `background_class()`. None for a Cityscapes label that
+        is never drawn (license plate, id -1, as json2labelImg skips it). KeyError if unknown."""
+        if name in self.classes:
+            return self.classes.index(name)
+        label = cityscapes_label(name) if self.id_to_class is not None else None
+        if label is not None and self.id_to_class is not None:
+            return None if label.id < 0 else self.id_to_class[label.id]
+        if name in BACKGROUND_NAMES:
+            return self.background_class()
+        raise KeyError(name)
+
+    def background_class(self) -> int:
+        """The class of the pixels no polygon covers: the class named like a background
+        (`BACKGROUND_NAMES`, in that order), else for a Cityscapes set that of "unlabeled"
+        (id 0, json2labelImg's background), else the ignore index."""
+        for name in BACKGROUND_NAMES:
+            if name in self.classes:
+                return self.classes.index(name)
+        return self.ignore_index if self.id_to_class is None else self.id_to_class[0]
+
     def colorize(self, labels: np.ndarray, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
         """(H, W) class indices -> (H, W, 3) uint8 RGB using the palette."""
         table = np.zeros((256, 3), np.uint8)
@@ -258,6 +365,29 @@ class LabelSet:
 @functools.lru_cache(maxsize=8)
 def _id_lut(id_to_class: tuple[int, ...]) -> np.ndarray:
     return np.asarray(id_to_class, dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_lut(id_to_class: tuple[int, ...], ignore: int) -> np.ndarray:
+    """(256,) uint8: Cityscapes training id -> class index (255 -> ignore, others unknown)."""
+    lut = np.full(256, _UNKNOWN, np.uint8)
+    for label in LABELS:
+        if 0 <= label.trainId < 255:
+            lut[label.trainId] = id_to_class[label.id]
+    lut[255] = ignore
+    return lut
+
+
+def _train_to_id() -> np.ndarray:
+    lut = np.full(256, _UNKNOWN, np.uint8)
+    for label in LABELS:
+        if 0 <= label.trainId < 255:
+            lut[label.trainId] = label.id
+    lut[255] = 0
+    return lut
+
+
+_TRAIN_TO_ID = _train_to_id()
 
 
 @functools.lru_cache(maxsize=4)

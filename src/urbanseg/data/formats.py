@@ -50,16 +50,25 @@ def _relative(node: Node) -> str:
 # --------------------------------------------------------------------------- manifest.json
 
 
+# Layouts and annotation kinds a prepared folder can come from (`urbanseg prepare`); a
+# manifest without `layout` is of the Cityscapes layout (written before paired folders).
+LAYOUTS = ("cityscapes", "pairs")
+SOURCES = ("labelIds", "trainIds", "indices", "color", "polygons", "labelme")
+
+
 @dataclass(frozen=True)
 class SplitEntry:
     """One prepared split: `stems` (sorted by city, then stem), `files` ("<city>/<stem>",
     relative to images/<split>/ and labels/<split>/), per-class label pixel counts and the
-    ignored pixels. Manifests of older writers may lack the last three (None)."""
+    ignored pixels. Manifests of older writers may lack the last three (None). For paired
+    folders, `annotations[i]` is the raw annotation of `stems[i]`, relative to the
+    manifest's `masks` folder (None for the Cityscapes layout)."""
 
     stems: tuple[str, ...]
     files: tuple[str, ...] | None = None
     pixel_counts: tuple[int, ...] | None = None
     ignored_pixels: int | None = None
+    annotations: tuple[str, ...] | None = None
 
     @property
     def count(self) -> int:
@@ -78,6 +87,8 @@ class SplitEntry:
             out["pixel_counts"] = list(self.pixel_counts)
         if self.ignored_pixels is not None:
             out["ignored_pixels"] = self.ignored_pixels
+        if self.annotations is not None:
+            out["annotations"] = list(self.annotations)
         return out
 
     @classmethod
@@ -93,6 +104,7 @@ class SplitEntry:
             files=node["files"].maybe(lambda n: _files(n, stems)),
             pixel_counts=node["pixel_counts"].maybe(lambda n: tuple(n.ints(length=num_classes, min=0))),
             ignored_pixels=node["ignored_pixels"].maybe(lambda n: n.integer(min=0)),
+            annotations=node["annotations"].maybe(lambda n: tuple(_relative(i) for i in n.items(length=count))),
         )
 
 
@@ -109,8 +121,11 @@ def _files(node: Node, stems: tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A prepared folder's manifest.json: label set, size (W, H), annotation source, the
-    raw dataset folder and the prepared splits. Written last by `prepare`."""
+    """A prepared folder's manifest.json: label set, size (W, H), annotation source (one
+    of `SOURCES`), the raw dataset folder (`data`; the images folder of paired folders)
+    and the prepared splits. Paired folders also record `layout` "pairs" and `masks`, the
+    annotation folder; a manifest without them is of the Cityscapes layout. Written last
+    by `prepare`."""
 
     FILE: ClassVar[str] = "manifest.json"
 
@@ -120,8 +135,11 @@ class Manifest:
     data: str | None = None
     source: str | None = None
     urbanseg_version: str = field(default_factory=_current_version)
+    layout: str | None = None
+    masks: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        pairs = {"layout": self.layout, "masks": self.masks} if self.layout not in (None, "cityscapes") else {}
         return {
             "format_version": MANIFEST_VERSION,
             "urbanseg_version": self.urbanseg_version,
@@ -129,6 +147,7 @@ class Manifest:
             "size": list(self.size),
             "source": self.source,
             "data": self.data,
+            **pairs,
             "splits": {name: entry.to_dict() for name, entry in self.splits.items()},
         }
 
@@ -162,16 +181,25 @@ class Manifest:
         doc.obj()
         check_version(doc, MANIFEST_VERSION, "manifest")
         label_set = LabelSet.read(doc["label_set"])
-        return cls(
+        manifest = cls(
             label_set=label_set,
             size=tuple(doc["size"].ints(length=2, min=1)),  # type: ignore[arg-type]
             splits={
                 name: SplitEntry.read(node, label_set.num_classes) for name, node in doc["splits"].members().items()
             },
             data=doc["data"].maybe(Node.text),
-            source=doc["source"].maybe(lambda n: n.text(choices=("labelIds", "color"))),
+            source=doc["source"].maybe(lambda n: n.text(choices=SOURCES)),
             urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
+            layout=doc["layout"].maybe(lambda n: n.text(choices=LAYOUTS)),
+            masks=doc["masks"].maybe(Node.text),
         )
+        if manifest.layout == "pairs":  # what evaluate --full-res finds the raw annotations by
+            if manifest.masks is None:
+                raise doc["masks"].error("the annotation folder of the paired folders")
+            for name, entry in manifest.splits.items():
+                if entry.annotations is None:
+                    raise doc["splits"][name]["annotations"].error("the raw annotation of each stem")
+        return manifest
 
 
 # --------------------------------------------------------------------------- spec.json
@@ -318,7 +346,9 @@ def _check_summary(doc: Node, spec: ShardSpec) -> None:
 
 __all__ = [
     "FEATURES",
+    "LAYOUTS",
     "MANIFEST_VERSION",
+    "SOURCES",
     "SPEC_VERSION",
     "FormatError",
     "Manifest",

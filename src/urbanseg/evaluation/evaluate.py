@@ -10,7 +10,11 @@ Two protocols:
   truth's size (``gtFine/<split>/<city>/<stem>_gtFine_labelIds.png``, found through the
   shards' spec.json: ``data``, or ``prepared`` -> manifest.json ``data``) and scored there;
   for label sets derived from Cityscapes also the official class/category IoU and iIoU
-  (`urbanseg.evaluation.official`).
+  (`urbanseg.evaluation.official`). Other raw annotations (paired folders, the Cityscapes
+  layout's trainIds and polygons) are found through the manifest
+  (`urbanseg.data.sources.raw_annotations`) and read by `urbanseg.data.annotations.read_truth`;
+  the official scores need label ids (labelIds, trainIds, polygons), the iIoU instance ids
+  (Cityscapes' instanceIds, polygons): without them it is n/a.
 
 Scores are dataset-level (`urbanseg.evaluation.metrics.ConfusionMatrix`); per-image mIoU ranks the
 images for the gallery of best and worst examples.
@@ -32,7 +36,9 @@ import numpy as np
 
 from urbanseg import __version__
 from urbanseg.config import EvaluateConfig
+from urbanseg.data.annotations import ID_SOURCES, INSTANCE_SOURCES, read_truth
 from urbanseg.data.formats import Manifest, ShardSpec
+from urbanseg.data.sources import raw_annotations
 from urbanseg.errors import UserError
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
@@ -85,6 +91,8 @@ def evaluate(config: EvaluateConfig) -> int:
         seconds = time.perf_counter() - start
         result = state.confusion.compute()
         official = state.official.compute() if state.official is not None else None
+        if official and raw is not None and not raw.has_instances:
+            official = _without_iiou(official)
         summary = summarize_checkpoint(ckpt)
         info = _info(config, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
         title = f"Evaluation of {run.path.name} on {config.split}" + (" (full resolution)" if raw else "")
@@ -117,6 +125,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _without_iiou(official: dict[str, Any]) -> dict[str, Any]:
+    """The official scores with every iIoU n/a: ground truth without instance ids has no
+    instances to weigh (the evaluator would report 0 wherever there are false positives)."""
+    out = dict(official)
+    for level in ("class", "category"):
+        if f"{level}_iiou" in out:
+            out[f"{level}_iiou"] = dict.fromkeys(out[f"{level}_iiou"])
+            out[f"mean_{level}_iiou"] = None
+    return out
+
+
 def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:
     if tuple(model_set.classes) != tuple(data_set.classes):
         raise UserError(
@@ -132,17 +151,29 @@ def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split
 @dataclass(frozen=True)
 class RawTruth:
     """The raw dataset's ground truth for one split: stem -> *_gtFine_labelIds.png (or
-    *_gtFine_color.png for a colour-only label set)."""
+    *_gtFine_color.png for a colour-only label set); with `source`, stem -> an annotation
+    the manifest names, of that kind (`urbanseg.data.annotations`)."""
 
     root: Path
     files: dict[str, Path]
-    kind: str  # "labelIds" or "color"
+    kind: str  # "labelIds" or "color", or the source
+    source: str | None = None
+
+    @property
+    def has_ids(self) -> bool:
+        return self.kind == "labelIds" if self.source is None else self.source in ID_SOURCES
+
+    @property
+    def has_instances(self) -> bool:
+        return self.kind == "labelIds" if self.source is None else self.source in INSTANCE_SOURCES
 
     def path_for(self, name: str) -> Path:
         stem = _stem(name)
         if stem not in self.files:
+            what = f"*_gtFine_{self.kind}.png" if self.source is None else "annotation"
+            where = self.root / "gtFine" if self.source is None else self.root
             raise UserError(
-                f"no *_gtFine_{self.kind}.png for image {name!r} under {self.root / 'gtFine'}; "
+                f"no {what} for image {name!r} under {where}; "
                 "--full-res needs the raw dataset the shards were prepared from"
             )
         return self.files[stem]
@@ -183,6 +214,9 @@ def raw_data_root(spec: ShardSpec, split_dir: Path, manifest: Manifest | None) -
 def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSet) -> RawTruth:
     """Index the raw split's ground-truth files and check every image of the split has one."""
     manifest = _prepared_manifest(dataset.spec)
+    recorded = raw_annotations(manifest, split) if manifest is not None else None
+    if recorded is not None and manifest is not None:
+        return _recorded_truth(*recorded, manifest.source or "labelIds")
     root = raw_data_root(dataset.spec, shards / split, manifest)
     kind = "labelIds" if label_set.from_cityscapes else "color"
     suffix = f"_gtFine_{kind}.png"
@@ -202,6 +236,17 @@ def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSe
             f"{root / 'gtFine' / split}, e.g. {missing[:3]}; restore the raw dataset or drop --full-res"
         )
     return RawTruth(root, files, kind)
+
+
+def _recorded_truth(root: Path, files: dict[str, Path], source: str) -> RawTruth:
+    """The raw annotations a manifest lists, checked to exist."""
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"--full-res: {len(missing)} of the {len(files)} raw annotations the shards were prepared from "
+            f"are gone, e.g. {missing[:3]}; restore them or drop --full-res"
+        )
+    return RawTruth(root, files, source, source)
 
 
 def _prepared_manifest(spec: ShardSpec) -> Manifest | None:
@@ -228,7 +273,13 @@ class FullResDataset:
         item = dict(self.dataset[index])
         path = self.raw.path_for(item["name"])
         try:
-            if self.raw.kind == "labelIds":
+            if self.raw.source is not None:
+                truth = read_truth(path, self.raw.source, self.label_set)
+                item["gt"] = truth.classes
+                if truth.ids is not None:  # no instance ids: none above 1000, no instance is scored
+                    item["gt_ids"] = truth.ids
+                    item["gt_inst"] = truth.instances if truth.instances is not None else truth.ids.astype(np.int32)
+            elif self.raw.kind == "labelIds":
                 item["gt_ids"], item["gt_inst"] = read_ground_truth(path)
                 item["gt"] = self.label_set.labels_from_ids(item["gt_ids"])
             else:
@@ -317,7 +368,7 @@ def run_evaluation(
     from tqdm import tqdm
 
     official = None
-    if raw is not None and raw.kind == "labelIds":
+    if raw is not None and raw.has_ids and label_set.from_cityscapes:
         official = OfficialEvaluator(label_set)
     n = len(dataset)
     state = EvalState(

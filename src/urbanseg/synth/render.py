@@ -1,7 +1,8 @@
 """Rasterising and painting a synthetic scene (see synth_layout.py).
 
-Labels are rasterised with PIL's ImageDraw.polygon on integer polygons clipped to the
-image, in the order they are listed, exactly as cityscapesscripts' json2labelImg does,
+Labels are rasterised with PIL's ImageDraw.polygon (`urbanseg.imaging.draw_polygons`) on
+integer polygons clipped to the image, in the order they are listed, exactly as
+cityscapesscripts' json2labelImg does,
 so the JSON polygons reproduce labelIds bit for bit. The photo uses the same polygons
 (one object-index map), then paints every pixel from the 3D surface it belongs to:
 each pixel is mapped back to metres on its plane (ground, facade, object front) and a
@@ -12,11 +13,10 @@ perspective. Everything is vectorised over the pixels of one shape at a time.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from urbanseg.imaging import draw_polygons
 from urbanseg.synth.scene import Camera, Scene, Shape
 
 
@@ -50,18 +50,6 @@ def clip_polygon(poly: np.ndarray, width: int, height: int) -> np.ndarray | None
     if len(pts) > 1 and (pts[0] == pts[-1]).all():
         pts = pts[:-1]
     return pts if len(pts) >= 3 else None
-
-
-def draw_polygons(
-    size: tuple[int, int], polygons: Sequence[np.ndarray], values: Sequence[int], mode: str
-) -> np.ndarray:
-    """Fill `polygons` in order with `values` on a zero image of `size` (W, H), like
-    json2labelImg: mode "L" -> (H, W) uint8, mode "I" -> (H, W) int32."""
-    image = Image.new(mode, size, 0)
-    draw = ImageDraw.Draw(image)
-    for poly, value in zip(polygons, values, strict=True):
-        draw.polygon([tuple(p) for p in poly.tolist()], fill=int(value))
-    return np.asarray(image)
 
 
 class Noise:

@@ -7,6 +7,16 @@
     <out>/gtFine/<split>/<city>/<stem>_gtFine_polygons.json    imgHeight, imgWidth, objects
     <out>/synth_config.yaml                                    the flags that made it
 
+or, with ``--layout pairs``, paired folders (what `prepare --images --masks` reads by default):
+
+    <out>/images/<split>/<city>/<stem>.png                     RGB photo
+    <out>/masks/<split>/<city>/<stem>.png                      uint8 categories8 class indices
+
+or, with ``--layout labelme``, the photos with labelme's JSON beside them (the polygons,
+named with Cityscapes labels, in drawing order):
+
+    <out>/images/<split>/<city>/<stem>.png, <stem>.json
+
 Scene i of a split is drawn from its own random stream seeded by (seed, split, i), so
 the bytes do not depend on --workers and a larger --train extends a smaller run. The
 label images are the JSON polygons rasterised in order as cityscapesscripts'
@@ -26,9 +36,11 @@ from urbanseg import outputs
 from urbanseg.config import SynthConfig, parse_size
 from urbanseg.config import save as save_config
 from urbanseg.errors import UserError
-from urbanseg.labels import CATEGORIES, LABELS, NAME_TO_LABEL
+from urbanseg.imaging import draw_polygons
+from urbanseg.labels import CATEGORIES, LABELS, categories8, polygon_values
 from urbanseg.memory import check_synth as check_synth_memory
 from urbanseg.synth.layout import compose
+from urbanseg.synth.render import clip_polygon, render
 from urbanseg.util import default_workers, progress_map, write_if_changed
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +49,8 @@ CITIES = {"train": ("synthburg", "pixelstadt", "rasterdam"), "val": ("valhausen"
 FRAME = 19  # Cityscapes annotates the 20th frame of each 30-frame snippet
 MAX_ATTEMPTS = 8  # a scene missing one of the 8 categories (e.g. all people occluded) is redrawn
 CONFIG_NAME = "synth_config.yaml"
+LAYOUT_FOLDERS = {"cityscapes": ("leftImg8bit", "gtFine"), "pairs": ("images", "masks"), "labelme": ("images",)}
+LABELME_VERSION = "5.4.1"  # the labelme release whose JSON fields these files carry
 
 
 def stem(split: str, index: int) -> tuple[str, str]:
@@ -46,8 +60,17 @@ def stem(split: str, index: int) -> tuple[str, str]:
     return city, f"{city}_{index // len(cities):06d}_{FRAME:06d}"
 
 
-def scene_paths(out: Path, split: str, index: int) -> dict[str, Path]:
+def scene_paths(out: Path, split: str, index: int, layout: str = "cityscapes") -> dict[str, Path]:
+    """The files of scene `index` of `split` in `layout`, by kind (the photo is "image")."""
     city, name = stem(split, index)
+    if layout == "pairs":
+        return {
+            "image": out / "images" / split / city / f"{name}.png",
+            "mask": out / "masks" / split / city / f"{name}.png",
+        }
+    if layout == "labelme":
+        folder = out / "images" / split / city
+        return {"image": folder / f"{name}.png", "labelme": folder / f"{name}.json"}
     gt = out / "gtFine" / split / city / f"{name}_gtFine_"
     return {
         "image": out / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png",
@@ -58,29 +81,10 @@ def scene_paths(out: Path, split: str, index: int) -> dict[str, Path]:
     }
 
 
-def _label_values(names: list[str]) -> tuple[list[int], list[int]]:
-    """Label id and instance id per object, in drawing order, as json2labelImg and
-    json2instanceImg compute them ("cargroup" -> car without instance; -1 -> not drawn)."""
-    counts: dict[str, int] = {}
-    ids, instances = [], []
-    for name in names:
-        group = name not in NAME_TO_LABEL and name.endswith("group")
-        label = NAME_TO_LABEL[name[: -len("group")] if group else name]
-        ids.append(label.id)
-        inst = label.id
-        if label.hasInstances and not group:
-            inst = label.id * 1000 + counts.get(label.name, 0)
-            counts[label.name] = counts.get(label.name, 0) + 1
-        instances.append(inst)
-    return ids, instances
-
-
 def generate(seed: int, split: str, index: int, width: int, height: int) -> dict:
     """One scene: {"image": (H, W, 3) uint8, "labelIds": (H, W) uint8, "instanceIds": (H, W)
     uint16, "color": (H, W, 4) uint8, "polygons": dict (the JSON), "categories": (8,) int64
     pixel counts}. Deterministic in its arguments."""
-    from urbanseg.synth.render import clip_polygon, draw_polygons, render
-
     for attempt in range(MAX_ATTEMPTS):
         key = [seed % 2**63, zlib.crc32(split.encode()), index, attempt]
         rng = np.random.default_rng(np.random.SeedSequence(key))
@@ -91,7 +95,7 @@ def generate(seed: int, split: str, index: int, width: int, height: int) -> dict
             if poly is not None:
                 shapes.append(shape)
                 polys.append(poly)
-        ids, instances = _label_values([s.label or "" for s in shapes])
+        ids, instances = polygon_values([s.label or "" for s in shapes])
         drawn = [k for k, i in enumerate(ids) if i >= 0]
         label_ids = draw_polygons((width, height), [polys[k] for k in drawn], [ids[k] for k in drawn], "L")
         cat_of_id = np.zeros(256, np.int64)
@@ -125,15 +129,53 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _make_one(job: tuple[Path, int, str, int, int, int]) -> np.ndarray:
-    """Generate and write scene `index` of `split`; returns its (8,) category pixel counts.
-    The photo is written first and the polygons last, each file atomically."""
-    out, seed, split, index, width, height = job
+def labelme_json(polygons: dict, image_name: str) -> dict:
+    """A scene's polygons (`generate`'s "polygons") as labelme's JSON for the photo
+    `image_name` beside it: one polygon shape per object, in drawing order."""
+    shapes = [
+        {
+            "label": obj["label"],
+            "points": obj["polygon"],
+            "group_id": None,
+            "description": "",
+            "shape_type": "polygon",
+            "flags": {},
+            "mask": None,
+        }
+        for obj in polygons["objects"]
+    ]
+    return {
+        "version": LABELME_VERSION,
+        "flags": {},
+        "shapes": shapes,
+        "imagePath": image_name,
+        "imageData": None,
+        "imageHeight": polygons["imgHeight"],
+        "imageWidth": polygons["imgWidth"],
+    }
+
+
+def _json(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+def _make_one(job: tuple) -> np.ndarray:
+    """Generate and write scene `index` of `split`; job = (out, seed, split, index, width,
+    height[, layout]) (layout "cityscapes" when left out). Returns the scene's (8,) category
+    pixel counts. The photo is written first and the annotations after it, each file atomically."""
+    out, seed, split, index, width, height, *rest = job
+    layout = rest[0] if rest else "cityscapes"
     scene = generate(seed, split, index, width, height)
-    paths = scene_paths(out, split, index)
-    for key in ("image", "labelIds", "color", "instanceIds"):
-        write_if_changed(paths[key], _png(scene[key]))
-    write_if_changed(paths["polygons"], json.dumps(scene["polygons"], separators=(",", ":")).encode() + b"\n")
+    paths = scene_paths(out, split, index, layout)
+    write_if_changed(paths["image"], _png(scene["image"]))
+    if layout == "pairs":
+        write_if_changed(paths["mask"], _png(categories8().labels_from_ids(scene["labelIds"])))
+    elif layout == "labelme":
+        write_if_changed(paths["labelme"], _json(labelme_json(scene["polygons"], paths["image"].name)))
+    else:
+        for key in ("labelIds", "color", "instanceIds"):
+            write_if_changed(paths[key], _png(scene[key]))
+        write_if_changed(paths["polygons"], _json(scene["polygons"]))
     return scene["categories"]
 
 
@@ -151,13 +193,15 @@ def _check_output(config: SynthConfig, planned: set[Path]) -> None:
         old = yaml.safe_load(saved.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot read {saved}: {e}; delete the folder or choose another --out") from None
-    if (old.get("seed"), old.get("size")) != (config.seed, config.size):
+    layout = old.get("layout", "cityscapes")  # (synth_config.yaml files from before --layout)
+    if (old.get("seed"), old.get("size"), layout) != (config.seed, config.size, config.layout):
         raise UserError(
             f"--out {out} holds a synthetic dataset made with --seed {old.get('seed')} --size "
-            f"{old.get('size')}, not --seed {config.seed} --size {config.size}; rerun with those "
-            "flags to complete or extend it, or choose a new folder"
+            f"{old.get('size')} --layout {layout}, not --seed {config.seed} --size {config.size} --layout "
+            f"{config.layout}; rerun with those flags to complete or extend it, or choose a new folder"
         )
-    existing = {p for d in ("leftImg8bit", "gtFine") for p in (out / d).rglob("*") if p.is_file()}
+    folders = LAYOUT_FOLDERS[config.layout]
+    existing = {p for d in folders for p in (out / d).rglob("*") if p.is_file()}
     extra = sorted(existing - planned)
     if extra:
         raise UserError(
@@ -172,8 +216,10 @@ def synthesize(config: SynthConfig) -> int:
     width, height = parse_size(config.size)
     out = Path(config.out)
     counts = {"train": config.train, "val": config.val, "test": config.test}
-    jobs = [(out, config.seed, split, i, width, height) for split in SPLITS for i in range(counts[split])]
-    planned = {p for _, _, split, i, _, _ in jobs for p in scene_paths(out, split, i).values()}
+    jobs = [
+        (out, config.seed, split, i, width, height, config.layout) for split in SPLITS for i in range(counts[split])
+    ]
+    planned = {p for job in jobs for p in scene_paths(out, job[2], job[3], config.layout).values()}
     with outputs.claim(out, "synth", check=lambda: _check_output(config, planned)):
         save_config(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
         workers = config.workers or default_workers()
