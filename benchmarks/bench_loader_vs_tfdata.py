@@ -89,14 +89,20 @@ def tfdata_epochs(shards: Path, batch_size: int, parallel: int):
         .prefetch(tf.data.AUTOTUNE)
     )
 
-    def run(epochs: int) -> int:
-        n = 0
+    def run(epochs: int) -> tuple[int, float]:
+        n, cpu = 0, time.process_time()
         for _ in range(epochs):
             for image, _label in dataset:
                 n += int(image.shape[0])
-        return n
+        return n, time.process_time() - cpu  # every tf.data thread is in this process
 
     return run
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def urbanseg_epochs(shards: Path, batch_size: int, workers: int, augment):
@@ -113,39 +119,52 @@ def urbanseg_epochs(shards: Path, batch_size: int, workers: int, augment):
     loader = build_loader(shards, "train", batch_size=batch_size, train=True, workers=workers, augment=augment)
     state = {"epoch": 0}
 
-    def run(epochs: int) -> int:
-        n = 0
+    def workers_cpu() -> float:
+        iterator = loader._iterator  # persistent workers: made by the first epoch
+        return sum(_cpu_seconds(w.pid) for w in iterator._workers) if iterator is not None else 0.0
+
+    def run(epochs: int) -> tuple[int, float]:
+        n, cpu = 0, time.process_time() + workers_cpu()
         for _ in range(epochs):
             loader.sampler.set_epoch(state["epoch"])
             state["epoch"] += 1
             for batch in loader:
                 image = batch["image"].float()
                 n += int(image.shape[0])
-        return n
+        return n, time.process_time() + workers_cpu() - cpu
 
     return run
 
 
 def serve(args: argparse.Namespace) -> None:
     """A pipeline process: build, warm up, then on each stdin line "N" run N epochs and
-    print {"samples", "seconds"} as one JSON line."""
+    print {"samples", "seconds", "cpu": CPU seconds of all its processes} as one JSON line."""
     if args.serve == "tfdata":
+        import tensorflow as tf
+
         run = tfdata_epochs(args.shards, args.batch_size, args.workers)
+        about = f"TensorFlow {tf.__version__}"
     else:
+        import torch
+
+        from urbanseg.data import loader
+
         augment = FLIP_ONLY if args.serve == "urbanseg-flip" else None
         run = urbanseg_epochs(args.shards, args.batch_size, args.workers, augment)
+        about = f"PyTorch {torch.__version__}, PNG decoder {getattr(loader, 'PNG_DECODER', 'opencv')}"
     run(1)  # start-up: workers, thread pools, page cache
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "about": about}), flush=True)
     for line in sys.stdin:
         start = time.perf_counter()
-        n = run(int(line))
-        print(json.dumps({"samples": n, "seconds": time.perf_counter() - start}), flush=True)
+        n, cpu = run(int(line))
+        print(json.dumps({"samples": n, "seconds": time.perf_counter() - start, "cpu": cpu}), flush=True)
 
 
 # ----------------------------------------------------------------------------- coordinator
 
 
-def measure(shards: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+def measure(shards: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Start the pipelines, then `args.rounds` rounds of `args.epochs` epochs each, in turn."""
     procs = {}
     for name in args.pipelines:
         argv = [sys.executable, str(HERE), "--serve", name, "--shards", str(shards)]
@@ -153,23 +172,51 @@ def measure(shards: Path, args: argparse.Namespace) -> dict[str, list[float]]:
         procs[name] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for name, p in procs.items():  # built and warmed up one at a time, then all wait
         assert p.stdout is not None
-        if not json.loads(p.stdout.readline() or "{}").get("ready"):
+        ready = json.loads(p.stdout.readline() or "{}")
+        if not ready.get("ready"):
             sys.exit(f"pipeline {name} failed to start")
-    rates: dict[str, list[float]] = {name: [] for name in procs}
+        print(f"{name}: {ready['about']}", file=sys.stderr)
+        if "decoder opencv" in ready["about"]:
+            print(
+                "  warning: kornia-rs is not installed (pip install -e .): urbanseg decodes with OpenCV",
+                file=sys.stderr,
+            )
+    rounds: dict[str, list[dict]] = {name: [] for name in procs}
     try:
         for _ in range(args.rounds):
             for name, p in procs.items():
                 assert p.stdin is not None and p.stdout is not None
                 p.stdin.write(f"{args.epochs}\n")
                 p.stdin.flush()
-                done = json.loads(p.stdout.readline())
-                rates[name].append(done["samples"] / done["seconds"])
+                rounds[name].append(json.loads(p.stdout.readline()))
     finally:
         for p in procs.values():
             if p.stdin is not None:
                 p.stdin.close()
             p.wait(timeout=60)
-    return rates
+    return rounds
+
+
+def table(rounds: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: median samples/s, its ratio to tf.data's, the median of the per-round
+    ratios (each round runs the pipelines back to back, so it shares their load), CPU ms
+    per sample over all of a pipeline's processes, and every round's samples/s."""
+    rate = {name: [r["samples"] / r["seconds"] for r in rs] for name, rs in rounds.items()}
+    base = rate.get("tfdata")
+    rows = ["| pipeline | samples/s | x tf.data | x tf.data, per round | CPU ms/sample | rounds (samples/s) |"]
+    rows.append("|-|-|-|-|-|-|")
+    for name, values in rate.items():
+        median = statistics.median(values)
+        ratio = per_round = "-"
+        if base:
+            ratio = f"{median / statistics.median(base):.2f}x"
+            per_round = f"{statistics.median(v / b for v, b in zip(values, base)):.2f}x"
+        cpu = statistics.median(1000 * r["cpu"] / r["samples"] for r in rounds[name])
+        rows.append(
+            f"| {TITLES[name]} | {median:.0f} | {ratio} | {per_round} | {cpu:.2f} | "
+            f"{' '.join(f'{v:.0f}' for v in values)} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -188,18 +235,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or build_shards(Path(tmp), args.images)
-        rates = measure(shards, args)
+        load_before = os.getloadavg()[0]
+        rounds = measure(shards, args)
     load = os.getloadavg()
-    base = statistics.median(rates["tfdata"]) if "tfdata" in rates else None
     print(
         f"\nloader, 512x256, batch {args.batch_size}, {args.workers} workers / parallel calls, median of "
-        f"{args.rounds} rounds of {args.epochs} epochs; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+        f"{args.rounds} rounds of {args.epochs} epochs; load average {load_before:.1f} before, "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} after (1, 5, 15 min; this run itself adds about "
+        f"{args.workers + 1})"
     )
-    print("| pipeline | samples/s | x tf.data | rounds |\n|-|-|-|-|")
-    for name, values in rates.items():
-        median = statistics.median(values)
-        ratio = f"{median / base:.2f}x" if base else "-"
-        print(f"| {TITLES[name]} | {median:.0f} | {ratio} | {' '.join(f'{v:.0f}' for v in values)} |")
+    print("\n".join(table(rounds)))
 
 
 if __name__ == "__main__":
