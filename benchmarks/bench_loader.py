@@ -103,7 +103,7 @@ def decode_rows(ex: dict) -> list[tuple[str, float]]:
     import torchvision.io
     from PIL import Image
 
-    from urbanseg.data.loader import PNG_DECODER, decode_png
+    from urbanseg.data.pixels import PNG_DECODER, decode_png
 
     image, label = ex["image_data"][0], ex["label_data"][0]
     shape = (ex["height"][0], ex["width"][0])
@@ -182,7 +182,8 @@ def step_table(shards: Path, batch_size: int) -> list[tuple[str, float]]:
     import torch
 
     from urbanseg.data import tfrecord as records
-    from urbanseg.data.loader import ShardDataset, to_planes
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.data.pixels import to_planes
 
     torch.set_num_threads(1)  # as in a DataLoader worker
     cv2.setNumThreads(1)

@@ -147,11 +147,14 @@ def serve(args: argparse.Namespace) -> None:
     else:
         import torch
 
-        from urbanseg.data import loader
+        try:
+            from urbanseg.data.pixels import PNG_DECODER
+        except ImportError:  # urbanseg before the decoder choice: OpenCV
+            PNG_DECODER = "opencv"
 
         augment = FLIP_ONLY if args.serve == "urbanseg-flip" else None
         run = urbanseg_epochs(args.shards, args.batch_size, args.workers, augment)
-        about = f"PyTorch {torch.__version__}, PNG decoder {getattr(loader, 'PNG_DECODER', 'opencv')}"
+        about = f"PyTorch {torch.__version__}, PNG decoder {PNG_DECODER}"
     run(1)  # start-up: workers, thread pools, page cache
     print(json.dumps({"ready": True, "about": about}), flush=True)
     for line in sys.stdin:

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from test_records import pack_dir
-from urbanseg.data import loader
-from urbanseg.data.loader import ShardDataset, build_loader, collate, decode_png, to_planes
+from urbanseg.data import pixels
+from urbanseg.data.loader import ShardDataset, build_loader, collate
+from urbanseg.data.pixels import decode_png, to_pixels, to_planes
 
 
-def png_bytes(pixels: np.ndarray, filters: list[int]) -> bytes:
+def png_bytes(array: np.ndarray, filters: list[int]) -> bytes:
     """An 8-bit greyscale (H, W) or RGB (H, W, 3) PNG whose row y uses filter type
     filters[y % len(filters)] (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth; PNG spec 9.2), so
     a decoder must undo each kind. Filtering reads raw neighbours only: vectorised here."""
-    h, w = pixels.shape[:2]
-    bpp = 1 if pixels.ndim == 2 else 3
-    raw = pixels.reshape(h, w * bpp).astype(np.int16)
+    h, w = array.shape[:2]
+    bpp = 1 if array.ndim == 2 else 3
+    raw = array.reshape(h, w * bpp).astype(np.int16)
     left = np.pad(raw, ((0, 0), (bpp, 0)))[:, :-bpp]
     up = np.pad(raw, ((1, 0), (0, 0)))[:-1]
     up_left = np.pad(up, ((0, 0), (bpp, 0)))[:, :-bpp]
@@ -46,9 +47,9 @@ def decoder(request, monkeypatch):
     """Run the test with each decoder: kornia-rs (skipped when not installed) and OpenCV."""
     if request.param == "kornia-rs":
         pytest.importorskip("kornia_rs")
-        assert loader.PNG_DECODER == "kornia-rs"
+        assert pixels.PNG_DECODER == "kornia-rs"
     else:
-        monkeypatch.setattr(loader, "_kornia_io", None)
+        monkeypatch.setattr(pixels, "_kornia_io", None)
     return request.param
 
 
@@ -101,17 +102,19 @@ def test_batches_do_not_depend_on_the_decoder(shards, monkeypatch):
         return [(b["id"].tolist(), b["image"].clone(), b["label"].clone()) for b in ld]
 
     fast = epoch()
-    monkeypatch.setattr(loader, "_kornia_io", None)
+    monkeypatch.setattr(pixels, "_kornia_io", None)
     plain = epoch()
     assert len(fast) == len(plain) == 3
     for (ia, xa, ya), (ib, xb, yb) in zip(fast, plain):
         assert ia == ib and torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_to_planes_equals_a_permute():
+def test_layout_changes_equal_permutes():
     image = scene(20, 31, seed=3)
     planes = to_planes(image)
     assert planes.is_contiguous() and torch.equal(planes, torch.from_numpy(image).permute(2, 0, 1))
+    back = to_pixels(planes)
+    assert back.flags.c_contiguous and np.array_equal(back, image)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -7,11 +7,9 @@ on every read. Data order and augmentation are functions of (seed, epoch, index)
 number of workers and resuming at sample `start` of an epoch yields the tail of the
 uninterrupted epoch.
 
-PNGs are decoded by kornia-rs (Rust, ~2.5x faster than OpenCV's libpng on these images, see
-docs/benchmarks.md#loader) when it is installed, by OpenCV otherwise: PNG is lossless, so
-both give the same pixels and the same batches. Labels stay uint8 (as stored) all the way to
-the batch: the trainer makes them int64 on its device, so the DataLoader moves 1/8 of the
-bytes.
+PNGs are decoded by `pixels.decode_png` (kornia-rs, or OpenCV: the same pixels). Labels stay
+uint8 (as stored) all the way to the batch: the trainer makes them int64 on its device, so
+the DataLoader moves 1/8 of the label bytes.
 """
 
 from __future__ import annotations
@@ -28,14 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from urbanseg.data import tfrecord
 from urbanseg.data.formats import ShardSpec
+from urbanseg.data.pixels import decode_png, to_planes
 from urbanseg.errors import UserError
-
-try:  # the fast PNG decoder; without it (a platform with no wheel) OpenCV decodes everything
-    from kornia_rs import io as _kornia_io
-except ImportError:  # pragma: no cover - depends on the installation
-    _kornia_io = None
-
-PNG_DECODER = "kornia-rs" if _kornia_io is not None else "opencv"
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,33 +35,6 @@ Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one sample's augmentation (numpy's SeedSequence hash)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def decode_png(data: bytes, shape: tuple[int, int], *, grey: bool) -> np.ndarray | None:
-    """A PNG's pixels as uint8: (H, W) as stored when `grey`, else (H, W, 3) RGB; None when
-    `data` is not a decodable PNG.
-
-    `shape` (H, W) is the expected size: an 8-bit PNG of that size and kind (greyscale or
-    RGB) goes to kornia-rs when installed; anything else, or anything kornia-rs rejects,
-    to OpenCV, which converts what it can (so the result never depends on the decoder).
-    kornia-rs checks every chunk's CRC but not the zlib stream's Adler-32 (libpng does);
-    the record's CRC32C, checked on every read, covers all of the PNG's bytes anyway."""
-    if _kornia_io is not None:
-        try:
-            pixels = _kornia_io.decode_image_png_u8(data, shape, "mono" if grey else "rgb")
-            return pixels[..., 0] if grey else pixels
-        except Exception:  # another size or kind, or corrupt: OpenCV decides (it raises nothing)
-            pass
-    flags = cv2.IMREAD_UNCHANGED if grey else cv2.IMREAD_COLOR_RGB
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-
-
-def to_planes(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> a new contiguous uint8 tensor (3, H, W): OpenCV's split into the
-    three planes is ~5x faster than torch's permute-and-copy."""
-    out = torch.empty((3, *image.shape[:2]), dtype=torch.uint8)
-    cv2.split(image, list(out.numpy()))
-    return out
 
 
 class ShardDataset(Dataset):
