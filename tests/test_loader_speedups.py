@@ -140,3 +140,23 @@ def test_collate_packs_uint8_batches_into_one_buffer(shards, workers):
     b = collate(items)
     assert b["id"].tolist() == [10, 11, 12] and b["name"] == ["n0", "n1", "n2"]
     assert b["image"][:, 0, 0, 0].tolist() == [0, 1, 2] and b["label"][:, 2, 4].tolist() == [9, 8, 7]
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3, 0.75, 0.97, 1.03, 1.25, 1.99])
+def test_jitter_matches_torchvision_within_rounding(factor):
+    """Each colour op against torchvision's functional op, which truncates where OpenCV
+    rounds (and floors the luma): within 2 levels, less than 1 level on average."""
+    import torchvision.transforms.v2.functional as F
+
+    from urbanseg.data.transforms import jitter
+
+    image = torch.from_numpy(scene(64, 96, seed=4)).permute(2, 0, 1).contiguous()
+    cases = [
+        (jitter(image, brightness=factor), F.adjust_brightness(image, factor)),
+        (jitter(image, contrast=factor), F.adjust_contrast(image, factor)),
+        (jitter(image, saturation=factor), F.adjust_saturation(image, factor)),
+    ]
+    for ours, reference in cases:
+        diff = ours.int() - reference.int()
+        assert ours.dtype == torch.uint8 and ours.shape == image.shape
+        assert diff.abs().max() <= 2 and diff.float().mean().abs() <= 1
