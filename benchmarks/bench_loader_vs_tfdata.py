@@ -177,7 +177,8 @@ def measure(shards: Path, args: argparse.Namespace) -> dict[str, list[dict]]:
         assert p.stdout is not None
         ready = json.loads(p.stdout.readline() or "{}")
         if not ready.get("ready"):
-            sys.exit(f"pipeline {name} failed to start")
+            hint = " (is tensorflow-cpu installed? pip install -e '.[test]')" if name == "tfdata" else ""
+            sys.exit(f"pipeline {name} failed to start{hint}; its error is above")
         print(f"{name}: {ready['about']}", file=sys.stderr)
         if "decoder opencv" in ready["about"]:
             print(
