@@ -99,6 +99,30 @@ def tfdata_epochs(shards: Path, batch_size: int, parallel: int):
     return run
 
 
+def tfdata_on_a_flipped_byte(shards: Path) -> str:
+    """What tf.data does with a copy of the first shard with one byte of its second record's
+    data flipped: whether TensorFlow checks the data CRC (it does: DataLossError)."""
+    import shutil
+
+    import tensorflow as tf
+
+    from urbanseg.data import tfrecord
+
+    shard = sorted((shards / "train").glob("*.tfrecord"))[0]
+    offset = int(tfrecord.read_index(shard)[1, 0])
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / shard.name
+        shutil.copy(shard, copy)
+        data = bytearray(copy.read_bytes())
+        data[offset + 16 + 1000] ^= 1  # inside the record's data, after its 12-byte header
+        copy.write_bytes(bytes(data))
+        try:
+            n = sum(1 for _ in tf.data.TFRecordDataset([str(copy)]))
+        except tf.errors.DataLossError as e:
+            return f"DataLossError: {e.message.split(' [Op')[0].split('}} ')[-1]}"
+    return f"no error: read {n} records"
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -143,7 +167,7 @@ def serve(args: argparse.Namespace) -> None:
         import tensorflow as tf
 
         run = tfdata_epochs(args.shards, args.batch_size, args.workers)
-        about = f"TensorFlow {tf.__version__}"
+        about = f"TensorFlow {tf.__version__}; one flipped byte in a record: {tfdata_on_a_flipped_byte(args.shards)}"
     else:
         import torch
 
