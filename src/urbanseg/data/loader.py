@@ -227,6 +227,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     c, h, w = items[0]["image"].shape
     sizes = [8 * n, n * c * h * w, n * h * w]  # the int64 ids first: aligned at offset 0
     nbytes = sum(sizes)
+    # _new_shared: the (private) call default_collate itself makes for a worker's batch
     storage = torch.UntypedStorage._new_shared(nbytes) if get_worker_info() else torch.UntypedStorage(nbytes)
     ids, image, label = torch.empty(0, dtype=torch.uint8).set_(storage).split(sizes)
     ids, image, label = ids.view(torch.int64), image.view(n, c, h, w), label.view(n, h, w)
