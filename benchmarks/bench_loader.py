@@ -92,43 +92,143 @@ def best_ms(fn, repeat: int = 30) -> float:
     return min(times) * 1000
 
 
-def step_table(shards: Path) -> list[tuple[str, float]]:
+def decode_rows(ex: dict) -> list[tuple[str, float]]:
+    """The PNG decoders that install here, on one record's image and label PNGs."""
+    import importlib.util
+    import io
+
+    import cv2
+    import numpy as np
+    import torch
+    import torchvision.io
+    from PIL import Image
+
+    from urbanseg.data.pixels import PNG_DECODER, decode_png
+
+    image, label = ex["image_data"][0], ex["label_data"][0]
+    shape = (ex["height"][0], ex["width"][0])
+    encoded = torch.frombuffer(bytearray(image), dtype=torch.uint8)
+    rows = [
+        ("decode image PNG: OpenCV, libpng (before)", best_ms(lambda: cv2.imdecode(np.frombuffer(image, np.uint8), 1))),
+        ("decode image PNG: PIL", best_ms(lambda: np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))),
+        ("decode image PNG: torchvision.io.decode_png", best_ms(lambda: torchvision.io.decode_png(encoded))),
+    ]
+    if importlib.util.find_spec("pyspng"):  # optional: measured where installed
+        import pyspng
+
+        rows.append(("decode image PNG: pyspng (libspng)", best_ms(lambda: pyspng.load(image))))
+    if importlib.util.find_spec("imagecodecs"):
+        import imagecodecs
+
+        rows.append(("decode image PNG: imagecodecs.png_decode", best_ms(lambda: imagecodecs.png_decode(image))))
+    return rows + [
+        (f"decode image PNG: decode_png, {PNG_DECODER} (used)", best_ms(lambda: decode_png(image, shape, grey=False))),
+        ("decode label PNG: OpenCV (before)", best_ms(lambda: cv2.imdecode(np.frombuffer(label, np.uint8), -1))),
+        (f"decode label PNG: decode_png, {PNG_DECODER} (used)", best_ms(lambda: decode_png(label, shape, grey=True))),
+    ]
+
+
+class _Decoded:
+    """`n` already decoded items, so a DataLoader over it measures collate + transfer only."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return 32 * len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i % len(self.items)]
+
+
+def batch_rows(ds, batch_size: int) -> list[tuple[str, float]]:
+    """Per batch: collate and hand-over from one worker (items pre-decoded), the main
+    process's float conversion. ms per batch."""
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+
+    from urbanseg.data.loader import collate
+
+    items = [ds[i] for i in range(batch_size)]
+    before = [{**it, "label": it["label"].long()} for it in items]
+
+    def per_batch(data: list[dict], fn) -> float:
+        loader = DataLoader(
+            _Decoded(data), batch_size=batch_size, num_workers=1, collate_fn=fn, persistent_workers=True
+        )
+        for _ in loader:  # start the worker
+            pass
+        start, n = time.perf_counter(), 0
+        for batch in loader:
+            n += 1
+            batch["image"].max()  # touch the pages the main process maps
+        return (time.perf_counter() - start) * 1000 / n
+
+    image = collate(items)["image"]
+    return [
+        ("collate + hand-over: default_collate, int64 labels (before)", per_batch(before, default_collate)),
+        ("collate + hand-over: urbanseg collate, uint8 labels, one buffer (used)", per_batch(items, collate)),
+        ("image batch to float32, one thread (main process)", best_ms(lambda: image.float())),
+        (
+            "  for comparison: label batch uint8 -> int64",
+            best_ms(lambda: torch.stack([it["label"] for it in items]).long()),
+        ),
+    ]
+
+
+def step_table(shards: Path, batch_size: int) -> list[tuple[str, float]]:
+    import cv2
+    import numpy as np
+    import torch
+
+    from urbanseg.data import tfrecord as records
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.data.pixels import to_planes
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    cv2.setNumThreads(1)
+    ds = ShardDataset(shards, "train")
+    ex = ds.read_example(1)  # every step below works on this one record
+    hwc = np.ascontiguousarray(ds[1]["image"].permute(1, 2, 0).numpy())
+    image, label = ds[1]["image"], ds[1]["label"]
+    return [
+        ("read record + CRC checks + parse Example", best_ms(lambda: ds.read_example(1))),
+        (
+            "  of which CRC32C of the record",
+            best_ms(lambda: records.masked_crc(ex["image_data"][0] + ex["label_data"][0])),
+        ),
+        *decode_rows(ex),
+        ("label value check (LUT + count)", best_ms(lambda: ds._check_label_values(label.numpy(), ""))),
+        (
+            "HWC -> CHW: torch permute + copy (before)",
+            best_ms(lambda: torch.from_numpy(hwc).permute(2, 0, 1).contiguous()),
+        ),
+        ("HWC -> CHW: cv2.split into planes (used)", best_ms(lambda: to_planes(hwc))),
+        ("label uint8 -> int64 per sample (before)", best_ms(lambda: label.long())),
+        ("random flip of image and label", best_ms(lambda: (image.flip(-1), label.flip(-1)))),
+        ("dataset[i] without augmentation (all per-sample steps)", best_ms(lambda: ds[1])),
+        *[(f"per batch of {batch_size}: {name}", ms) for name, ms in batch_rows(ds, batch_size)],
+    ]
+
+
+def augment_table(shards: Path) -> list[tuple[str, float]]:
+    """The augmentation, and the ops where torchvision and OpenCV compete (resize, hue)."""
     import cv2
     import numpy as np
     import torch
     import torchvision.transforms.v2.functional as F
     from torchvision.transforms import InterpolationMode
 
-    from urbanseg.data import tfrecord as records
     from urbanseg.data.loader import ShardDataset
     from urbanseg.data.transforms import TrainTransform, shift_hue
 
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    ds = ShardDataset(shards, "train")
-    ex = ds.read_example(1)  # every step below works on this one record
-    item = ds[1]
-    image, label = item["image"], item["label"].to(torch.uint8)
+    item = ShardDataset(shards, "train")[1]
+    image, label = item["image"], item["label"]
     hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
-    t = TrainTransform()
-    g = torch.Generator()
-    rows = [
-        ("read record + CRC checks + parse Example", best_ms(lambda: ds.read_example(1))),
-        (
-            "  of which CRC32C of the record",
-            best_ms(lambda: records.masked_crc(ex["image_data"][0] + ex["label_data"][0])),
-        ),
-        (
-            "decode image PNG (cv2.imdecode)",
-            best_ms(lambda: cv2.imdecode(np.frombuffer(ex["image_data"][0], np.uint8), cv2.IMREAD_COLOR_RGB)),
-        ),
-        (
-            "decode label PNG (cv2.imdecode)",
-            best_ms(lambda: cv2.imdecode(np.frombuffer(ex["label_data"][0], np.uint8), cv2.IMREAD_UNCHANGED)),
-        ),
-        ("dataset[i] without augmentation (all of the above)", best_ms(lambda: ds[1])),
-        ("TrainTransform (defaults), per sample", best_ms(lambda: t(image, label, g.manual_seed(3)))),
-    ]
+    t, g = TrainTransform(), torch.Generator()
+    rows = [("TrainTransform (defaults), per sample", best_ms(lambda: t(image, label, g.manual_seed(3))))]
     for zoom in (0.6, 1.5):
         size = [round(256 * zoom), round(512 * zoom)]
         rows += [
@@ -170,9 +270,9 @@ def main() -> None:
         print("| configuration | samples/s | vs 0 workers |\n|-|-|-|")
         for name, rate in rows:
             print(f"| {name} | {rate:.1f} | {rate / base:.2f}x |")
-        print("\nper-sample steps, one thread, best of 30")
+        print("\nper-sample steps, one thread, best of 30 (per batch: mean over an epoch of 32 batches)")
         print("| step | ms |\n|-|-|")
-        for name, ms in step_table(shards):
+        for name, ms in step_table(shards, args.batch_size) + augment_table(shards):
             print(f"| {name} | {ms:.2f} |")
 
 

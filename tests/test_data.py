@@ -26,7 +26,7 @@ def test_items_equal_the_prepared_files(shards):
         image = cv2.imread(str(prepared / "images" / "train" / city / f"{item['name']}.png"))[..., ::-1]
         label = cv2.imread(str(prepared / "labels" / "train" / city / f"{item['name']}.png"), cv2.IMREAD_UNCHANGED)
         assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 16, 32)
-        assert item["label"].dtype == torch.int64 and item["label"].shape == (16, 32)
+        assert item["label"].dtype == torch.uint8 and item["label"].shape == (16, 32)
         assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), image)
         assert np.array_equal(item["label"].numpy(), label)
     with pytest.raises(IndexError):
@@ -82,7 +82,7 @@ def test_augmented_batches_do_not_depend_on_workers_and_resume_exactly(shards):
     kw = dict(batch_size=2, train=True, seed=5, augment={"crop": (24, 12)})
     zero = build_loader(out, "train", workers=0, epoch=2, **kw)
     reference = batches(zero)
-    assert reference[0][1].shape == (2, 3, 12, 24) and reference[0][2].dtype == torch.int64
+    assert reference[0][1].shape == (2, 3, 12, 24) and reference[0][2].dtype == torch.uint8
     two = build_loader(out, "train", workers=2, epoch=2, **kw)
     assert_same(batches(two), reference)
     # resume after 3 batches (6 samples) of epoch 2: the tail of the uninterrupted epoch

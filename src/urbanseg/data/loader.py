@@ -6,6 +6,10 @@ on every read. Data order and augmentation are functions of (seed, epoch, index)
 `torch.Generator` from `sample_seed` for the transform, so batches are identical with any
 number of workers and resuming at sample `start` of an epoch yields the tail of the
 uninterrupted epoch.
+
+PNGs are decoded by `pixels.decode_png` (kornia-rs, or OpenCV: the same pixels). Labels stay
+uint8 (as stored) all the way to the batch: the trainer makes them int64 on its device, so
+the DataLoader moves 1/8 of the label bytes.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from urbanseg.data import tfrecord
 from urbanseg.data.formats import ShardSpec
+from urbanseg.data.pixels import decode_png, to_planes
 from urbanseg.errors import UserError
 
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -32,18 +37,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _decode_png(data: bytes, flags: int) -> np.ndarray | None:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-
-
 class ShardDataset(Dataset):
     """One split of a shard folder (`<root>/<split>/` written by `urbanseg pack`).
 
     `dataset[i]` (or `dataset[(i, sample_seed)]`, as `EpochSampler` yields) returns
-    {"image": uint8 tensor (3, H, W) RGB, "label": int64 tensor (H, W) class indices with
-    255 = ignore, "name": source stem str, "id": int record id == i}. `transform(image,
-    label uint8 (H, W), generator)` runs before the label becomes int64; a plain index gets
-    the generator of sample_seed(0, 0, i).
+    {"image": uint8 tensor (3, H, W) RGB, "label": uint8 tensor (H, W) class indices with
+    255 = ignore, "name": source stem str, "id": int record id == i}, after
+    `transform(image, label, generator)` if given; a plain index gets the generator of
+    sample_seed(0, 0, i).
 
     `.spec` is the split's spec.json (`urbanseg.data.formats.ShardSpec`), `.label_set` its
     LabelSet. A label value that is neither a class index nor the ignore index is a
@@ -134,13 +135,14 @@ class ShardDataset(Dataset):
         if self.transform is not None:
             generator = torch.Generator().manual_seed(sample_seed(0, 0, index) if seed is None else seed)
             image, label = self.transform(image, label, generator)
-        return {"image": image, "label": label.long(), "name": example["name"][0].decode(), "id": index}
+        return {"image": image, "label": label, "name": example["name"][0].decode(), "id": index}
 
     def _decode(self, example: dict[str, list], index: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = int(self._shard[index])
         where = f"{self.paths[k]}: record {index - int(self._first[k])}"
-        image = _decode_png(example["image_data"][0], cv2.IMREAD_COLOR_RGB)
-        label = _decode_png(example["label_data"][0], cv2.IMREAD_UNCHANGED)
+        shape = (self.spec.height, self.spec.width)
+        image = decode_png(example["image_data"][0], shape, grey=False)
+        label = decode_png(example["label_data"][0], shape, grey=True)
         if image is None or label is None or label.ndim != 2 or label.dtype != np.uint8:
             raise tfrecord.CorruptRecordError(
                 f"{where}: image_data or label_data is not a PNG of the expected kind "
@@ -154,7 +156,7 @@ class ShardDataset(Dataset):
                 f"{spec.height}; re-run `urbanseg pack`"
             )
         self._check_label_values(label, where)
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.from_numpy(label)
+        return to_planes(image), torch.from_numpy(label)
 
     def _check_label_values(self, label: np.ndarray, where: str) -> None:
         """Every value is a class index or the ignore index; else CorruptRecordError naming
@@ -214,6 +216,26 @@ class EpochSampler(Sampler):
         return len(range(self.rank, self.size, self.world_size)) - self.start
 
 
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """ShardDataset items (images and labels of one size) -> {"image": uint8 (N, 3, H, W),
+    "label": uint8 (N, H, W), "name": list[str], "id": int64 (N,)}.
+
+    The three tensors are views of one buffer, allocated in shared memory inside a
+    DataLoader worker: the batch crosses to the main process as one file descriptor,
+    not three, and is written once (default_collate makes a shared segment per tensor)."""
+    n = len(items)
+    c, h, w = items[0]["image"].shape
+    sizes = [8 * n, n * c * h * w, n * h * w]  # the int64 ids first: aligned at offset 0
+    nbytes = sum(sizes)
+    # _new_shared: the (private) call default_collate itself makes for a worker's batch
+    storage = torch.UntypedStorage._new_shared(nbytes) if get_worker_info() else torch.UntypedStorage(nbytes)
+    ids, image, label = torch.empty(0, dtype=torch.uint8).set_(storage).split(sizes)
+    ids, image, label = ids.view(torch.int64), image.view(n, c, h, w), label.view(n, h, w)
+    for i, item in enumerate(items):
+        image[i], label[i], ids[i] = item["image"], item["label"], item["id"]
+    return {"image": image, "label": label, "name": [item["name"] for item in items], "id": ids}
+
+
 def build_loader(
     root: Path | str,
     split: str,
@@ -231,13 +253,16 @@ def build_loader(
     pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over `<root>/<split>` yielding {"image": uint8 (N, 3, H, W), "label":
-    int64 (N, H, W), "name": list[str], "id": int64 (N,)}.
+    uint8 (N, H, W) (255 = ignore; the trainer makes it int64 on its device), "name":
+    list[str], "id": int64 (N,)}.
 
     train=True shuffles (per seed and epoch) and augments (`augment`: None/True -> the
     `transforms.Augment` defaults, a dict -> Augment(**augment), False -> none);
     train=False keeps file order and never augments. `start` is the number of this rank's
     samples of `epoch` already consumed. For the next epoch call
     `loader.sampler.set_epoch(epoch + 1)` before iterating again (workers persist).
+    `pin_memory` (default: whether CUDA is available) only helps a CUDA consumer: the
+    trainer passes whether its device is CUDA.
     """
     from urbanseg.data.transforms import Augment, TrainTransform
 
@@ -251,6 +276,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate,
         num_workers=workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,

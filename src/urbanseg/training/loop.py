@@ -62,7 +62,7 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     Returns (mean loss over all processes, whether any process asked to stop). Raises
     NonFiniteLoss, on every process, before the weights are touched."""
     images = batch["image"].to(t.device, non_blocking=True).float()  # (N, 3, H, W) 0..255
-    labels = batch["label"].to(t.device, non_blocking=True)  # (N, H, W) int64, 255 ignore
+    labels = batch["label"].to(t.device, non_blocking=True).long()  # (N, H, W) uint8 -> int64, 255 ignore
     if t.config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
@@ -104,7 +104,7 @@ def validate(t: Trainer) -> tuple[float, dict[str, Any]]:
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss x images, images
     for batch in _iterate(t.val_loader):
         images = batch["image"].to(t.device).float()
-        labels = batch["label"].to(t.device)
+        labels = batch["label"].to(t.device).long()
         with torch.autocast(t.device.type, dtype=t.amp_dtype or torch.float32, enabled=t.amp_dtype is not None):
             logits = t.model(images)
         sums += torch.tensor([float(t.criterion(logits, labels)) * len(images), len(images)], device=t.device)
@@ -154,6 +154,7 @@ def make_loader(t: Trainer, split: str, st: LoopState | None = None) -> DataLoad
         world_size=t.info.world_size,
         augment=augment_settings(config) if train else False,
         drop_last=train,
+        pin_memory=t.device.type == "cuda",
     )
 
 
