@@ -8,10 +8,13 @@ OpenCV's split/merge, ~5x faster than torch's permute-and-copy for uint8 images.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import cv2
 import numpy as np
 import torch
 
+_kornia_io: ModuleType | None
 try:  # the fast PNG decoder; without it (a platform with no wheel) OpenCV decodes everything
     from kornia_rs import io as _kornia_io
 except ImportError:  # pragma: no cover - depends on the installation
