@@ -40,14 +40,7 @@ ENGINES = ["torch NCHW", "torch folded CL", "ORT", "auto"]
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(_runs(fn, repeats, warmup))
 
 
 def gemm_peaks(n: int = 2048, repeats: int = 5) -> tuple[float, float | None]:
@@ -67,8 +60,10 @@ def gemm_peaks(n: int = 2048, repeats: int = 5) -> tuple[float, float | None]:
     return fp32, int8
 
 
-def _runs(fn: Callable[[], Any], repeats: int) -> list[float]:
-    fn()
+def _runs(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times of fn() in milliseconds, `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
