@@ -201,6 +201,7 @@ def test_evaluate_scores_an_onnx_model_as_it_scores_the_checkpoint(tiny, tmp_pat
     assert "engine: onnxruntime (ONNX model" in capsys.readouterr().out
     got = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert got["engine"] == "onnxruntime" and got["checkpoint"]["path"] == str(model)
+    assert "**engine:** onnxruntime" in (run / "eval" / "val" / "report.md").read_text()
     assert got["checkpoint"]["step"] == reference["checkpoint"]["step"]
     assert got["metrics"]["miou"] == pytest.approx(reference["metrics"]["miou"], abs=1e-3)
     key = "mean_category_iou"  # categories8: the official category scores

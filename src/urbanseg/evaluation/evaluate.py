@@ -574,6 +574,7 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
         ("protocol", protocol),
         ("hardware", hardware),
+        ("engine", info["engine"]),
         ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),
         ("time", f"{s:.1f} s ({1000 * s / max(n, 1):.0f} ms per image, data loading included)"),
     ]
