@@ -3,7 +3,8 @@ exported ONNX model (run with ONNX Runtime, no PyTorch model code).
 
 Both take float32 (N, 3, H, W) images on the 0..255 scale (the model normalises inside)
 and return float32 (N, C, H, W) logits; resizing, tiling and upsampling around them are
-shared (`urbanseg.inference.segment`).
+shared (`urbanseg.inference.segment`). `urbanseg.inference.engine.load_engine` picks
+one for `--engine`.
 """
 
 from __future__ import annotations
@@ -113,14 +114,3 @@ class OnnxPredictor(Predictor):
 def _ort_providers(ort: Any) -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def load_predictor(*, checkpoint: Path | None = None, onnx: Path | None = None, device: str = "auto") -> Predictor:
-    """A TorchPredictor for a checkpoint or an OnnxPredictor for an .onnx file."""
-    if onnx is not None:
-        return OnnxPredictor(Path(onnx))
-    if checkpoint is None:
-        raise UserError("give --checkpoint PATH, --run runs/NAME or --model model.onnx")
-    if Path(checkpoint).suffix == ".onnx":
-        return OnnxPredictor(Path(checkpoint))
-    return TorchPredictor(Path(checkpoint), device)
