@@ -165,7 +165,7 @@ def load_engine(
         return _torch(checkpoint, str(target))
     if engine == "onnxruntime":
         try:
-            return _announce(OnnxPredictor(cached_onnx(checkpoint)), "onnxruntime", "cached ONNX export")
+            return _announce(OnnxPredictor(cached_onnx(checkpoint)), "onnxruntime", "cached ONNX export", True)
         except OSError as e:  # the folder cannot be written: export to a temporary file for this run
             print(f"note: cannot cache the ONNX export beside {checkpoint} ({e.strerror or e}); exporting for this run")
             with tempfile.TemporaryDirectory(prefix="urbanseg-engine-") as tmp:
@@ -173,33 +173,36 @@ def load_engine(
                 path.symlink_to(checkpoint.resolve())
                 predictor = OnnxPredictor(cached_onnx(path))  # the session holds the graph in memory
             predictor.source = checkpoint
-            return _announce(predictor, "onnxruntime", "ONNX export, not cached")
+            return _announce(predictor, "onnxruntime", "ONNX export for this run only")
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        print("note: onnxruntime is not installed; running PyTorch (pip install onnxruntime for the faster engine)")
-        return _torch(checkpoint, str(target))
+        note = "onnxruntime is not installed; running PyTorch (pip install onnxruntime for the faster engine)"
+        return _torch(checkpoint, str(target), note)
     try:
         predictor = OnnxPredictor(cached_onnx(checkpoint))
     except OSError as e:
-        print(
-            f"note: cannot write the ONNX export cache beside {checkpoint} ({e.strerror or e}); "
+        note = (
+            f"cannot write the ONNX export cache beside {checkpoint} ({e.strerror or e}); "
             "running PyTorch (--engine onnxruntime exports for each run)"
         )
-        return _torch(checkpoint, str(target))
-    except UserError as e:
-        print(f"note: no ONNX Runtime engine for {checkpoint} ({e}); running PyTorch")
-        return _torch(checkpoint, str(target))
-    return _announce(predictor, "onnxruntime", "cached ONNX export")
+        return _torch(checkpoint, str(target), note)
+    except UserError as e:  # a checkpoint that cannot be read fails again, as itself, in PyTorch
+        return _torch(checkpoint, str(target), f"no ONNX Runtime engine for {checkpoint} ({e}); running PyTorch")
+    return _announce(predictor, "onnxruntime", "cached ONNX export", True)
 
 
-def _torch(checkpoint: Path, device: str) -> Predictor:
+def _torch(checkpoint: Path, device: str, note: str | None = None) -> Predictor:
+    """The PyTorch engine; `note` (why `auto` did not pick ONNX Runtime) is printed once it loaded."""
     predictor = TorchPredictor(checkpoint, device)
+    if note:
+        print(f"note: {note}")
     return _announce(predictor, "torch", f"{predictor.device}, " + ", ".join(predictor.optimizations or ["as is"]))
 
 
-def _announce(predictor: Predictor, engine: str, how: str) -> Predictor:
-    source = f" from {predictor.source}" if "cached" in how else ""
+def _announce(predictor: Predictor, engine: str, how: str, cached: bool = False) -> Predictor:
+    """Print which engine runs (and the cache file it runs from); record it in `info`."""
+    source = f" from {predictor.source}" if cached else ""
     print(f"engine: {engine} ({how}{source})")
     predictor.info = {**predictor.info, "engine": engine}
     return predictor
