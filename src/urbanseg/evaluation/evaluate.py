@@ -1,6 +1,10 @@
-"""`urbanseg evaluate`: score a run's checkpoint on one split of its shards and write the
-report into ``RUN/eval/SPLIT/`` (report.md, report.html, metrics.json, per_image.csv,
-confusion.png, gallery/).
+"""`urbanseg evaluate`: score a run's checkpoint (or an ONNX model, ``--model``) on one
+split of its shards and write the report into ``RUN/eval/SPLIT/`` (report.md,
+report.html, metrics.json, per_image.csv, confusion.png, gallery/).
+
+The model runs through the engine `--engine` picks (`urbanseg.inference.engine`) and
+each image becomes a label map through `urbanseg.inference.plan.label_maps`, the
+function `urbanseg predict` uses: what is scored is what predict writes.
 
 Two protocols:
 
