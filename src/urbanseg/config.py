@@ -418,6 +418,21 @@ class TrainConfig:
             check(ok, f"--model-args {self.model_args!r} is not a JSON object; use e.g. '{{\"width\": 8}}'")
 
 
+ENGINE_HELP = (
+    "inference engine: torch (PyTorch, batch norms folded, channels-last on a CPU), onnxruntime (the "
+    "checkpoint exported to ONNX, cached beside it as a hidden .engine.onnx file), or auto: onnxruntime on "
+    "a CPU (the faster one; torch when the folder is read-only), torch on CUDA"
+)
+
+
+def check_engine(engine: str, model: Path | None) -> None:
+    """--engine torch needs a checkpoint, not an ONNX --model."""
+    check(
+        model is None or engine != "torch",
+        "--engine torch runs a checkpoint; --model is an ONNX model (run by ONNX Runtime): drop one of them",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """`urbanseg predict`: segment images, folders, globs or videos, or N pictures from a split."""
@@ -451,12 +466,14 @@ class PredictConfig:
     batch_size: int = opt(4, "images (or windows) per forward pass")
     alpha: float = opt(0.5, "opacity of the colour mask in the overlay, 0..1")
     device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
+    engine: Literal["auto", "torch", "onnxruntime"] = opt("auto", ENGINE_HELP)
 
     def __post_init__(self) -> None:
         check(
             bool(self.input) != (self.split is not None), "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT"
         )
         check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
+        check_engine(self.engine, self.model)
         check(
             self.model is not None or self.run is not None or self.checkpoint is not None,
             "give --run runs/NAME, --checkpoint PATH or --model model.onnx",
@@ -568,7 +585,12 @@ class EvaluateConfig:
 
     run: Path = opt(help="run folder (runs/NAME) from `urbanseg train`; the report goes to RUN/eval/SPLIT/")
     split: str = opt("val", "split of the shards to evaluate")
-    checkpoint: str = opt("best", "best or last (in --run), or a checkpoint .pt path")
+    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    model: Path | None = opt(
+        None,
+        "score this ONNX model (from `urbanseg export`, fp32 or int8) with ONNX Runtime instead of a checkpoint; "
+        "the report still goes to RUN/eval/SPLIT/",
+    )
     data: Path | None = opt(None, "shards folder (default: the run's `data` in config.yaml)")
     full_res: bool = opt(
         False,
@@ -579,9 +601,12 @@ class EvaluateConfig:
     gallery: int = opt(4, "pictures of the best and of the worst K images by per-image mIoU (0: none)")
     workers: int = opt(0, "data-loading worker processes (0: load in the main process)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda if available)")
+    engine: Literal["auto", "torch", "onnxruntime"] = opt("auto", ENGINE_HELP)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
+        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
+        check_engine(self.engine, self.model)
         check(self.gallery >= 0, f"--gallery {self.gallery} must be >= 0")
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")

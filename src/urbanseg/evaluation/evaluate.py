@@ -1,6 +1,10 @@
-"""`urbanseg evaluate`: score a run's checkpoint on one split of its shards and write the
-report into ``RUN/eval/SPLIT/`` (report.md, report.html, metrics.json, per_image.csv,
-confusion.png, gallery/).
+"""`urbanseg evaluate`: score a run's checkpoint (or an ONNX model, ``--model``) on one
+split of its shards and write the report into ``RUN/eval/SPLIT/`` (report.md,
+report.html, metrics.json, per_image.csv, confusion.png, gallery/).
+
+The model runs through the engine `--engine` picks (`urbanseg.inference.engine`) and
+each image becomes a label map through `urbanseg.inference.plan.label_maps`, the
+function `urbanseg predict` uses: what is scored is what predict writes.
 
 Two protocols:
 
@@ -43,6 +47,9 @@ from urbanseg.errors import UserError
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
 from urbanseg.evaluation.report import write_report
+from urbanseg.inference.engine import load_engine
+from urbanseg.inference.plan import Plan, label_maps
+from urbanseg.inference.predictor import Predictor
 from urbanseg.labels import LabelSet
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir
@@ -51,39 +58,39 @@ from urbanseg.util import default_workers
 
 def evaluate(config: EvaluateConfig) -> int:
     """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
-    checkpoint, shards, split or raw ground truth, or a label-set mismatch."""
+    checkpoint, ONNX model, shards, split or raw ground truth, or a label-set mismatch."""
 
-    from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint, summarize_checkpoint
     from urbanseg.data.loader import ShardDataset
-    from urbanseg.device import pick_device
 
     run = RunDir(config.run)
     if not run.path.is_dir():
         raise UserError(
             f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
         )
-    ckpt_path = run.checkpoint(config.checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    device = pick_device(config.device)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    label_set = LabelSet.from_dict(ckpt["label_set"])
+    model_path = Path(config.model) if config.model is not None else run.checkpoint(config.checkpoint)
+    predictor = load_engine(
+        checkpoint=None if config.model else model_path, model=config.model, engine=config.engine, device=config.device
+    )
+    summary, training = _model_summary(predictor, model_path, config.model is not None)
+    label_set = predictor.label_set
     shards = Path(config.data) if config.data is not None else run.data
     dataset = ShardDataset(shards, config.split)
-    _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / config.split)
+    _check_label_sets(label_set, dataset.label_set, model_path, shards / config.split)
     raw = _raw_ground_truth(dataset, shards, config.split, label_set) if config.full_res else None
+    device = getattr(predictor, "device", "cpu")
     print(
-        f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {config.split} images from {shards} "
-        f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}"
+        f"evaluating {model_path} (step {summary['step']}) on {len(dataset)} {config.split} images from {shards} "
+        f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, "
+        f"engine {predictor.info.get('engine', type(predictor).__name__)} on {device}"
     )
     out = run.path / "eval" / config.split
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
         state = run_evaluation(
-            model,
+            predictor,
             dataset,
             label_set,
-            device=device,
-            batch_size=config.batch_size,
+            plan=Plan.from_config(config),
             workers=config.workers,
             gallery=config.gallery,
             raw=raw,
@@ -93,8 +100,7 @@ def evaluate(config: EvaluateConfig) -> int:
         official = state.official.compute() if state.official is not None else None
         if official and raw is not None and not raw.has_instances:
             official = _without_iiou(official)
-        summary = summarize_checkpoint(ckpt)
-        info = _info(config, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
+        info = _info(config, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
         title = f"Evaluation of {run.path.name} on {config.split}" + (" (full resolution)" if raw else "")
         paths = write_report(
             out,
@@ -349,24 +355,23 @@ class EvalState:
 
 
 def run_evaluation(
-    model: Any,
+    predictor: Predictor,
     dataset: Any,
     label_set: LabelSet,
     *,
-    device: Any,
-    batch_size: int = 4,
+    plan: Plan | None = None,
     workers: int = 0,
     gallery: int = 4,
     raw: RawTruth | None = None,
 ) -> EvalState:
-    """One pass of `model` over `dataset` (ShardDataset items); with `raw`, logits are
-    upsampled bilinearly (align_corners=False) to each raw ground truth and scored there.
-
-    model: takes (N, 3, H, W) float32 0..255 and returns (N, C, H, W) logits."""
-    import torch
+    """One pass of `predictor` over `dataset` (ShardDataset items), each image segmented
+    by `urbanseg.inference.plan.label_maps` exactly as `urbanseg predict` segments it;
+    with `raw`, the logits are upsampled bilinearly (align_corners=False) to each raw
+    ground truth's size and scored there."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    plan = plan or Plan()
     official = None
     if raw is not None and raw.has_ids and label_set.from_cityscapes:
         official = OfficialEvaluator(label_set)
@@ -378,71 +383,84 @@ def run_evaluation(
         k_worst=min(gallery, n // 2),
     )
     source: Any = FullResDataset(dataset, raw, label_set) if raw is not None else dataset  # map-style
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
-            logits = model(batch["image"].to(device).float())
-            if raw is None:
-                _score_batch(state, batch, logits, label_set)
-            else:
-                _score_full_res(state, batch, logits, label_set)
+    loader = DataLoader(source, batch_size=plan.batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
+        images = [np.ascontiguousarray(im.permute(1, 2, 0).numpy()) for im in batch["image"]]
+        if raw is None:
+            preds = label_maps(predictor, images, plan)
+            _score(state, batch, images, preds, [lab.numpy() for lab in batch["label"]], label_set)
+        else:
+            sizes = [(gt.shape[1], gt.shape[0]) for gt in batch["gt"]]
+            preds = label_maps(predictor, images, plan, sizes)
+            _score(state, batch, images, preds, batch["gt"], label_set)
     return state
 
 
-def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
-    """At the prepared size: one confusion update and one per-image bincount per batch."""
-
-    pred = logits.argmax(1)
-    label = batch["label"].to(pred.device)
-    state.confusion.update(pred, label)
-    rows = image_scores(pred, label, label_set.num_classes, label_set.ignore_index)
-    for i, (name, row) in enumerate(zip(batch["name"], rows, strict=True)):
-
-        def make_pick(i: int = i, name: str = name, row: dict = row) -> dict[str, Any]:
-            return {
-                "name": name,
-                "miou": row["miou"],
-                "pixel_accuracy": row["pixel_accuracy"],
-                "image": batch["image"][i].permute(1, 2, 0).numpy().copy(),
-                "label": label[i].cpu().numpy().astype(np.uint8),
-                "pred": pred[i].cpu().numpy().astype(np.uint8),
-            }
-
-        state.offer({"name": name, **row}, make_pick)
-
-
-def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
-    """Per image (raw sizes may differ): upsample the logits, argmax, score at full size."""
-    import torch
-    import torch.nn.functional as F
-
-    # Channels-last: the argmax over classes then reads contiguous memory, ~6x faster at
-    # 2048x1024 on the CPU than over NCHW (logits differ from NCHW's by float rounding).
-    logits = logits.float().contiguous(memory_format=torch.channels_last)
-    for i, name in enumerate(batch["name"]):
-        gt = batch["gt"][i]
-        up = F.interpolate(logits[i : i + 1], size=gt.shape, mode="bilinear", align_corners=False)
-        pred = up.argmax(1)[0].to(device="cpu", dtype=torch.uint8).numpy()
+def _score(
+    state: EvalState,
+    batch: dict[str, Any],
+    images: list[np.ndarray],
+    preds: list[np.ndarray],
+    truths: list[np.ndarray],
+    label_set: LabelSet,
+) -> None:
+    """Score each (H, W) prediction against its ground truth of the same size (the
+    prepared label, or the raw one at full resolution, with the official scores)."""
+    for i, (name, pred, gt) in enumerate(zip(batch["name"], preds, truths, strict=True)):
         state.confusion.update(pred, gt)
         if state.official is not None:
             state.official.update_classes(pred, batch["gt_ids"][i], batch["gt_inst"][i], name=name)
         row = image_scores(pred[None], gt[None], label_set.num_classes, label_set.ignore_index)[0]
 
-        def make_pick(i: int = i, name: str = name, row: dict = row, gt: np.ndarray = gt, pred: np.ndarray = pred):
-            import cv2
+        def make_pick(name: str = name, row: dict = row, gt: np.ndarray = gt, pred: np.ndarray = pred, i: int = i):
+            image = images[i]
+            if image.shape[:2] != gt.shape:
+                import cv2
 
-            image = batch["image"][i].permute(1, 2, 0).numpy()
-            shown = cv2.resize(image, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
+                image = cv2.resize(image, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
             return {
                 "name": name,
                 "miou": row["miou"],
                 "pixel_accuracy": row["pixel_accuracy"],
-                "image": shown,
-                "label": gt,
+                "image": image.copy(),
+                "label": np.asarray(gt, np.uint8),
                 "pred": pred,
             }
 
         state.offer({"name": name, **row}, make_pick)
+
+
+def _model_summary(predictor: Predictor, path: Path, is_onnx: bool) -> tuple[dict[str, Any], dict | None]:
+    """(`checkpoint.summarize_checkpoint`'s facts, the training config) for a checkpoint;
+    for an ONNX model the same facts from its metadata (parameters: the graph's weights)."""
+    from urbanseg.checkpoint import load_checkpoint, summarize_checkpoint
+
+    if not is_onnx:
+        ckpt = load_checkpoint(path)
+        return summarize_checkpoint(ckpt), ckpt.get("config")
+    info, label_set = predictor.info, predictor.label_set
+    model = info.get("model") or {}
+    return {
+        "model": model.get("name", path.stem),
+        "model_kwargs": model.get("kwargs", {}),
+        "parameters": _onnx_parameters(path),
+        "label_set": label_set.name,
+        "classes": list(label_set.classes),
+        "input_size": list(predictor.input_size),
+        "step": info.get("step"),
+        "epoch": info.get("epoch"),
+        "metrics": info.get("metrics") or {},
+        "urbanseg_version": info.get("urbanseg_version"),
+        "resumable": False,
+    }, None
+
+
+def _onnx_parameters(path: Path) -> int:
+    """Elements of an ONNX graph's weight tensors (initializers of more than one element)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return sum(n for t in proto.graph.initializer if (n := math.prod(t.dims)) > 1)
 
 
 # --------------------------------------------------------------------------- context
@@ -485,7 +503,7 @@ def _info(
     ckpt_path: Path,
     shards: Path,
     dataset: Any,
-    device: Any,
+    predictor: Predictor,
     seconds: float,
     state: EvalState,
     raw: RawTruth | None,
@@ -514,7 +532,8 @@ def _info(
             "metrics_at_save": summary["metrics"],
             "urbanseg_version": summary["urbanseg_version"],
         },
-        "environment": environment(device),
+        "engine": predictor.info.get("engine", type(predictor).__name__),
+        "environment": environment(getattr(predictor, "device", "cpu")),
         "training_config": training,
     }
 
@@ -559,6 +578,7 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
         ("protocol", protocol),
         ("hardware", hardware),
+        ("engine", info["engine"]),
         ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),
         ("time", f"{s:.1f} s ({1000 * s / max(n, 1):.0f} ms per image, data loading included)"),
     ]

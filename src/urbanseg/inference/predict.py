@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from urbanseg.config import PredictConfig, parse_size
+from urbanseg.config import PredictConfig
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
-from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.segment import Mode, segment
+from urbanseg.inference.engine import load_engine
+from urbanseg.inference.plan import Plan, label_maps
+from urbanseg.inference.predictor import Predictor
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
@@ -53,10 +54,8 @@ class InputFile:
 
 def predict(config: PredictConfig) -> int:
     """Entry point of `urbanseg predict`. Returns 0, or raises UserError listing failures."""
-    if config.model is not None:
-        predictor = load_predictor(onnx=config.model)
-    else:
-        predictor = load_predictor(checkpoint=resolve_checkpoint(config.run, config.checkpoint), device=config.device)
+    checkpoint = resolve_checkpoint(config.run, config.checkpoint) if config.model is None else None
+    predictor = load_engine(checkpoint=checkpoint, model=config.model, engine=config.engine, device=config.device)
     print(
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
@@ -117,11 +116,7 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
 
 
 def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    mode: Mode = "tile" if config.tile else "native" if config.native else "resize"
-    tile = parse_size(config.tile_size, "--tile-size") if config.tile_size else None
-    return segment(
-        predictor, images, mode=mode, tile_size=tile, overlap=config.tile_overlap, batch_size=config.batch_size
-    )
+    return label_maps(predictor, images, Plan.from_config(config))
 
 
 def _read(file: InputFile) -> np.ndarray | str:

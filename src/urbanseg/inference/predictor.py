@@ -3,7 +3,8 @@ exported ONNX model (run with ONNX Runtime, no PyTorch model code).
 
 Both take float32 (N, 3, H, W) images on the 0..255 scale (the model normalises inside)
 and return float32 (N, C, H, W) logits; resizing, tiling and upsampling around them are
-shared (`urbanseg.inference.segment`).
+shared (`urbanseg.inference.segment`). `urbanseg.inference.engine.load_engine` picks
+one for `--engine`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg.errors import UserError
+from urbanseg.inference.fold import optimize_for_inference
 from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
 from urbanseg.labels import LabelSet
 
@@ -38,9 +40,14 @@ class Predictor:
 
 
 class TorchPredictor(Predictor):
-    """A PyTorch checkpoint (`urbanseg.checkpoint` payload), evaluated in inference mode."""
+    """A PyTorch checkpoint (`urbanseg.checkpoint` payload), evaluated in inference mode.
 
-    def __init__(self, path: Path, device: str = "auto") -> None:
+    With `optimize` (default), batch norms are folded into the convolutions and, on the
+    CPU, weights and inputs are channels-last (`urbanseg.inference.fold`);
+    `optimizations` lists what was done."""
+
+    def __init__(self, path: Path, device: str = "auto", *, optimize: bool = True) -> None:
+        import torch
 
         from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
         from urbanseg.device import pick_device
@@ -55,7 +62,12 @@ class TorchPredictor(Predictor):
                 f"checkpoint {path} is not a usable urbanseg checkpoint ({type(e).__name__}: {e})"
             ) from None
         self.device = pick_device(device)
+        self.optimizations: list[str] = []
+        if optimize:
+            model, self.optimizations = optimize_for_inference(model, self.device)
         self.model = model.to(self.device).eval()
+        self.channels_last = "channels-last" in self.optimizations
+        self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         info = {"model": ckpt.get("model"), "step": ckpt.get("step"), "metrics": ckpt.get("metrics")}
         super().__init__(label_set, input_size, Path(path), info)
 
@@ -63,7 +75,8 @@ class TorchPredictor(Predictor):
         import torch
 
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+            images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            out = self.model(images.contiguous(memory_format=self._memory_format))
         return out.float().cpu().numpy()
 
 
@@ -91,7 +104,8 @@ class OnnxPredictor(Predictor):
                 f"{meta.label_set.name!r} has {meta.label_set.num_classes}; export it again with "
                 "`urbanseg export`"
             )
-        super().__init__(meta.label_set, meta.input_size, Path(path), meta.info, fixed)
+        info = {**meta.info, "epoch": meta.epoch, "urbanseg_version": meta.urbanseg_version}
+        super().__init__(meta.label_set, meta.input_size, Path(path), info, fixed)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -100,14 +114,3 @@ class OnnxPredictor(Predictor):
 def _ort_providers(ort: Any) -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-def load_predictor(*, checkpoint: Path | None = None, onnx: Path | None = None, device: str = "auto") -> Predictor:
-    """A TorchPredictor for a checkpoint or an OnnxPredictor for an .onnx file."""
-    if onnx is not None:
-        return OnnxPredictor(Path(onnx))
-    if checkpoint is None:
-        raise UserError("give --checkpoint PATH, --run runs/NAME or --model model.onnx")
-    if Path(checkpoint).suffix == ".onnx":
-        return OnnxPredictor(Path(checkpoint))
-    return TorchPredictor(Path(checkpoint), device)

@@ -79,11 +79,15 @@ def segment(
     tile_size: tuple[int, int] | None = None,
     overlap: float = 0.25,
     batch_size: int = 4,
+    sizes: list[tuple[int, int]] | None = None,
 ) -> list[np.ndarray]:
-    """Class indices for each (H, W, 3) uint8 image: a list of (H, W) uint8 arrays.
+    """Class indices for each (H, W, 3) uint8 image: a list of (H, W) uint8 arrays, or of
+    size `sizes[i]` (W, H) when given (the logits upsampled to it; not with ``tile``).
 
     Images are batched `batch_size` at a time (in ``native`` mode, runs of equal size;
     in ``tile`` mode, the windows of one row of tiles)."""
+    if sizes is not None and (len(sizes) != len(images) or mode == "tile"):
+        raise ValueError("sizes: one (W, H) per image, and not in tile mode")
     if mode == "tile":
         window = tile_size or predictor.fixed_size or predictor.input_size
         return [segment_tiled(predictor, im, window, overlap=overlap, batch_size=batch_size) for im in images]
@@ -93,13 +97,14 @@ def segment(
             "it cannot run at native resolution: drop --native, use --tile, or re-export with dynamic axes"
         )
     out: list[np.ndarray] = []
+    targets = iter(sizes or [(im.shape[1], im.shape[0]) for im in images])
     for group in _batches(images, batch_size, same_size=(mode == "native")):
         if mode == "resize":
             inputs = [resize_image(im, predictor.fixed_size or predictor.input_size) for im in group]
         else:
             inputs = group
         logits = predictor.logits(_to_batch(inputs))
-        out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group, strict=True))
+        out.extend(upsample_argmax(lg, next(targets)) for lg in logits)
     return out
 
 

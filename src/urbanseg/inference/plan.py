@@ -1,0 +1,63 @@
+"""How images become label maps: the one function `evaluate`, `predict` (and any other
+caller) runs a `Predictor` through, so that a figure `evaluate` reports is what
+`predict` writes for the same image and options.
+
+`Plan` holds the options (resolution mode, tile window and overlap, batch size); the
+work is `urbanseg.inference.segment.segment`'s (resizing, tiling, bilinear upsampling
+of the logits and argmax, identical for every engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from urbanseg.config import parse_size
+from urbanseg.inference.predictor import Predictor
+from urbanseg.inference.segment import Mode, segment
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Options of `label_maps`; see `urbanseg.inference.segment` for the modes."""
+
+    mode: Mode = "resize"
+    tile_size: tuple[int, int] | None = None
+    overlap: float = 0.25
+    batch_size: int = 4
+
+    @classmethod
+    def from_config(cls, config: Any) -> Plan:
+        """From a command's config: `--native`, `--tile`, `--tile-size`, `--tile-overlap`
+        and `--batch-size` where the command has them (defaults otherwise)."""
+        tile, native = getattr(config, "tile", False), getattr(config, "native", False)
+        size = getattr(config, "tile_size", "")
+        return cls(
+            mode="tile" if tile else "native" if native else "resize",
+            tile_size=parse_size(size, "--tile-size") if size else None,
+            overlap=getattr(config, "tile_overlap", 0.25),
+            batch_size=getattr(config, "batch_size", 4),
+        )
+
+
+def label_maps(
+    predictor: Predictor,
+    images: list[np.ndarray],
+    plan: Plan | None = None,
+    sizes: list[tuple[int, int]] | None = None,
+) -> list[np.ndarray]:
+    """(H, W) uint8 class indices for each (H, W, 3) uint8 image, or at `sizes[i]`
+    (W, H) when given: the logits upsampled bilinearly to that size (evaluate's
+    full-resolution protocol scores a prepared image against its raw ground truth)."""
+    plan = plan or Plan()
+    return segment(
+        predictor,
+        images,
+        mode=plan.mode,
+        tile_size=plan.tile_size,
+        overlap=plan.overlap,
+        batch_size=plan.batch_size,
+        sizes=sizes,
+    )
