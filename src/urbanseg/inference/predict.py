@@ -31,7 +31,7 @@ from urbanseg.config import PredictConfig, parse_size
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
 from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.segment import Mode, segment
+from urbanseg.inference.segment import TTA, Mode, segment
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
@@ -61,6 +61,9 @@ def predict(config: PredictConfig) -> int:
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
+    tta = TTA.from_flags(config.tta, config.scales)
+    if not tta.plain:
+        print(f"test-time augmentation: {tta.describe()}, softmax probabilities averaged at the output size")
     if config.split is not None:
         return predict_split(config, predictor)
     out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
@@ -120,7 +123,13 @@ def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarra
     mode: Mode = "tile" if config.tile else "native" if config.native else "resize"
     tile = parse_size(config.tile_size, "--tile-size") if config.tile_size else None
     return segment(
-        predictor, images, mode=mode, tile_size=tile, overlap=config.tile_overlap, batch_size=config.batch_size
+        predictor,
+        images,
+        mode=mode,
+        tile_size=tile,
+        overlap=config.tile_overlap,
+        batch_size=config.batch_size,
+        tta=TTA.from_flags(config.tta, config.scales),
     )
 
 
