@@ -191,7 +191,7 @@ def segment(
             "(windows keep their size), or re-export with dynamic axes"
         )
     out: list[np.ndarray] = []
-    for group in _batches(list(range(len(images))), images, batch_size, same_size=(mode == "native")):
+    for group in _batches(images, batch_size, same_size=(mode == "native")):
         views: list[list[np.ndarray]] = [[] for _ in group]
         for scale, flip in tta.views():
             inputs = []
@@ -213,15 +213,11 @@ def _view(image: np.ndarray, base: tuple[int, int], scale: float, flip: bool) ->
     return resized[:, ::-1] if flip else resized
 
 
-def _batches(indices: list[int], images: list[np.ndarray], batch_size: int, *, same_size: bool) -> list[list[int]]:
+def _batches(images: list[np.ndarray], batch_size: int, *, same_size: bool) -> list[list[int]]:
     """Consecutive runs of at most `batch_size` image indices (of one image size if `same_size`)."""
     groups: list[list[int]] = []
-    for k in indices:
-        if (
-            groups
-            and len(groups[-1]) < batch_size
-            and (not same_size or images[groups[-1][0]].shape == images[k].shape)
-        ):
+    for k, im in enumerate(images):
+        if groups and len(groups[-1]) < batch_size and (not same_size or images[groups[-1][0]].shape == im.shape):
             groups[-1].append(k)
         else:
             groups.append([k])
