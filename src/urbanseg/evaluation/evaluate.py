@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg import __version__
-from urbanseg.config import EvaluateConfig
+from urbanseg.config import EvaluateConfig, parse_scales
 from urbanseg.data.annotations import ID_SOURCES, INSTANCE_SOURCES, read_truth
 from urbanseg.data.formats import Manifest, ShardSpec
 from urbanseg.data.sources import raw_annotations
@@ -533,7 +533,7 @@ def _info(
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "split": config.split,
         "protocol": "full-res" if config.full_res else "prepared",
-        "tta": {"flip": config.tta == "flip", "scales": [float(s) for s in config.scales.split(",")]},
+        "tta": {"flip": config.tta == "flip", "scales": list(parse_scales(config.scales))},
         "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
