@@ -10,7 +10,8 @@ relative to plain. The settings run in turn within each repeat, so a change in t
 machine's load hits them alike; the median time per setting is reported.
 
     python benchmarks/bench_tta.py                          # ~ demo --quick sizes
-    python benchmarks/bench_tta.py --train 8 --val 4 --size 128x64 --iters 20   # a smoke run
+    python benchmarks/bench_tta.py --train 16 --val 6 --size 128x64 --iters 100 \
+        --model unet-original --model-args '{"base_channels": 8}'          # small, on a loaded machine
     python benchmarks/bench_tta.py --out /tmp/tta --reuse   # keep and reuse the trained run
 """
 
@@ -55,8 +56,10 @@ def build(out: Path, args: argparse.Namespace) -> Path:
         data=shards,
         run=run,
         model=args.model,
+        model_args=args.model_args,
         iters=args.iters,
         batch_size=8,
+        lr=args.lr,
         seed=0,
         val_every=max(args.iters // 2, 1),
         workers=1,
@@ -73,6 +76,10 @@ def main() -> None:
     parser.add_argument("--size", default="256x128", help="prepared size WxH (scenes are rendered at twice it)")
     parser.add_argument("--iters", type=int, default=150, help="training steps")
     parser.add_argument("--model", default=None, help="architecture (default: urbanseg's default model)")
+    parser.add_argument(
+        "--model-args", default="", help="its create_model arguments as JSON, e.g. '{\"base_channels\": 8}'"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the median is shown)")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     parser.add_argument("--out", type=Path, help="scratch folder to keep (default: a temporary one)")
