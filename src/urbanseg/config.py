@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -39,6 +40,30 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     if w < 8 or h < 8:
         raise UserError(f"{flag} {text!r} is too small; width and height must be at least 8 pixels")
     return w, h
+
+
+def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
+    """'0.75,1,1.25' -> (0.75, 1.0, 1.25): distinct numbers > 0, comma-separated."""
+    try:
+        scales = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise UserError(
+            f"{flag} {text!r} is not a comma-separated list of numbers; use for example {flag} 0.75,1,1.25"
+        ) from None
+    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+    check(not bad, f"{flag} {text!r}: every scale must be a number > 0 (got {bad[0] if bad else ''})")
+    check(len(set(scales)) == len(scales), f"{flag} {text!r} repeats a scale; give each scale once")
+    return scales
+
+
+TTA_HELP = (
+    "test-time augmentation: flip also runs every view mirrored left-right; the views' softmax "
+    "probabilities are averaged at the output size (mmsegmentation's aug-test)"
+)
+SCALES_HELP = (
+    "test-time scales, comma-separated (e.g. 0.75,1,1.25): each multiplies the size the model runs at; "
+    "averaged like --tta flip"
+)
 
 
 def check(condition: bool, message: str) -> None:
@@ -463,6 +488,8 @@ class PredictConfig:
     tile: bool = opt(False, "sliding window at native resolution, overlapping logits averaged (for very large images)")
     tile_size: str = opt("", "window WIDTHxHEIGHT for --tile (default: the training input size)", metavar="WxH")
     tile_overlap: float = opt(0.25, "fraction of the window shared by neighbouring windows, 0 <= f < 1")
+    tta: Literal["none", "flip"] = opt("none", TTA_HELP)
+    scales: str = opt("1", SCALES_HELP, metavar="S1,S2,...")
     batch_size: int = opt(4, "images (or windows) per forward pass")
     alpha: float = opt(0.5, "opacity of the colour mask in the overlay, 0..1")
     device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
@@ -490,6 +517,7 @@ class PredictConfig:
         check(self.tile or not self.tile_size, "--tile-size needs --tile")
         if self.tile_size:
             parse_size(self.tile_size, "--tile-size")
+        parse_scales(self.scales)
         check_device(self.device)
         bad = sorted(set(self.outputs) - {"overlay", "color", "labels"})
         check(not bad, f"--outputs {' '.join(bad)}: unknown; choose from overlay color labels")
@@ -597,6 +625,8 @@ class EvaluateConfig:
         "official protocol: upsample the predictions to the raw ground truth "
         "(gtFine, found via the shards' spec.json) and add the official Cityscapes scores",
     )
+    tta: Literal["none", "flip"] = opt("none", TTA_HELP)
+    scales: str = opt("1", SCALES_HELP, metavar="S1,S2,...")
     batch_size: int = opt(4, "images per forward pass")
     gallery: int = opt(4, "pictures of the best and of the worst K images by per-image mIoU (0: none)")
     workers: int = opt(0, "data-loading worker processes (0: load in the main process)")
@@ -610,6 +640,7 @@ class EvaluateConfig:
         check(self.gallery >= 0, f"--gallery {self.gallery} must be >= 0")
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
+        parse_scales(self.scales)
         check_device(self.device)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg import __version__
-from urbanseg.config import EvaluateConfig
+from urbanseg.config import EvaluateConfig, parse_scales
 from urbanseg.data.annotations import ID_SOURCES, INSTANCE_SOURCES, read_truth
 from urbanseg.data.formats import Manifest, ShardSpec
 from urbanseg.data.sources import raw_annotations
@@ -50,6 +50,7 @@ from urbanseg.evaluation.report import write_report
 from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor
+from urbanseg.inference.segment import TTA
 from urbanseg.labels import LabelSet
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir
@@ -83,6 +84,9 @@ def evaluate(config: EvaluateConfig) -> int:
         f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, "
         f"engine {predictor.info.get('engine', type(predictor).__name__)} on {device}"
     )
+    plan = Plan.from_config(config)
+    if not plan.tta.plain:
+        print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the label size")
     out = run.path / "eval" / config.split
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
@@ -90,7 +94,7 @@ def evaluate(config: EvaluateConfig) -> int:
             predictor,
             dataset,
             label_set,
-            plan=Plan.from_config(config),
+            plan=plan,
             workers=config.workers,
             gallery=config.gallery,
             raw=raw,
@@ -517,6 +521,7 @@ def _info(
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "split": config.split,
         "protocol": "full-res" if config.full_res else "prepared",
+        "tta": {"flip": config.tta == "flip", "scales": list(parse_scales(config.scales))},
         "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
@@ -562,6 +567,7 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
     training = ", ".join(f"{k}={train[k]}" for k in _TRAINING_KEYS if train.get(k) is not None)
     w, h = info["prepared_size"]
     n, s = info["num_images"], info["seconds"]
+    tta = TTA(tuple(info["tta"]["scales"]), info["tta"]["flip"])
     protocol = (
         f"full resolution: logits upsampled bilinearly to the raw ground truth in {info['data']['raw']}"
         if info["protocol"] == "full-res"
@@ -576,7 +582,7 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
         ("model", f"{facts['model']}, trained at {facts['input size']}"),
         ("training", training or "config not recorded in the checkpoint"),
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
-        ("protocol", protocol),
+        ("protocol", protocol + ("" if tta.plain else f"; test-time augmentation: {tta.describe()}")),
         ("hardware", hardware),
         ("engine", info["engine"]),
         ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),

@@ -2,7 +2,8 @@
 caller) runs a `Predictor` through, so that a figure `evaluate` reports is what
 `predict` writes for the same image and options.
 
-`Plan` holds the options (resolution mode, tile window and overlap, batch size); the
+`Plan` holds the options (resolution mode, tile window and overlap, batch size,
+test-time augmentation); the
 work is `urbanseg.inference.segment.segment`'s (resizing, tiling, bilinear upsampling
 of the logits and argmax, identical for every engine).
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from urbanseg.config import parse_size
 from urbanseg.inference.predictor import Predictor
-from urbanseg.inference.segment import Mode, segment
+from urbanseg.inference.segment import PLAIN, TTA, Mode, segment
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,12 @@ class Plan:
     tile_size: tuple[int, int] | None = None
     overlap: float = 0.25
     batch_size: int = 4
+    tta: TTA = PLAIN
 
     @classmethod
     def from_config(cls, config: Any) -> Plan:
         """From a command's config: `--native`, `--tile`, `--tile-size`, `--tile-overlap`
-        and `--batch-size` where the command has them (defaults otherwise)."""
+        `--batch-size`, `--tta` and `--scales` where the command has them (defaults otherwise)."""
         tile, native = getattr(config, "tile", False), getattr(config, "native", False)
         size = getattr(config, "tile_size", "")
         return cls(
@@ -39,6 +41,7 @@ class Plan:
             tile_size=parse_size(size, "--tile-size") if size else None,
             overlap=getattr(config, "tile_overlap", 0.25),
             batch_size=getattr(config, "batch_size", 4),
+            tta=TTA.from_flags(getattr(config, "tta", "none"), getattr(config, "scales", "1")),
         )
 
 
@@ -59,5 +62,6 @@ def label_maps(
         tile_size=plan.tile_size,
         overlap=plan.overlap,
         batch_size=plan.batch_size,
+        tta=plan.tta,
         sizes=sizes,
     )

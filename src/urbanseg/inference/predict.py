@@ -60,6 +60,9 @@ def predict(config: PredictConfig) -> int:
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
+    tta = Plan.from_config(config).tta
+    if not tta.plain:
+        print(f"test-time augmentation: {tta.describe()}, softmax probabilities averaged at the output size")
     if config.split is not None:
         return predict_split(config, predictor)
     out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
