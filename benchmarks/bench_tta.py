@@ -28,7 +28,7 @@ from urbanseg.data.loader import ShardDataset
 from urbanseg.data.pack import pack
 from urbanseg.data.prepare import prepare
 from urbanseg.evaluation.metrics import ConfusionMatrix
-from urbanseg.inference.predictor import load_predictor
+from urbanseg.inference.predictor import TorchPredictor
 from urbanseg.inference.segment import TTA, segment
 from urbanseg.synth import synthesize
 
@@ -92,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
         out = args.out or Path(tmp)
         ckpt = build(out, args)
-        predictor = load_predictor(checkpoint=ckpt, device="cpu")
+        predictor = TorchPredictor(ckpt, "cpu")
         items = list(ShardDataset(out / "shards", "val"))
         images = [item["image"].permute(1, 2, 0).numpy() for item in items]
         labels = [item["label"].numpy() for item in items]

@@ -211,16 +211,17 @@ def test_predict_with_tta_writes_the_fused_labels(tmp_path):
     from PIL import Image
 
     from test_predict import make_checkpoint
-    from urbanseg.inference.predictor import load_predictor
+    from urbanseg.inference.predictor import TorchPredictor
 
     ckpt = make_checkpoint(tmp_path / "best.pt")
     image = scene(40, 70)
     Image.fromarray(image).save(tmp_path / "a.png")
     out = tmp_path / "out"
     args = ["predict", "--checkpoint", str(ckpt), "-i", str(tmp_path / "a.png"), "-o", str(out), "--outputs", "labels"]
-    assert main([*args, "--tta", "flip", "--scales", "0.75,1.25", "--native", "--device", "cpu"]) == 0
+    tta = ["--tta", "flip", "--scales", "0.75,1.25", "--native", "--device", "cpu", "--engine", "torch"]
+    assert main([*args, *tta]) == 0
     labels = np.asarray(Image.open(out / "a_labels.png"))
-    predictor = load_predictor(checkpoint=Path(ckpt), device="cpu")
+    predictor = TorchPredictor(Path(ckpt), "cpu")
     assert_labels_match(labels, reference_probabilities(predictor, image, "native", (0.75, 1.25), True, (70, 40)))
 
 
@@ -233,7 +234,7 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     from test_predict import make_checkpoint
     from train_fixtures import make_shards
     from urbanseg.data.loader import ShardDataset
-    from urbanseg.inference.predictor import load_predictor
+    from urbanseg.inference.predictor import TorchPredictor
     from urbanseg.labels import get_label_set
 
     shards = make_shards(tmp_path, train=1, val=3)
@@ -241,12 +242,12 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     run = tmp_path / "run"
     run.mkdir()
     args = ["evaluate", "--run", str(run), "--checkpoint", str(ckpt), "--data", str(shards), "--gallery", "1"]
-    tta = ["--tta", "flip", "--scales", "0.75,1", "--device", "cpu"]
+    tta = ["--tta", "flip", "--scales", "0.75,1", "--device", "cpu", "--engine", "torch"]
     assert main([*args, *tta, *(["--full-res"] if full_res else [])]) == 0
     doc = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert doc["tta"] == {"flip": True, "scales": [0.75, 1.0]}
     assert "test-time augmentation: scales 0.75, 1 x flip (4 views)" in (run / "eval" / "val" / "report.md").read_text()
-    predictor, c = load_predictor(checkpoint=ckpt, device="cpu"), get_label_set("categories8").num_classes
+    predictor, c = TorchPredictor(ckpt, "cpu"), get_label_set("categories8").num_classes
     expected, unclear = np.zeros((c, c), np.int64), 0
     for item in ShardDataset(shards, "val"):
         image, gt = item["image"].permute(1, 2, 0).numpy(), item["label"].numpy()
@@ -255,7 +256,8 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
             from PIL import Image
 
             gt = get_label_set("categories8").labels_from_ids(np.asarray(Image.open(path)))
-        probs = reference_probabilities(predictor, image, "native", (0.75, 1.0), True, (gt.shape[1], gt.shape[0]))
+        # evaluate segments as predict does: resized to the model's input size (its default mode)
+        probs = reference_probabilities(predictor, image, "resize", (0.75, 1.0), True, (gt.shape[1], gt.shape[0]))
         top2 = np.sort(probs, axis=-1)[..., -2:]
         unclear += int(((top2[..., 1] - top2[..., 0]) <= 1e-5).sum())
         valid = gt != 255
