@@ -1,0 +1,498 @@
+"""The ASGI app of `urbanseg serve` (Starlette): routes, limits, metrics and the page.
+
+Routes: ``POST /v1/segment`` (an image -> label/colour/overlay PNG or JSON class shares),
+``GET /v1/model``, ``GET /healthz``, ``GET /metrics`` (Prometheus text) and the page at
+``/`` with its two static files. Every upload goes through the same checks, in this order:
+bearer token (401), declared and counted size (413), upload stall (408), image header and
+pixel count before decoding (400 / 413), decoding (400), the model queue (503 with
+Retry-After when full) and the model (504 after the inference timeout). Requests carry
+bytes, never file-system paths.
+
+Starlette rather than FastAPI: six routes need no schema layer, and FastAPI's /docs page
+loads Swagger UI from a CDN, which the offline, CSP-locked page must not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import io
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from urbanseg.config import parse_size
+from urbanseg.errors import UserError
+from urbanseg.imaging import decode_image, overlay
+from urbanseg.inference.batching import MicroBatcher, QueueFull
+from urbanseg.inference.predictor import Predictor, TorchPredictor
+from urbanseg.inference.segment import Mode, segment
+
+log = logging.getLogger("urbanseg.serve")
+
+OUTPUTS = ("label", "color", "overlay", "json")
+PARAMS = {"output", "tile", "native", "tile_size", "tile_overlap", "alpha"}
+# The page runs only its own script and style, talks only to this server, and cannot be framed.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+)
+STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the service (`ServeConfig` flags)."""
+
+    max_upload_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    upload_timeout: float = 30.0
+    inference_timeout: float = 120.0
+    max_batch: int = 4
+    batch_wait: float = 0.005
+    max_queue: int = 32
+    tile_overlap: float = 0.25
+    alpha: float = 0.5
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """predict's resolution options for one request; requests with equal ones share a batch."""
+
+    mode: Mode = "resize"
+    tile_size: tuple[int, int] | None = None
+    overlap: float = 0.25
+
+
+class Problem(Exception):
+    """A request the service refuses: HTTP status, a short reason code, and the reason in words."""
+
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail, self.headers = status, reason, detail, headers or {}
+
+
+def run_model(predictor: Predictor, images: list[np.ndarray], resolution: Resolution) -> list[np.ndarray]:
+    """(H, W) uint8 class indices for each (H, W, 3) uint8 image: predict's own path
+    (`urbanseg.inference.segment`), so the service answers what `urbanseg predict` writes."""
+    return segment(
+        predictor,
+        images,
+        mode=resolution.mode,
+        tile_size=resolution.tile_size,
+        overlap=resolution.overlap,
+        batch_size=max(1, len(images)),
+    )
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Prometheus metrics of one app, in a registry of its own."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
+        self.requests = Counter("urbanseg_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.errors = Counter("urbanseg_errors", "requests refused or failed, by reason", ["reason"], registry=r)
+        self.latency = Histogram(
+            "urbanseg_request_seconds",
+            "time from request to response",
+            ["route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.in_flight = Gauge("urbanseg_in_flight", "segment requests being received, queued or run", registry=r)
+        self.queue = Gauge("urbanseg_queue_depth", "requests waiting for the model", registry=r)
+        self.batch = Histogram(
+            "urbanseg_batch_size", "requests per forward pass", buckets=range(1, max_batch + 1), registry=r
+        )
+        self.inference = Histogram("urbanseg_batch_seconds", "model time per batch", registry=r)
+        self.recent: deque[float] = deque(maxlen=2048)
+        r.register(self)  # collect() below: percentiles of the recent segment latencies
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.batch.observe(size)
+        self.inference.observe(seconds)
+
+    def collect(self) -> Any:
+        g = GaugeMetricFamily(
+            "urbanseg_segment_latency_seconds",
+            "percentiles of the last 2048 POST /v1/segment latencies",
+            labels=["quantile"],
+        )
+        if self.recent:
+            for q, v in zip(("0.5", "0.95", "0.99"), np.percentile(np.array(self.recent), [50, 95, 99]), strict=True):
+                g.add_metric([q], float(v))
+        yield g
+
+
+class Guard:
+    """ASGI middleware around every request: the bearer token (401), security headers,
+    and the request count/latency metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, token: str | None) -> None:
+        self.app, self.metrics, self.token = app, metrics, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in ("/", "/v1/segment", "/v1/model", "/healthz", "/metrics") else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.setdefault("headers", [])
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cache-control", b"no-store"),
+                ]
+            await send(message)
+
+        if route == "/v1/segment":
+            self.metrics.in_flight.inc()
+        try:
+            if (path.startswith("/v1/") or path == "/metrics") and not self._authorized(scope):
+                self.metrics.errors.labels("unauthorized").inc()
+                reply = JSONResponse(
+                    {"error": "unauthorized", "detail": "send the server's token as `Authorization: Bearer TOKEN`"},
+                    401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await reply(scope, receive, send_with_headers)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        finally:
+            seconds = time.perf_counter() - start
+            if route == "/v1/segment":
+                self.metrics.in_flight.dec()
+                self.metrics.recent.append(seconds)
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(seconds)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.token is None:
+            return True
+        sent = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(sent, b"Bearer " + self.token.encode())
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def model_identity(predictor: Predictor) -> dict[str, Any]:
+    """Who answers: architecture, file name (not its path), SHA-256 prefix, training step, engine."""
+    digest = hashlib.sha256()
+    with open(predictor.source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    model = predictor.info.get("model") or {}
+    return {
+        "name": model.get("name", predictor.source.stem) if isinstance(model, dict) else str(model),
+        "file": predictor.source.name,
+        "sha256": digest.hexdigest()[:16],
+        "step": predictor.info.get("step"),
+        "engine": f"pytorch ({predictor.device})" if isinstance(predictor, TorchPredictor) else "onnxruntime",
+    }
+
+
+def create_app(predictor: Predictor, limits: Limits) -> Starlette:
+    """The service for one loaded model. Its worker thread starts here and stops with the app."""
+    identity = model_identity(predictor)
+    ls = predictor.label_set
+    metrics = Metrics(limits.max_batch)
+    batcher = MicroBatcher(
+        lambda res, images: run_model(predictor, images, res),
+        max_batch=limits.max_batch,
+        wait=limits.batch_wait,
+        max_queue=limits.max_queue,
+        on_batch=metrics.on_batch,
+    )
+    metrics.queue.set_function(lambda: batcher.depth)
+    description = {
+        "model": identity,
+        "label_set": ls.name,
+        "classes": list(ls.classes),
+        "palette": [list(c) for c in ls.palette],
+        "input_size": list(predictor.input_size),
+        "fixed_size": list(predictor.fixed_size) if predictor.fixed_size else None,
+        "outputs": list(OUTPUTS),
+        "limits": {
+            "max_upload_bytes": limits.max_upload_bytes,
+            "max_pixels": limits.max_pixels,
+            "max_batch": limits.max_batch,
+            "max_queue": limits.max_queue,
+        },
+    }
+    page = {name: (resources.files("urbanseg.inference") / "static" / name).read_bytes() for name in STATIC}
+    index = (resources.files("urbanseg.inference") / "static" / "index.html").read_bytes()
+
+    async def segment_route(request: Request) -> Response:
+        try:
+            return await _segment(request, predictor, batcher, limits, identity)
+        except Problem as p:
+            metrics.errors.labels(p.reason).inc()
+            return JSONResponse({"error": p.reason, "detail": p.detail}, p.status, headers=p.headers)
+
+    async def model_route(request: Request) -> Response:
+        return JSONResponse(description)
+
+    async def health_route(request: Request) -> Response:
+        alive = batcher.alive
+        return JSONResponse(
+            {"status": "ok" if alive else "worker stopped", "queue": batcher.depth}, 200 if alive else 503
+        )
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def index_route(request: Request) -> Response:
+        return Response(index, media_type="text/html; charset=utf-8")
+
+    async def static_route(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:  # a fixed set of names: nothing is looked up on disk
+            return JSONResponse({"error": "not_found", "detail": f"no static file {name!r}"}, 404)
+        return Response(page[name], media_type=STATIC[name])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        batcher.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", index_route),
+            Route("/static/{name}", static_route),
+            Route("/v1/segment", segment_route, methods=["POST"]),
+            Route("/v1/model", model_route),
+            Route("/healthz", health_route),
+            Route("/metrics", metrics_route),
+        ],
+        lifespan=lifespan,
+    )
+    app.add_middleware(Guard, metrics=metrics, token=limits.token)
+    app.state.batcher, app.state.metrics = batcher, metrics
+    return app
+
+
+async def _segment(
+    request: Request, predictor: Predictor, batcher: MicroBatcher, limits: Limits, identity: dict[str, Any]
+) -> Response:
+    output, resolution, alpha = _options(request, limits)
+    data = await _upload(request, limits)
+    loop = asyncio.get_running_loop()
+    width, height = await loop.run_in_executor(None, image_size, data, limits.max_pixels)
+    try:
+        image = await loop.run_in_executor(None, decode_image, data, "the upload")
+    except ValueError as e:
+        raise Problem(400, "corrupt_image", str(e)) from None
+    try:
+        future = batcher.submit(resolution, image)
+    except QueueFull as e:
+        raise Problem(503, "queue_full", f"{e}; retry later", {"Retry-After": str(e.retry_after)}) from None
+    labels = await _wait(request, future, limits.inference_timeout)
+    if output == "json":
+        body = {"width": width, "height": height, "mode": resolution.mode, "classes": class_shares(labels, predictor)}
+        return JSONResponse({**body, "model": identity})
+    png = await loop.run_in_executor(None, _render, predictor, image, labels, output, alpha)
+    return Response(png, media_type="image/png")
+
+
+def class_shares(labels: np.ndarray, predictor: Predictor) -> list[dict[str, Any]]:
+    """Pixel count and share of each class of the model's label set in (H, W) class indices."""
+    ls = predictor.label_set
+    counts = np.bincount(labels.ravel(), minlength=ls.num_classes)[: ls.num_classes]
+    return [
+        {"index": i, "name": name, "color": list(rgb), "pixels": int(n), "share": int(n) / labels.size}
+        for i, (name, rgb, n) in enumerate(zip(ls.classes, ls.palette, counts, strict=True))
+    ]
+
+
+def _options(request: Request, limits: Limits) -> tuple[str, Resolution, float]:
+    q = request.query_params
+    unknown = sorted(set(q) - PARAMS)
+    if unknown:
+        raise Problem(400, "bad_parameter", f"unknown query parameter(s) {unknown}; known: {sorted(PARAMS)}")
+    output = q.get("output", "label")
+    if output not in OUTPUTS:
+        raise Problem(400, "bad_parameter", f"output={output!r}: choose one of {', '.join(OUTPUTS)}")
+    tile, native = _flag(q.get("tile"), "tile"), _flag(q.get("native"), "native")
+    if tile and native:
+        raise Problem(400, "bad_parameter", "tile=1 already runs at native resolution; drop native=1")
+    if q.get("tile_size") and not tile:
+        raise Problem(400, "bad_parameter", "tile_size needs tile=1")
+    try:
+        size = parse_size(q["tile_size"], "tile_size") if q.get("tile_size") else None
+    except UserError as e:
+        raise Problem(400, "bad_parameter", str(e)) from None
+    overlap = _number(q.get("tile_overlap"), limits.tile_overlap, "tile_overlap", 0.0, 0.999)
+    alpha = _number(q.get("alpha"), limits.alpha, "alpha", 0.0, 1.0)
+    mode: Mode = "tile" if tile else "native" if native else "resize"
+    return output, Resolution(mode, size, overlap if tile else 0.25), alpha
+
+
+def _flag(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("0", "false", "no", ""):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise Problem(400, "bad_parameter", f"{name}={value!r}: use {name}=1 or {name}=0")
+
+
+def _number(value: str | None, default: float, name: str, low: float, high: float) -> float:
+    if value is None:
+        return default
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not low <= x <= high:
+        raise Problem(400, "bad_parameter", f"{name}={value!r}: give a number in [{low}, {high}]")
+    return x
+
+
+async def _upload(request: Request, limits: Limits) -> bytes:
+    """The image bytes: the raw body, or the one file of a multipart form. 413 when the
+    declared or the counted size exceeds the limit, 408 when the client stalls."""
+    declared = request.headers.get("content-length")
+    too_big = f"the upload is larger than the server's limit of {limits.max_upload_bytes} bytes"
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_upload_bytes:
+        raise Problem(413, "upload_too_large", too_big + f" (Content-Length {declared})")
+    chunks, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), limits.upload_timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise Problem(
+                408, "upload_timeout", f"no data for {limits.upload_timeout:g} s; send the whole upload"
+            ) from None
+        except ClientDisconnect:
+            raise Problem(400, "client_closed", "the client closed the connection during the upload") from None
+        size += len(chunk)
+        if size > limits.max_upload_bytes:
+            raise Problem(413, "upload_too_large", too_big)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        body = await _form_file(request, body)
+    if not body:
+        raise Problem(400, "empty_upload", "the request has no image: send its bytes as the body or as a form file")
+    return body
+
+
+async def _form_file(request: Request, body: bytes) -> bytes:
+    """The bytes of the single file in a multipart body (its client-side name is ignored)."""
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except Exception as e:  # python-multipart and Starlette raise several types for a malformed form
+        raise Problem(400, "bad_form", f"cannot read the multipart form ({e})") from None
+    files = [v for v in form.values() if not isinstance(v, str)]
+    if len(files) != 1:
+        raise Problem(
+            400, "bad_form", f"the form holds {len(files)} files; send exactly one image (e.g. -F image=@a.png)"
+        )
+    data = await files[0].read()
+    await form.close()
+    return data
+
+
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the image header, before anything is decoded: 400 for what is
+    not an image, 413 for more than `max_pixels` (a decompression bomb is a few KB of PNG)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise Problem(413, "too_many_pixels", str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        reason = "not a known image format" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise Problem(
+            400, "not_an_image", f"the upload is not a readable image ({reason}); send PNG, JPEG, WebP, TIFF, BMP"
+        ) from None
+    if width * height > max_pixels:
+        raise Problem(
+            413,
+            "too_many_pixels",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    return width, height
+
+
+async def _wait(request: Request, future: Any, timeout: float) -> np.ndarray:
+    """The job's result; cancels the job when the client leaves (skipped if not yet run) or
+    after `timeout` seconds (504)."""
+    waiter = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait({waiter, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiter in done:
+        try:
+            return waiter.result()
+        except (UserError, ValueError) as e:
+            raise Problem(400, "bad_option", str(e)) from None
+        except Exception as e:
+            log.exception("inference failed")
+            raise Problem(
+                500, "inference_failed", f"the model failed on this image ({type(e).__name__}: {e})"
+            ) from None
+    future.cancel()
+    if gone in done:
+        raise Problem(499, "client_closed", "the client closed the connection")
+    raise Problem(504, "inference_timeout", f"no result within {timeout:g} s; the server is busy, retry later")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _render(predictor: Predictor, image: np.ndarray, labels: np.ndarray, output: str, alpha: float) -> bytes:
+    """The PNG bytes of one output: label (uint8 class indices), color or overlay."""
+    from PIL import Image
+
+    if output == "label":
+        array = labels
+    else:
+        color = predictor.label_set.colorize(labels)
+        array = color if output == "color" else overlay(image, color, alpha)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
