@@ -8,6 +8,7 @@ Ctrl+C.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -41,7 +42,8 @@ def serve(config: ServeConfig) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     )
-    server.run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn ends the requests in flight, then re-raises
+        server.run(sockets=[sock])
     print("stopped")
     return 0
 
