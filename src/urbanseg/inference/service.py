@@ -1,4 +1,6 @@
-"""The ASGI app of `urbanseg serve` (Starlette): routes, limits, metrics and the page.
+"""The ASGI app of `urbanseg serve` (Starlette): its routes and the page. Uploads are read
+by `urbanseg.inference.uploads`, requests counted and guarded by
+`urbanseg.inference.metrics`, and batched through the model by `urbanseg.inference.batching`.
 
 Routes: ``POST /v1/segment`` (an image -> label/colour/overlay PNG or JSON class shares),
 ``GET /v1/model``, ``GET /healthz``, ``GET /metrics`` (Prometheus text) and the page at
@@ -17,42 +19,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import io
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive
 
 from urbanseg.config import parse_size
 from urbanseg.errors import UserError
 from urbanseg.imaging import decode_image, overlay
 from urbanseg.inference.batching import MicroBatcher, QueueFull
+from urbanseg.inference.metrics import Guard, Metrics
 from urbanseg.inference.predictor import Predictor, TorchPredictor
 from urbanseg.inference.segment import Mode, segment
+from urbanseg.inference.uploads import Problem, image_size, read_upload
 
 log = logging.getLogger("urbanseg.serve")
 
 OUTPUTS = ("label", "color", "overlay", "json")
 PARAMS = {"output", "tile", "native", "tile_size", "tile_overlap", "alpha"}
-# The page runs only its own script and style, talks only to this server, and cannot be framed.
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-    "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-)
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
@@ -81,14 +75,6 @@ class Resolution:
     overlap: float = 0.25
 
 
-class Problem(Exception):
-    """A request the service refuses: HTTP status, a short reason code, and the reason in words."""
-
-    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.reason, self.detail, self.headers = status, reason, detail, headers or {}
-
-
 def run_model(predictor: Predictor, images: list[np.ndarray], resolution: Resolution) -> list[np.ndarray]:
     """(H, W) uint8 class indices for each (H, W, 3) uint8 image: predict's own path
     (`urbanseg.inference.segment`), so the service answers what `urbanseg predict` writes."""
@@ -100,107 +86,6 @@ def run_model(predictor: Predictor, images: list[np.ndarray], resolution: Resolu
         overlap=resolution.overlap,
         batch_size=max(1, len(images)),
     )
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Prometheus metrics of one app, in a registry of its own."""
-
-    def __init__(self, max_batch: int) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)  # process_resident_memory_bytes, CPU seconds, open fds
-        self.requests = Counter("urbanseg_requests", "HTTP requests answered", ["route", "status"], registry=r)
-        self.errors = Counter("urbanseg_errors", "requests refused or failed, by reason", ["reason"], registry=r)
-        self.latency = Histogram(
-            "urbanseg_request_seconds",
-            "time from request to response",
-            ["route"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.in_flight = Gauge("urbanseg_in_flight", "segment requests being received, queued or run", registry=r)
-        self.queue = Gauge("urbanseg_queue_depth", "requests waiting for the model", registry=r)
-        self.batch = Histogram(
-            "urbanseg_batch_size", "requests per forward pass", buckets=range(1, max_batch + 1), registry=r
-        )
-        self.inference = Histogram("urbanseg_batch_seconds", "model time per batch", registry=r)
-        self.recent: deque[float] = deque(maxlen=2048)
-        r.register(self)  # collect() below: percentiles of the recent segment latencies
-
-    def on_batch(self, size: int, seconds: float) -> None:
-        self.batch.observe(size)
-        self.inference.observe(seconds)
-
-    def collect(self) -> Any:
-        g = GaugeMetricFamily(
-            "urbanseg_segment_latency_seconds",
-            "percentiles of the last 2048 POST /v1/segment latencies",
-            labels=["quantile"],
-        )
-        if self.recent:
-            for q, v in zip(("0.5", "0.95", "0.99"), np.percentile(np.array(self.recent), [50, 95, 99]), strict=True):
-                g.add_metric([q], float(v))
-        yield g
-
-
-class Guard:
-    """ASGI middleware around every request: the bearer token (401), security headers,
-    and the request count/latency metrics."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, token: str | None) -> None:
-        self.app, self.metrics, self.token = app, metrics, token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        route = path if path in ("/", "/v1/segment", "/v1/model", "/healthz", "/metrics") else "other"
-        status = 500
-        start = time.perf_counter()
-
-        async def send_with_headers(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = message.setdefault("headers", [])
-                headers += [
-                    (b"content-security-policy", CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"cache-control", b"no-store"),
-                ]
-            await send(message)
-
-        if route == "/v1/segment":
-            self.metrics.in_flight.inc()
-        try:
-            if (path.startswith("/v1/") or path == "/metrics") and not self._authorized(scope):
-                self.metrics.errors.labels("unauthorized").inc()
-                reply = JSONResponse(
-                    {"error": "unauthorized", "detail": "send the server's token as `Authorization: Bearer TOKEN`"},
-                    401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await reply(scope, receive, send_with_headers)
-            else:
-                await self.app(scope, receive, send_with_headers)
-        finally:
-            seconds = time.perf_counter() - start
-            if route == "/v1/segment":
-                self.metrics.in_flight.dec()
-                self.metrics.recent.append(seconds)
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(seconds)
-
-    def _authorized(self, scope: Scope) -> bool:
-        if self.token is None:
-            return True
-        sent = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(sent, b"Bearer " + self.token.encode())
 
 
 # --------------------------------------------------------------------------- the app
@@ -306,7 +191,7 @@ async def _segment(
     request: Request, predictor: Predictor, batcher: MicroBatcher, limits: Limits, identity: dict[str, Any]
 ) -> Response:
     output, resolution, alpha = _options(request, limits)
-    data = await _upload(request, limits)
+    data = await read_upload(request, limits.max_upload_bytes, limits.upload_timeout)
     loop = asyncio.get_running_loop()
     width, height = await loop.run_in_executor(None, image_size, data, limits.max_pixels)
     try:
@@ -376,82 +261,6 @@ def _number(value: str | None, default: float, name: str, low: float, high: floa
     if not low <= x <= high:
         raise Problem(400, "bad_parameter", f"{name}={value!r}: give a number in [{low}, {high}]")
     return x
-
-
-async def _upload(request: Request, limits: Limits) -> bytes:
-    """The image bytes: the raw body, or the one file of a multipart form. 413 when the
-    declared or the counted size exceeds the limit, 408 when the client stalls."""
-    declared = request.headers.get("content-length")
-    too_big = f"the upload is larger than the server's limit of {limits.max_upload_bytes} bytes"
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_upload_bytes:
-        raise Problem(413, "upload_too_large", too_big + f" (Content-Length {declared})")
-    chunks, size = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), limits.upload_timeout)
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise Problem(
-                408, "upload_timeout", f"no data for {limits.upload_timeout:g} s; send the whole upload"
-            ) from None
-        except ClientDisconnect:
-            raise Problem(400, "client_closed", "the client closed the connection during the upload") from None
-        size += len(chunk)
-        if size > limits.max_upload_bytes:
-            raise Problem(413, "upload_too_large", too_big)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        body = await _form_file(request, body)
-    if not body:
-        raise Problem(400, "empty_upload", "the request has no image: send its bytes as the body or as a form file")
-    return body
-
-
-async def _form_file(request: Request, body: bytes) -> bytes:
-    """The bytes of the single file in a multipart body (its client-side name is ignored)."""
-
-    async def replay() -> Message:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-    except Exception as e:  # python-multipart and Starlette raise several types for a malformed form
-        raise Problem(400, "bad_form", f"cannot read the multipart form ({e})") from None
-    files = [v for v in form.values() if not isinstance(v, str)]
-    if len(files) != 1:
-        raise Problem(
-            400, "bad_form", f"the form holds {len(files)} files; send exactly one image (e.g. -F image=@a.png)"
-        )
-    data = await files[0].read()
-    await form.close()
-    return data
-
-
-def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """(width, height) from the image header, before anything is decoded: 400 for what is
-    not an image, 413 for more than `max_pixels` (a decompression bomb is a few KB of PNG)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as e:
-        raise Problem(413, "too_many_pixels", str(e)) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        reason = "not a known image format" if isinstance(e, UnidentifiedImageError) else str(e)
-        raise Problem(
-            400, "not_an_image", f"the upload is not a readable image ({reason}); send PNG, JPEG, WebP, TIFF, BMP"
-        ) from None
-    if width * height > max_pixels:
-        raise Problem(
-            413,
-            "too_many_pixels",
-            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
-        )
-    return width, height
 
 
 async def _wait(request: Request, future: Any, timeout: float) -> np.ndarray:
