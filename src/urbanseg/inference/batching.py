@@ -84,11 +84,15 @@ class MicroBatcher:
             if self._closed:
                 raise RuntimeError("the model worker has stopped")
             if len(self._queue) >= self.max_queue:
-                batches = -(-len(self._queue) // self.max_batch)
-                raise QueueFull(len(self._queue), max(1, round(batches * self._batch_seconds + 0.5)))
+                raise QueueFull(len(self._queue), self.retry_after())
             self._queue.append(job)
             self._cond.notify()
         return job.future
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue has likely drained (its batches at the recent pace)."""
+        batches = -(-len(self._queue) // self.max_batch)
+        return max(1, round(batches * self._batch_seconds + 0.5))
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker after the batch it is running; cancel what is still queued."""

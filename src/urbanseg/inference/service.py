@@ -21,7 +21,9 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -138,9 +140,13 @@ def create_app(predictor: Predictor, limits: Limits) -> Starlette:
     page = {name: (resources.files("urbanseg.inference") / "static" / name).read_bytes() for name in STATIC}
     index = (resources.files("urbanseg.inference") / "static" / "index.html").read_bytes()
 
+    # Decoding and encoding are CPU work: as many threads as cores, not one per request.
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="urbanseg-io")
+    service = _Service(predictor, batcher, limits, identity, pool)
+
     async def segment_route(request: Request) -> Response:
         try:
-            return await _segment(request, predictor, batcher, limits, identity)
+            return await _segment(request, service)
         except Problem as p:
             metrics.errors.labels(p.reason).inc()
             return JSONResponse({"error": p.reason, "detail": p.detail}, p.status, headers=p.headers)
@@ -170,6 +176,7 @@ def create_app(predictor: Predictor, limits: Limits) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         batcher.close()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     app = Starlette(
         routes=[
@@ -187,27 +194,43 @@ def create_app(predictor: Predictor, limits: Limits) -> Starlette:
     return app
 
 
-async def _segment(
-    request: Request, predictor: Predictor, batcher: MicroBatcher, limits: Limits, identity: dict[str, Any]
-) -> Response:
+@dataclass(frozen=True)
+class _Service:
+    predictor: Predictor
+    batcher: MicroBatcher
+    limits: Limits
+    identity: dict[str, Any]
+    pool: ThreadPoolExecutor
+
+
+async def _segment(request: Request, svc: _Service) -> Response:
+    limits = svc.limits
     output, resolution, alpha = _options(request, limits)
+    if svc.batcher.depth >= limits.max_queue:  # refuse before reading and decoding the upload
+        raise _queue_full(QueueFull(svc.batcher.depth, svc.batcher.retry_after()))
     data = await read_upload(request, limits.max_upload_bytes, limits.upload_timeout)
     loop = asyncio.get_running_loop()
-    width, height = await loop.run_in_executor(None, image_size, data, limits.max_pixels)
+    width, height = await loop.run_in_executor(svc.pool, image_size, data, limits.max_pixels)
     try:
-        image = await loop.run_in_executor(None, decode_image, data, "the upload")
+        image = await loop.run_in_executor(svc.pool, decode_image, data, "the upload")
     except ValueError as e:
         raise Problem(400, "corrupt_image", str(e)) from None
     try:
-        future = batcher.submit(resolution, image)
+        future = svc.batcher.submit(resolution, image)
     except QueueFull as e:
-        raise Problem(503, "queue_full", f"{e}; retry later", {"Retry-After": str(e.retry_after)}) from None
+        raise _queue_full(e) from None
     labels = await _wait(request, future, limits.inference_timeout)
     if output == "json":
-        body = {"width": width, "height": height, "mode": resolution.mode, "classes": class_shares(labels, predictor)}
-        return JSONResponse({**body, "model": identity})
-    png = await loop.run_in_executor(None, _render, predictor, image, labels, output, alpha)
+        shares = class_shares(labels, svc.predictor)
+        return JSONResponse(
+            {"width": width, "height": height, "mode": resolution.mode, "classes": shares, "model": svc.identity}
+        )
+    png = await loop.run_in_executor(svc.pool, _render, svc.predictor, image, labels, output, alpha)
     return Response(png, media_type="image/png")
+
+
+def _queue_full(e: QueueFull) -> Problem:
+    return Problem(503, "queue_full", f"{e}; retry later", {"Retry-After": str(e.retry_after)})
 
 
 def class_shares(labels: np.ndarray, predictor: Predictor) -> list[dict[str, Any]]:
