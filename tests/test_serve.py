@@ -278,13 +278,19 @@ def running(app):
         thread.join(20)
 
 
-def test_inference_timeout_504_then_a_good_request(predictor):
+def test_inference_timeout_504_skips_the_cancelled_request_then_a_good_one_works(predictor):
     gated = Gated(predictor)
-    with TestClient(create_app(gated, Limits(inference_timeout=0.5))) as c:
-        r = c.post("/v1/segment", content=GOOD)  # the gate stays shut: no answer in time
-        assert r.status_code == 504 and r.json()["error"] == "inference_timeout"
+    app = create_app(gated, Limits(inference_timeout=0.5))
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        running_one = pool.submit(c.post, "/v1/segment", content=GOOD)  # the worker runs it: the gate stays shut
+        time.sleep(0.2)
+        queued = c.post("/v1/segment", content=png_bytes(scene(45, 70, 9)))  # waits behind it, in the queue
+        for r in (running_one.result(), queued):
+            assert r.status_code == 504 and r.json()["error"] == "inference_timeout"
         gated.gate.set()
         assert_good(c)
+        assert app.state.batcher.skipped == 1  # the queued one was cancelled, never run
+        assert len(gated.sizes) == 3  # the first request, then the two of assert_good
 
 
 def test_full_queue_503_and_a_failing_request_in_a_batch_fails_alone(predictor):

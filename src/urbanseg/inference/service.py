@@ -298,7 +298,7 @@ async def _wait(request: Request, future: Any, timeout: float) -> np.ndarray:
     if waiter in done:
         try:
             return waiter.result()
-        except (UserError, ValueError) as e:
+        except UserError as e:  # an option this model cannot run, e.g. native=1 on a fixed-size export
             raise Problem(400, "bad_option", str(e)) from None
         except Exception as e:
             log.exception("inference failed")
