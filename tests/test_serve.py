@@ -493,3 +493,10 @@ def test_page_in_chromium_shows_overlay_legend_and_download_matching_the_api(pre
         )
         assert shown[0] > 0 and shown[1] > 0
         assert page.evaluate("window.__csp") == [], "the page broke its own Content-Security-Policy"
+        notes = tmp_path / "notes.png"  # not an image, whatever its name: the server's reason is shown
+        notes.write_text("shopping list")
+        page.set_files("#file", notes)
+        assert page.wait_for("document.body.dataset.state === 'error'")
+        assert "400: the upload is not a readable image" in page.evaluate(
+            "document.getElementById('status').textContent"
+        )
