@@ -26,9 +26,10 @@ from starlette.testclient import TestClient
 from browser import CHROMIUM, SKIP_REASON, DevTools
 from model_fixtures import make_checkpoint
 from urbanseg.cli import main
+from urbanseg.config import ServeConfig
 from urbanseg.inference.batching import MicroBatcher, QueueFull
 from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.serve import bind
+from urbanseg.inference.serve import bind, load_model
 from urbanseg.inference.service import Limits, create_app
 
 TOKEN = "s3cret-token"
@@ -141,6 +142,29 @@ def test_json_gives_class_shares_and_model_identity(client, predictor):
     assert body["model"]["file"] == "best.pt" and body["model"]["step"] == 7
     assert body["model"]["name"] == "unet-original" and body["model"]["engine"] == "pytorch (cpu)"
     assert "/" not in body["model"]["file"]
+
+
+def test_onnx_model_fixed_size_answers_as_predict_and_refuses_native(ckpt, inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ONNX tooling may write files into the current directory
+    model = tmp_path / "fixed.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--no-dynamic", "-o", str(model)]) == 0
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model), "--input", str(inputs / "plain.png"), "-o", str(out)]) == 0
+    with TestClient(create_app(load_model(ServeConfig(model=model)), Limits())) as c:
+        description = c.get("/v1/model").json()
+        assert description["fixed_size"] == [64, 32] and description["model"]["engine"] == "onnxruntime"
+        r = c.post("/v1/segment", content=(inputs / "plain.png").read_bytes())
+        np.testing.assert_array_equal(decode(r.content), np.asarray(Image.open(out / "plain_labels.png")))
+        r = c.post("/v1/segment?native=1", content=GOOD)
+        assert r.status_code == 400 and r.json()["error"] == "bad_option" and "fixed" in r.json()["detail"]
+        assert_good(c)
+
+
+def test_run_folder_loads_its_best_checkpoint(ckpt, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(ckpt.read_bytes())
+    assert load_model(ServeConfig(run=run, device="cpu")).source == run / "best.pt"
 
 
 def test_model_health_and_metrics_routes(client, predictor):
