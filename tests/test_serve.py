@@ -275,14 +275,22 @@ class Gated(Predictor):
 
     def __init__(self, inner: Predictor) -> None:
         super().__init__(inner.label_set, inner.input_size, inner.source, inner.info, inner.fixed_size)
-        self.inner, self.gate, self.sizes = inner, threading.Event(), []
+        self.inner, self.gate, self.entered, self.sizes = inner, threading.Event(), threading.Event(), []
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         assert self.gate.wait(30)
         self.sizes.append(len(batch))
         if (batch.reshape(len(batch), -1).max(axis=1) == 0).any():
             raise RuntimeError("black image")
         return self.inner.logits(batch)
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -307,7 +315,7 @@ def test_inference_timeout_504_skips_the_cancelled_request_then_a_good_one_works
     app = create_app(gated, Limits(inference_timeout=0.5))
     with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
         running_one = pool.submit(c.post, "/v1/segment", content=GOOD)  # the worker runs it: the gate stays shut
-        time.sleep(0.2)
+        assert gated.entered.wait(30)
         queued = c.post("/v1/segment", content=png_bytes(scene(45, 70, 9)))  # waits behind it, in the queue
         for r in (running_one.result(), queued):
             assert r.status_code == 504 and r.json()["error"] == "inference_timeout"
@@ -322,11 +330,15 @@ def test_full_queue_503_and_a_failing_request_in_a_batch_fails_alone(predictor):
     limits = Limits(max_queue=3, max_batch=4, batch_wait=0.05, inference_timeout=30)
     images = [png_bytes(scene(45, 70, s)) for s in range(5)]
     black = png_bytes(np.zeros((20, 30, 3), np.uint8))
-    with TestClient(create_app(gated, limits)) as c, ThreadPoolExecutor(8) as pool:
-        futures = []
-        for data in [images[0], images[1], black, images[2], images[3], images[4]]:
+    app = create_app(gated, limits)
+    with TestClient(app) as c, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(c.post, "/v1/segment", content=images[0])]
+        assert gated.entered.wait(30)  # the worker holds the first at the gate
+        for k, data in enumerate([images[1], black, images[2]], start=1):  # three queue, in this order
             futures.append(pool.submit(c.post, "/v1/segment", content=data))
-            time.sleep(0.3)  # in order: the worker holds the first at the gate, three queue, two are refused
+            wait_until(lambda k=k: app.state.batcher.depth == k)
+        futures += [pool.submit(c.post, "/v1/segment", content=data) for data in images[3:]]  # refused
+        wait_until(lambda: all(f.done() for f in futures[4:]))
         gated.gate.set()
         answers = [f.result() for f in futures]
         assert [a.status_code for a in answers] == [200, 200, 500, 200, 503, 503]
@@ -361,9 +373,10 @@ def test_upload_stall_408_on_a_real_server_then_a_good_request(predictor):
 
 
 def test_batcher_batches_queued_requests_isolates_failures_and_skips_cancelled():
-    gate, calls = threading.Event(), []
+    gate, started, calls = threading.Event(), threading.Event(), []
 
     def run(key, payloads):
+        started.set()
         gate.wait(10)
         calls.append((key, list(payloads)))
         if "bad" in payloads:
@@ -373,7 +386,7 @@ def test_batcher_batches_queued_requests_isolates_failures_and_skips_cancelled()
     batcher = MicroBatcher(run, max_batch=3, wait=0.01, max_queue=5)
     try:
         first = batcher.submit("a", "0")
-        time.sleep(0.2)  # the worker holds "0" at the gate; the rest queue up
+        assert started.wait(10)  # the worker holds "0" at the gate; the rest queue up
         futures = [batcher.submit(k, p) for k, p in [("a", "1"), ("b", "x"), ("a", "bad"), ("a", "3"), ("a", "4")]]
         with pytest.raises(QueueFull) as full:
             batcher.submit("a", "5")
