@@ -19,7 +19,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -29,7 +28,7 @@ from urbanseg.cli import main
 from urbanseg.config import ServeConfig
 from urbanseg.inference.batching import MicroBatcher, QueueFull
 from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.serve import bind, load_model
+from urbanseg.inference.serve import bind, load_model, make_server
 from urbanseg.inference.service import Limits, create_app
 
 TOKEN = "s3cret-token"
@@ -294,10 +293,10 @@ def wait_until(condition, timeout: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def running(app):
+def running(app, max_connections: int = 64):
     """The app on a real uvicorn server on a free loopback port: its base URL."""
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = make_server(app, max_connections)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -367,6 +366,26 @@ def test_upload_stall_408_on_a_real_server_then_a_good_request(predictor):
         assert r.status_code == 200
         np.testing.assert_array_equal(decode(r.content), decode(httpx.post(f"{url}/v1/segment", content=GOOD).content))
         assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+
+
+def test_connections_over_the_limit_get_503_then_a_good_request(predictor):
+    with running(create_app(predictor, Limits(upload_timeout=20)), max_connections=2) as url:
+        port = int(url.rsplit(":", 1)[1])
+        head = b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            for s in stalled:  # two slow uploads hold both connections
+                s.sendall(head + GOOD[:100])
+            time.sleep(0.5)
+            r = httpx.post(f"{url}/v1/segment", content=GOOD, timeout=30)
+            assert r.status_code == 503
+        finally:
+            for s in stalled:
+                s.close()
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=30).status_code == 200)
+        r = httpx.post(f"{url}/v1/segment", content=GOOD, timeout=30)
+        assert r.status_code == 200
+        np.testing.assert_array_equal(decode(r.content), decode(httpx.post(f"{url}/v1/segment", content=GOOD).content))
 
 
 # --------------------------------------------------------------------------- the batcher

@@ -627,6 +627,9 @@ class ServeConfig:
         5.0, "how long a batch waits for more requests, only while other requests are queued (milliseconds)"
     )
     max_queue: int = opt(32, "requests waiting for the model, at most; more get 503 with Retry-After")
+    max_connections: int = opt(
+        128, "open connections at most (uploads being read count); more get 503 (memory: this x --max-upload-mb)"
+    )
     max_upload_mb: float = opt(20.0, "largest accepted upload in MB; larger ones get 413")
     max_pixels: int = opt(
         40_000_000, "largest accepted image in pixels (width x height, read from its header before decoding); 413"
@@ -650,6 +653,7 @@ class ServeConfig:
         check(self.max_batch >= 1, f"--max-batch {self.max_batch} must be >= 1")
         check(self.batch_wait_ms >= 0, f"--batch-wait-ms {self.batch_wait_ms} must be >= 0")
         check(self.max_queue >= 1, f"--max-queue {self.max_queue} must be >= 1")
+        check(self.max_connections >= 2, f"--max-connections {self.max_connections} must be >= 2")
         check(self.max_upload_mb > 0, f"--max-upload-mb {self.max_upload_mb} must be > 0")
         check(self.max_pixels >= 64, f"--max-pixels {self.max_pixels} must be >= 64")
         check(self.upload_timeout > 0, f"--upload-timeout {self.upload_timeout} must be > 0")

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+from typing import Any
 
 import uvicorn
 
@@ -39,13 +40,20 @@ def serve(config: ServeConfig) -> int:
     )
     if not _loopback(config.host) and token is None:
         print(f"warning: listening on {config.host} without a token: anyone who reaches it can use the model")
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
-    )
+    server = make_server(app, config.max_connections)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: uvicorn ends the requests in flight, then re-raises
         server.run(sockets=[sock])
     print("stopped")
     return 0
+
+
+def make_server(app: Any, max_connections: int) -> uvicorn.Server:
+    """uvicorn for the app: no access log (the metrics count requests), and at most
+    `max_connections` open connections (uvicorn answers more with 503)."""
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", limit_concurrency=max_connections + 1
+    )
+    return uvicorn.Server(config)
 
 
 def load_model(config: ServeConfig) -> Predictor:
