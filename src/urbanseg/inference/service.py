@@ -79,7 +79,9 @@ class Resolution:
 
 def run_model(predictor: Predictor, images: list[np.ndarray], resolution: Resolution) -> list[np.ndarray]:
     """(H, W) uint8 class indices for each (H, W, 3) uint8 image: predict's own path
-    (`urbanseg.inference.segment`), so the service answers what `urbanseg predict` writes."""
+    (`urbanseg.inference.segment`), so the service answers what `urbanseg predict` writes.
+    The service's only call into the segmentation code: a new inference option (test-time
+    augmentation, a shared predict/evaluate engine) is wired in here and in `Resolution`."""
     return segment(
         predictor,
         images,
