@@ -27,14 +27,15 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks docs
 	$(PY) -m mypy
 
-# The HTML report is tested in headless Chromium from Debian's packages; installed here
-# when missing and we may (root), otherwise that one test is skipped with the reason.
+# The HTML report and the page of `urbanseg serve` are tested in headless Chromium from
+# Debian's packages; installed here when missing and we may (root), otherwise those
+# tests are skipped with the reason.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium for the HTML report test"; \
+	    echo "installing Debian's chromium for the browser tests (HTML report, serve page)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium not found and not root: the HTML report test will be skipped"; fi; }
+	  else echo "chromium not found and not root: the browser tests will be skipped"; fi; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -19,6 +19,7 @@ def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
         assert path.is_file(), path
     assert len(list((run / "predict" / "val").glob("*.png"))) == 4
     assert "| average |" in text and str(run / "eval" / "val" / "report.html") in text
+    assert f"urbanseg serve --run {run}" in text  # what to try next
     # A rerun reuses the scenes and trains anew instead of refusing the existing run.
     assert main(["demo", "--quick", "--iters", "2", "--out", str(out), "--workers", "1"]) == 0
     assert read_marker(out) == "demo" and read_marker(run) == "train"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_predict import make_checkpoint
+from model_fixtures import make_checkpoint
 from train_fixtures import TINY_MODEL, make_shards
 from urbanseg import config as cfg
 from urbanseg.cli import main

@@ -598,7 +598,7 @@ def test_write_errors_are_described_with_the_path_and_the_reason():
 def test_torch_save_on_a_full_disk_becomes_enospc_naming_the_checkpoint(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError ("enforce fail at
     inline_container.cc"); the OSError behind it is its context."""
-    from test_predict import make_checkpoint
+    from model_fixtures import make_checkpoint
     from urbanseg import checkpoint
 
     path = make_checkpoint(tmp_path / "last.pt")

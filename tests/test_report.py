@@ -6,9 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
-import subprocess
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import CHROMIUM, SKIP_REASON, chromium
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.report import (
     ERROR_COLOR,
@@ -29,29 +27,7 @@ from urbanseg.evaluation.report import (
 )
 from urbanseg.labels import get_label_set
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LS = get_label_set("categories8")
-
-
-def chromium(page: Path, *args: str, timeout: float = 90) -> str:
-    """Run headless Chromium on a file:// page with no network use; returns stdout."""
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            *args,
-            page.resolve().as_uri(),
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
 
 
 def images_loaded(page: Path) -> tuple[int, int, str]:
@@ -217,7 +193,7 @@ def test_write_report_files(tmp_path):
     assert "Official Cityscapes scores" in text and "n/a" in text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (`make test` installs Debian's package)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_html_renders_in_chromium_with_every_image(tmp_path):
     paths = write_report(tmp_path, official=OFFICIAL, **_report_inputs())
     loaded, total, dom = images_loaded(paths["html"])

@@ -22,6 +22,7 @@ from urbanseg.config import (
     PackConfig,
     PredictConfig,
     PrepareConfig,
+    ServeConfig,
     SynthConfig,
     TrainConfig,
     add_arguments,
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "evaluate": (EvaluateConfig, "urbanseg.evaluation.evaluate:evaluate"),
     "predict": (PredictConfig, "urbanseg.inference.predict:predict"),
     "export": (ExportConfig, "urbanseg.inference.export:export"),
+    "serve": (ServeConfig, "urbanseg.inference.serve:serve"),
     "demo": (DemoConfig, "urbanseg.demo:demo"),
 }
 

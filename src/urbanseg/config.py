@@ -658,3 +658,64 @@ class DemoConfig:
     def __post_init__(self) -> None:
         check(self.iters is None or self.iters >= 1, f"--iters {self.iters} must be >= 1")
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """`urbanseg serve`: a segmentation web service (HTTP API, metrics, a page to try it) for one model."""
+
+    run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
+    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    model: Path | None = opt(
+        None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
+    )
+    host: str = opt(
+        "127.0.0.1", "address to listen on; 127.0.0.1 keeps it to this machine, 0.0.0.0 opens it to the network"
+    )
+    port: int = opt(8000, "TCP port to listen on (0: any free port; the address is printed)")
+    token: str | None = opt(
+        None,
+        "require `Authorization: Bearer TOKEN` on /v1/* and /metrics (default: the URBANSEG_TOKEN environment "
+        "variable; a flag is visible to other users in the process list, the variable is not)",
+    )
+    max_batch: int = opt(4, "requests run through the model together, at most")
+    batch_wait_ms: float = opt(
+        5.0, "how long a batch waits for more requests, only while other requests are queued (milliseconds)"
+    )
+    max_queue: int = opt(32, "requests waiting for the model, at most; more get 503 with Retry-After")
+    max_connections: int = opt(
+        128, "open connections at most (uploads being read count); more get 503 (memory: this x --max-upload-mb)"
+    )
+    max_upload_mb: float = opt(20.0, "largest accepted upload in MB; larger ones get 413")
+    max_pixels: int = opt(
+        40_000_000, "largest accepted image in pixels (width x height, read from its header before decoding); 413"
+    )
+    upload_timeout: float = opt(30.0, "seconds an upload may stall without sending data before 408")
+    inference_timeout: float = opt(120.0, "seconds a request may wait for the model (queue + run) before 504")
+    tile_overlap: float = opt(0.25, "default fraction of the window shared by neighbouring windows with ?tile=1")
+    alpha: float = opt(0.5, "default opacity of the colour mask in ?output=overlay, 0..1")
+    device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
+    engine: Literal["auto", "torch", "onnxruntime"] = opt("auto", ENGINE_HELP)
+
+    def __post_init__(self) -> None:
+        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
+        check(self.model is None or self.run is None, "give --model model.onnx or --run, not both")
+        check(
+            self.model is not None or self.run is not None or self.checkpoint is not None,
+            "give --run runs/NAME, --checkpoint PATH or --model model.onnx",
+        )
+        check(0 <= self.port <= 65535, f"--port {self.port} must be in 0..65535")
+        check(bool(self.host.strip()), "--host must name an address, e.g. --host 127.0.0.1")
+        check(self.token is None or len(self.token) >= 8, "--token must be at least 8 characters")
+        check_engine(self.engine, self.model)
+        check(self.max_batch >= 1, f"--max-batch {self.max_batch} must be >= 1")
+        check(self.batch_wait_ms >= 0, f"--batch-wait-ms {self.batch_wait_ms} must be >= 0")
+        check(self.max_queue >= 1, f"--max-queue {self.max_queue} must be >= 1")
+        check(self.max_connections >= 2, f"--max-connections {self.max_connections} must be >= 2")
+        check(self.max_upload_mb > 0, f"--max-upload-mb {self.max_upload_mb} must be > 0")
+        check(self.max_pixels >= 64, f"--max-pixels {self.max_pixels} must be >= 64")
+        check(self.upload_timeout > 0, f"--upload-timeout {self.upload_timeout} must be > 0")
+        check(self.inference_timeout > 0, f"--inference-timeout {self.inference_timeout} must be > 0")
+        check(0.0 <= self.tile_overlap < 1.0, f"--tile-overlap {self.tile_overlap} must be in [0, 1)")
+        check(0.0 <= self.alpha <= 1.0, f"--alpha {self.alpha} must be in [0, 1]")
+        check_device(self.device)

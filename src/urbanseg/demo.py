@@ -184,4 +184,7 @@ def _summary(run: Path, seconds: float) -> None:
         (run / "tb", "TensorBoard logs: tensorboard --logdir " + str(run / "tb")),
     ):
         print(f"  {path}  -- {what}")
+    print(
+        f"Try the model on your own images in a browser: urbanseg serve --run {run}  (then open http://127.0.0.1:8000/)"
+    )
     print("On real Cityscapes, run the same stages by hand: see the README.")

@@ -8,6 +8,7 @@ same function, so a model sees at prediction time what it saw in training.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,24 +44,31 @@ def to_rgb8(array: np.ndarray, source: str = "image") -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read any still image file -> (H, W, 3) uint8 RGB. ValueError naming the file if unreadable.
+    """Read any still image file -> (H, W, 3) uint8 RGB. ValueError naming the file if unreadable."""
+    return decode_image(np.fromfile(str(path), dtype=np.uint8), str(path))  # np.fromfile: non-ASCII paths work
 
-    OpenCV first (keeps 16 bits), Pillow for what OpenCV cannot decode (GIF, ...)."""
+
+def decode_image(data: bytes | np.ndarray, source: str = "image") -> np.ndarray:
+    """The bytes of a still image file -> (H, W, 3) uint8 RGB. ValueError naming `source`
+    if they are not a decodable image.
+
+    OpenCV first (keeps 16 bits), Pillow for what OpenCV cannot decode (GIF, ...). Files
+    (`read_image`) and uploads (`urbanseg serve`) take this one path: the same pixels."""
     import cv2
 
-    data = np.fromfile(str(path), dtype=np.uint8)  # np.fromfile + imdecode: non-ASCII paths work
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+    img = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
     if img is not None:
         if img.ndim == 3 and img.shape[2] >= 3:  # OpenCV decodes to BGR(A)
             img = img[..., [2, 1, 0] + ([3] if img.shape[2] == 4 else [])]
-        return to_rgb8(img, str(path))
+        return to_rgb8(img, source)
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            return to_rgb8(np.asarray(im.convert("RGB")), str(path))
+        with Image.open(io.BytesIO(buffer.tobytes())) as im:
+            return to_rgb8(np.asarray(im.convert("RGB")), source)
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot decode {path} as an image ({e}); is it a corrupt or non-image file?") from None
+        raise ValueError(f"cannot decode {source} as an image ({e}); is it a corrupt or non-image file?") from None
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
