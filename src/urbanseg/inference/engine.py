@@ -165,7 +165,7 @@ def load_engine(
         return _torch(checkpoint, str(target))
     if engine == "onnxruntime":
         try:
-            return _announce(OnnxPredictor(cached_onnx(checkpoint)), "onnxruntime", "cached ONNX export", True)
+            return _announce(OnnxPredictor(cached_onnx(checkpoint)), "onnxruntime", "cached ONNX export", checkpoint)
         except OSError as e:  # the folder cannot be written: export to a temporary file for this run
             print(f"note: cannot cache the ONNX export beside {checkpoint} ({e.strerror or e}); exporting for this run")
             with tempfile.TemporaryDirectory(prefix="urbanseg-engine-") as tmp:
@@ -189,7 +189,7 @@ def load_engine(
         return _torch(checkpoint, str(target), note)
     except UserError as e:  # a checkpoint that cannot be read fails again, as itself, in PyTorch
         return _torch(checkpoint, str(target), f"no ONNX Runtime engine for {checkpoint} ({e}); running PyTorch")
-    return _announce(predictor, "onnxruntime", "cached ONNX export", True)
+    return _announce(predictor, "onnxruntime", "cached ONNX export", checkpoint)
 
 
 def _torch(checkpoint: Path, device: str, note: str | None = None) -> Predictor:
@@ -200,9 +200,13 @@ def _torch(checkpoint: Path, device: str, note: str | None = None) -> Predictor:
     return _announce(predictor, "torch", f"{predictor.device}, " + ", ".join(predictor.optimizations or ["as is"]))
 
 
-def _announce(predictor: Predictor, engine: str, how: str, cached: bool = False) -> Predictor:
-    """Print which engine runs (and the cache file it runs from); record it in `info`."""
-    source = f" from {predictor.source}" if cached else ""
+def _announce(predictor: Predictor, engine: str, how: str, cached_from: Path | None = None) -> Predictor:
+    """Print which engine runs (and the cache file it runs from); record it in `info`
+    (with a cache, also the checkpoint it was exported from: what the user named)."""
+    source = f" from {predictor.source}" if cached_from is not None else ""
     print(f"engine: {engine} ({how}{source})")
     predictor.info = {**predictor.info, "engine": engine}
+    if cached_from is not None:
+        predictor.info["checkpoint"] = str(cached_from)
+
     return predictor

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,14 +84,15 @@ def run_model(predictor: Predictor, images: list[np.ndarray], plan: Plan) -> lis
 
 def model_identity(predictor: Predictor) -> dict[str, Any]:
     """Who answers: architecture, file name (not its path), SHA-256 prefix, training step, engine."""
+    source = Path(predictor.info.get("checkpoint") or predictor.source)  # not the engine's cached export
     digest = hashlib.sha256()
-    with open(predictor.source, "rb") as f:
+    with open(source, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     model = predictor.info.get("model") or {}
     return {
-        "name": model.get("name", predictor.source.stem) if isinstance(model, dict) else str(model),
-        "file": predictor.source.name,
+        "name": model.get("name", source.stem) if isinstance(model, dict) else str(model),
+        "file": source.name,
         "sha256": digest.hexdigest()[:16],
         "step": predictor.info.get("step"),
         "engine": predictor.info.get("engine")
