@@ -231,3 +231,19 @@ def test_quantization_metadata_is_checked():
         Quantization.read(Node.root({**good, "agreement": 1.5}, file="f", fix="fix"))
     with pytest.raises(FormatError, match="format 3"):
         OnnxMetadata.parse(json.dumps({**meta, "format_version": 3}), "m.onnx")
+
+
+def test_a_failed_quantization_is_a_clear_error_and_keeps_the_fp32_export(exported, tmp_path, capsys, monkeypatch):
+    import urbanseg.inference.export as export_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported op")
+
+    monkeypatch.setattr(export_module, "quantize_onnx", broken)
+    run, _, _, _ = exported
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run), "-o", str(out), "--quantize", "int8", "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "int8 quantization of" in err and "unsupported op" in err and "fp32 export is written" in err
+    assert out.is_file() and not (tmp_path / "m.int8.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left

@@ -116,8 +116,22 @@ def write_int8(
 
     with atomic_path(target) as tmp:
         print(f"int8: calibrating on {len(images)} images, then scoring fp32 and int8 on {len(val)} {val.split} images")
-        result = quantize_onnx(fp32, tmp, images)
-        scores = score_pair(session(fp32), session(tmp), val, meta.label_set.num_classes, meta.label_set.ignore_index)
+        try:
+            result = quantize_onnx(fp32, tmp, images)
+        except Exception as e:  # ONNX Runtime's tooling on a graph it cannot quantize
+            raise UserError(
+                f"int8 quantization of {fp32} failed ({type(e).__name__}: {e}); the fp32 export is written and "
+                "usable, the int8 model is not"
+            ) from None
+        fp32_session, int8_session = session(fp32), session(tmp)
+        if meta.dynamic:  # the int8 graph takes any size as the fp32 one does
+            w, h = meta.input_size
+            x = probe_picture(w + w // 4 + 3, h - h // 8 + 5)
+            want, got = (s.run(None, {"image": x})[0].shape for s in (fp32_session, int8_session))
+            if want != got:
+                raise UserError(f"the int8 model outputs {got} for an input the fp32 one maps to {want}; report a bug")
+        classes, ignore = meta.label_set.num_classes, meta.label_set.ignore_index
+        scores = score_pair(fp32_session, int8_session, val, classes, ignore)
         quantization = Quantization(
             dtype="int8",
             method=METHOD,
