@@ -122,11 +122,13 @@ def test_predict_and_evaluate_paths_take_the_int8_model(exported, tmp_path):
     assert (out / "in_labels.png").is_file()
 
 
-def test_float_graph_passes_keep_the_function(tmp_path):
+@pytest.mark.parametrize("name", [DEFAULT_MODEL, pytest.param("fpn-mobilenetv3", marks=pytest.mark.slow)])
+def test_float_graph_passes_keep_the_function(name, tmp_path):
     """HardSwish split and depthwise channel padding (MobileNetV3's 72/120/184/200 channels
-    -> multiples of 16) change no output of the float graph."""
+    -> multiples of 16; torchvision's squeeze-excite with GlobalAveragePool, timm's with
+    ReduceMean) change no output of the float graph."""
     torch.manual_seed(0)
-    model = create_model(DEFAULT_MODEL, 8).eval()
+    model = create_model(name, 8).eval()
     path = tmp_path / "m.onnx"
     export_onnx(model, path, (64, 32), opset=18, dynamic=True, metadata={})
     changed = tmp_path / "p.onnx"

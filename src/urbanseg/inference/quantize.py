@@ -228,6 +228,16 @@ def _pad_depthwise_channels(graph: Any, align: int = DEPTHWISE_ALIGN) -> int:
     return padded
 
 
+def _spatial_mean(node: Any, init: dict[str, Any]) -> bool:
+    """Whether `node` is a ReduceMean over height and width only (timm's squeeze-excite)."""
+    if node.op_type != "ReduceMean":
+        return False
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1] in init:
+        axes = _value(init, node.input[1]).tolist()  # type: ignore[union-attr]
+    return axes is not None and {int(a) % 4 for a in axes} == {2, 3}
+
+
 def _channel_group(
     start: str, producer: dict, consumers: dict, outputs: set, init: dict, channels: int
 ) -> list[tuple[Any, str]] | None:
@@ -262,7 +272,7 @@ def _channel_group(
                     if _attr(op, "group", 1) != 1 or op.input[0] != tensor:
                         return None
                     plan[op.name] = (op, "in")
-            elif op.op_type in _PER_CHANNEL:
+            elif op.op_type in _PER_CHANNEL or _spatial_mean(op, init):
                 todo += [t for t in list(op.input) + list(op.output) if t and t not in init]
             else:
                 return None
