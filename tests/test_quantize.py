@@ -133,7 +133,12 @@ def test_float_graph_passes_keep_the_function(name, tmp_path):
     export_onnx(model, path, (64, 32), opset=18, dynamic=True, metadata={})
     changed = tmp_path / "p.onnx"
     float_nodes, padded = prepare_float(path, changed)
-    assert padded >= 4 and len(float_nodes) == 1  # the stem: 3 input channels
+    assert padded >= 4
+    # The stem (3 input channels) and the full-resolution tail: the last Resize and its crops.
+    ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node} | {
+        n.name: n.op_type for n in onnx.load(str(changed)).graph.node
+    }
+    assert sorted(ops[n] for n in float_nodes) == ["Conv", "Resize", "Slice", "Slice"]
     proto = onnx.load(str(changed))
     groups = [
         a.i for n in proto.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group" and a.i > 1

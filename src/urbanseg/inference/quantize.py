@@ -8,11 +8,14 @@ docs/benchmarks.md#int8):
 - before quantizing (float graph): ONNX Runtime's basic optimisations (`quant_pre_process`:
   shared biases behind Identity nodes become initializers, so every Conv can be quantized);
   HardSwish written as x * HardSigmoid(x) (ONNX Runtime has no integer HardSwish);
-  convolutions over <= 4 input channels (the stem) stay float: int8 is slower there.
+  convolutions over <= 4 input channels (the stem) stay float: int8 is slower there; so
+  does the last Resize before the output with its crops (the full-resolution upsampling
+  of the logits), where ONNX Runtime's uint8 Resize is no faster and Q/DQ would cost a
+  pass over every output pixel.
 - after quantizing (QDQ graph): HardSigmoid(x) = clip(alpha x + beta, 0, 1) becomes a
   requantization: DQ(x, scale * alpha) + beta -> Q(scale 1/255, zero point 0), which ONNX
-  Runtime fuses into one integer QLinearAdd (uint8 saturation is the clip); the resizes of
-  logits run on uint8 (DQ -> Resize -> Q with equal parameters becomes a uint8 Resize).
+  Runtime fuses into one integer QLinearAdd (uint8 saturation is the clip); the other
+  resizes run on uint8 (DQ -> Resize -> Q with equal parameters becomes a uint8 Resize).
 
 All temporary files go to a `tempfile.TemporaryDirectory` (ONNX tooling writes
 ``<uuid>.data`` files into the working directory otherwise).
@@ -35,7 +38,8 @@ DEPTHWISE_ALIGN = 16  # channel multiple of ONNX Runtime's fast int8 depthwise k
 INT8_SUFFIX = ".int8.onnx"
 METHOD = (
     "onnxruntime quantize_static, QDQ, per-channel symmetric int8 weights, uint8 activations, MinMax calibration; "
-    "depthwise channels padded to 16, HardSigmoid as requantization, uint8 Resize, stem in float"
+    "depthwise channels padded to 16, HardSigmoid as requantization, uint8 Resize inside, stem and "
+    "full-resolution tail in float"
 )
 
 
@@ -121,7 +125,7 @@ def prepare_float(fp32: Path, out: Path) -> tuple[list[str], int]:
         model = onnx.load(str(pre))
     _split_hardswish(model.graph)
     padded = _pad_depthwise_channels(model.graph)
-    float_nodes = _stem_convs(model.graph)
+    float_nodes = _stem_convs(model.graph) + _float_tail(model.graph)
     onnx.save(model, str(out))
     return float_nodes, padded
 
@@ -302,6 +306,20 @@ def _pad_conv(graph: Any, conv: Any, how: str, target: int, init: dict[str, Any]
         for a in conv.attribute:
             if a.name == "group":
                 a.CopyFrom(helper.make_attribute("group", target))
+
+
+def _float_tail(graph: Any) -> list[str]:
+    """Names of the last Resize before the graph output and of the crops after it: the
+    full-resolution upsampling of the logits. They stay float: ONNX Runtime's uint8 Resize
+    is no faster than its float one, and quantizing there adds a Q and a DQ over every
+    output pixel. Empty when the output does not end that way."""
+    producer = {o: n for n in graph.node for o in n.output}
+    names: list[str] = []
+    node = producer.get(graph.output[0].name)
+    while node is not None and node.op_type in ("Slice", "Identity", "Reshape"):
+        names.append(node.name)
+        node = producer.get(node.input[0])
+    return names + [node.name] if node is not None and node.op_type == "Resize" else []
 
 
 def _stem_convs(graph: Any) -> list[str]:
