@@ -533,10 +533,31 @@ class ExportConfig:
     out: Path | None = opt(None, "output file (default: beside the checkpoint, e.g. runs/NAME/best.onnx)", short="-o")
     opset: int = opt(18, "ONNX opset version")
     dynamic: bool = opt(True, "dynamic batch, height and width (--no-dynamic: fixed training input size)")
+    quantize: Literal["none", "int8"] = opt(
+        "none",
+        "int8: also write an int8 model beside the export (NAME.int8.onnx; ONNX Runtime static quantization, "
+        "per-channel weights), calibrated on --calibrate and scored before/after on the val split",
+    )
+    calibrate: str | None = opt(
+        None, "with --quantize: split of the shards whose images calibrate the activation ranges (default: train)"
+    )
+    num: int | None = opt(None, "with --quantize: number of calibration images (default: 32, or all if fewer)")
+    data: Path | None = opt(
+        None, "with --quantize: shards folder for calibration and scoring (default: the run's `data` in config.yaml)"
+    )
 
     def __post_init__(self) -> None:
         check(self.run is not None or self.checkpoint is not None, "give --run runs/NAME or --checkpoint PATH")
         check(11 <= self.opset <= 20, f"--opset {self.opset}: the exporter supports opsets 11 to 20")
+        given = [
+            f for f, v in (("--calibrate", self.calibrate), ("--num", self.num), ("--data", self.data)) if v is not None
+        ]
+        check(
+            self.quantize != "none" or not given,
+            f"{', '.join(given)} only apply with --quantize int8 (they choose its calibration images)",
+        )
+        check(self.num is None or self.num >= 1, f"--num {self.num} must be >= 1")
+        check(self.calibrate is None or bool(self.calibrate.strip()), "--calibrate must name a split, e.g. train")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,12 @@
 """The metadata an exported ONNX model carries (written by `urbanseg export`, read by
 `urbanseg predict --model`): one JSON object under ``metadata_props["urbanseg"]`` with the
 label set, input size [W, H], normalisation, model name and arguments, step, epoch and
-metrics of the checkpoint, opset and whether sizes are dynamic.
+metrics of the checkpoint, opset and whether sizes are dynamic; for an int8 model
+(`urbanseg export --quantize int8`) also ``quantization``: how it was calibrated and its
+val mIoU before (fp32) and after (int8).
+
+Format 1 has no ``quantization``; format 2 adds it (written only when present, so an
+fp32 export stays readable by an urbanseg that knows format 1 only).
 
 Only the standard library and numpy are imported: ONNX Runtime users need no PyTorch.
 """
@@ -18,13 +23,71 @@ from urbanseg.labels import LabelSet
 from urbanseg.schema import FormatError, Node, check_version
 
 ONNX_META_KEY = "urbanseg"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FIX = "export it again with `urbanseg export`, or predict from the checkpoint with --checkpoint"
 
 
 def _current_version() -> str:
 
     return __version__
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an int8 model was made and what it scores: `dtype` "int8"; `method` (e.g.
+    "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, MinMax");
+    calibration on `calibration_images` images of split `calibration_split`; on
+    `val_images` images of split `val_split`: mIoU of the fp32 model (`miou_fp32`), of
+    the int8 model (`miou_int8`) and the share of pixels whose argmax agrees
+    (`agreement`); `float_nodes`: compute nodes deliberately left in float."""
+
+    dtype: str
+    method: str
+    calibration_split: str
+    calibration_images: int
+    val_split: str
+    val_images: int
+    miou_fp32: float | None
+    miou_int8: float | None
+    agreement: float
+    float_nodes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "method": self.method,
+            "calibration_split": self.calibration_split,
+            "calibration_images": self.calibration_images,
+            "val_split": self.val_split,
+            "val_images": self.val_images,
+            "miou_fp32": self.miou_fp32,
+            "miou_int8": self.miou_int8,
+            "agreement": self.agreement,
+            "float_nodes": list(self.float_nodes),
+        }
+
+    @classmethod
+    def read(cls, doc: Node) -> Quantization:
+        doc.obj()
+
+        def share(n: Node) -> float:
+            value = n.number()
+            if not 0.0 <= value <= 1.0:
+                raise n.error("a number between 0 and 1")
+            return value
+
+        return cls(
+            dtype=doc["dtype"].text(choices=("int8",)),
+            method=doc["method"].text(),
+            calibration_split=doc["calibration_split"].text(),
+            calibration_images=doc["calibration_images"].integer(min=1),
+            val_split=doc["val_split"].text(),
+            val_images=doc["val_images"].integer(min=0),
+            miou_fp32=doc["miou_fp32"].maybe(share),
+            miou_int8=doc["miou_int8"].maybe(share),
+            agreement=share(doc["agreement"]),
+            float_nodes=doc["float_nodes"].maybe(Node.texts) or [],
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +107,7 @@ class OnnxMetadata:
     opset: int | None = None
     dynamic: bool | None = None
     urbanseg_version: str = field(default_factory=_current_version)
+    quantization: Quantization | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], source: Path, opset: int, dynamic: bool) -> OnnxMetadata:
@@ -62,8 +126,10 @@ class OnnxMetadata:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"quantization": self.quantization.to_dict()} if self.quantization is not None else {}
         return {
-            "format_version": FORMAT_VERSION,
+            # The lowest format that holds the content: format 1 readers read fp32 exports.
+            "format_version": FORMAT_VERSION if extra else 1,
             "urbanseg_version": self.urbanseg_version,
             "model": self.model,
             "label_set": self.label_set.to_dict(),
@@ -77,6 +143,7 @@ class OnnxMetadata:
             "dynamic": self.dynamic,
             "input": "image: float32 (N, 3, H, W), RGB, 0..255 (normalised inside)",
             "output": "logits: float32 (N, C, H, W)",
+            **extra,
         }
 
     def to_json(self) -> str:
@@ -85,7 +152,10 @@ class OnnxMetadata:
     @property
     def info(self) -> dict[str, Any]:
         """What a Predictor shows about its model."""
-        return {"model": self.model, "step": self.step, "metrics": self.metrics, "opset": self.opset}
+        info = {"model": self.model, "step": self.step, "metrics": self.metrics, "opset": self.opset}
+        if self.quantization is not None:
+            info["quantization"] = self.quantization.to_dict()
+        return info
 
     @classmethod
     def parse(cls, text: str | None, file: Path | str) -> OnnxMetadata:
@@ -119,4 +189,5 @@ class OnnxMetadata:
             opset=doc["opset"].maybe(lambda n: n.integer(min=1)),
             dynamic=doc["dynamic"].maybe(Node.boolean),
             urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
+            quantization=doc["quantization"].maybe(Quantization.read),
         )
