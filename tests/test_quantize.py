@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from test_predict import SIZE, make_checkpoint
+from model_fixtures import SIZE, make_checkpoint
 from train_fixtures import make_shards
 from urbanseg.cli import main
 from urbanseg.inference.export import export_onnx, probe_picture
 from urbanseg.inference.metadata import OnnxMetadata
-from urbanseg.inference.predictor import OnnxPredictor, load_predictor
+from urbanseg.inference.predictor import OnnxPredictor
 from urbanseg.inference.quantize import (
     confusion,
     int8_path,
@@ -67,7 +67,7 @@ def test_int8_model_loads_predicts_and_records_its_scores(exported):
     run, out, _, _ = exported
     path = run / "best.int8.onnx"
     assert path == int8_path(run / "best.onnx") and (run / "best.onnx").is_file()
-    predictor = load_predictor(onnx=path)
+    predictor = OnnxPredictor(path)
     assert isinstance(predictor, OnnxPredictor) and predictor.input_size == SIZE
     x = probe_picture(*SIZE)
     logits = predictor.logits(x)

@@ -210,7 +210,7 @@ def test_predict_with_tta_writes_the_fused_labels(tmp_path):
     the reference fusion of the model's views."""
     from PIL import Image
 
-    from test_predict import make_checkpoint
+    from model_fixtures import make_checkpoint
     from urbanseg.inference.predictor import TorchPredictor
 
     ckpt = make_checkpoint(tmp_path / "best.pt")
@@ -231,7 +231,7 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     reference fusion, at the prepared size or at the raw ground truth's (--full-res)."""
     import json
 
-    from test_predict import make_checkpoint
+    from model_fixtures import make_checkpoint
     from train_fixtures import make_shards
     from urbanseg.data.loader import ShardDataset
     from urbanseg.inference.predictor import TorchPredictor
