@@ -43,9 +43,12 @@ from urbanseg.errors import UserError
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
 from urbanseg.evaluation.report import write_report
+from urbanseg.inference.predictor import provenance
+from urbanseg.inference.protocol import protocol_forward, segment_options
 from urbanseg.labels import LabelSet
 from urbanseg.outputs import claim
-from urbanseg.rundir import RunDir
+from urbanseg.projection import Projection, require_projection
+from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import default_workers
 
 
@@ -56,30 +59,40 @@ def evaluate(config: EvaluateConfig) -> int:
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint, summarize_checkpoint
     from urbanseg.data.loader import ShardDataset
     from urbanseg.device import pick_device
+    from urbanseg.models.convert import resolve_model_checkpoint
 
-    run = RunDir(config.run)
-    if not run.path.is_dir():
+    run = RunDir(config.run) if config.run is not None else None
+    if run is not None and not run.path.is_dir():
         raise UserError(
             f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
         )
-    ckpt_path = run.checkpoint(config.checkpoint)
+    checkpoint = resolve_model_checkpoint(config.checkpoint)
+    ckpt_path = run.checkpoint(checkpoint) if run is not None else resolve_checkpoint(None, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     device = pick_device(config.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    label_set = LabelSet.from_dict(ckpt["label_set"])
-    shards = Path(config.data) if config.data is not None else run.data
+    shards = Path(config.data) if config.data is not None else run.data if run is not None else Path()
     dataset = ShardDataset(shards, config.split)
-    _check_label_sets(label_set, dataset.label_set, ckpt_path, shards / config.split)
+    label_set = dataset.label_set  # what is scored: the model's own, or a coarser one it projects onto
+    projection = _check_label_sets(LabelSet.from_dict(ckpt["label_set"]), label_set, ckpt_path, shards / config.split)
+    options = segment_options({"inference": ckpt.get("inference")}, config, default="native")
+    forward = protocol_forward(model, options, tuple(ckpt["input_size"]))
     raw = _raw_ground_truth(dataset, shards, config.split, label_set) if config.full_res else None
     print(
         f"evaluating {ckpt_path} (step {ckpt.get('step')}) on {len(dataset)} {config.split} images from {shards} "
         f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, on {device}"
     )
-    out = run.path / "eval" / config.split
+    for label, value in provenance(ckpt.get("source"), ckpt.get("metrics")):
+        print(f"{label}: {value}")
+    if options.mode != "native":
+        print(f"model run: {options.describe()}")
+    if projection is not None:
+        print(f"labels: {projection.describe()}")
+    out = config.out or (run.path / "eval" / config.split if run is not None else Path("eval") / config.split)
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
         state = run_evaluation(
-            model,
+            forward,
             dataset,
             label_set,
             device=device,
@@ -87,6 +100,7 @@ def evaluate(config: EvaluateConfig) -> int:
             workers=config.workers,
             gallery=config.gallery,
             raw=raw,
+            class_map=projection.lut if projection is not None else None,
         )
         seconds = time.perf_counter() - start
         result = state.confusion.compute()
@@ -95,7 +109,11 @@ def evaluate(config: EvaluateConfig) -> int:
             official = _without_iiou(official)
         summary = summarize_checkpoint(ckpt)
         info = _info(config, summary, ckpt.get("config"), ckpt_path, shards, dataset, device, seconds, state, raw)
-        title = f"Evaluation of {run.path.name} on {config.split}" + (" (full resolution)" if raw else "")
+        info["model_run"] = options.describe()
+        info["projection"] = projection.describe() if projection is not None else None
+        info["pretrained"] = dict(provenance(ckpt.get("source"), ckpt.get("metrics"))) or None
+        name = run.path.name if run is not None else (ckpt.get("source") or {}).get("id", ckpt_path.stem)
+        title = f"Evaluation of {name} on {config.split}" + (" (full resolution)" if raw else "")
         paths = write_report(
             out,
             result=result,
@@ -136,13 +154,10 @@ def _without_iiou(official: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:
-    if tuple(model_set.classes) != tuple(data_set.classes):
-        raise UserError(
-            f"checkpoint {ckpt} predicts {model_set.num_classes} classes of label set {model_set.name!r} "
-            f"{list(model_set.classes)}, but {split_dir} is labelled with {data_set.name!r} {list(data_set.classes)}; "
-            "evaluate on shards prepared with the same --labels"
-        )
+def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> Projection | None:
+    """None when the model predicts the data's classes; the projection onto them of a finer
+    Cityscapes set (classes19 model, categories8/7 data); else UserError naming both."""
+    return require_projection(model_set, data_set, f"checkpoint {ckpt}", str(split_dir))
 
 
 # --------------------------------------------------------------------------- raw ground truth
@@ -358,9 +373,12 @@ def run_evaluation(
     workers: int = 0,
     gallery: int = 4,
     raw: RawTruth | None = None,
+    class_map: np.ndarray | None = None,
 ) -> EvalState:
     """One pass of `model` over `dataset` (ShardDataset items); with `raw`, logits are
     upsampled bilinearly (align_corners=False) to each raw ground truth and scored there.
+    `class_map` ((256,) uint8, `urbanseg.projection`) maps the predicted classes to
+    `label_set`'s after the argmax (a classes19 model scored on categories8).
 
     model: takes (N, 3, H, W) float32 0..255 and returns (N, C, H, W) logits."""
     import torch
@@ -379,20 +397,27 @@ def run_evaluation(
     )
     source: Any = FullResDataset(dataset, raw, label_set) if raw is not None else dataset  # map-style
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate)
+    lut = torch.from_numpy(class_map).to(device) if class_map is not None else None
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", unit="batch", dynamic_ncols=True):
             logits = model(batch["image"].to(device).float())
             if raw is None:
-                _score_batch(state, batch, logits, label_set)
+                _score_batch(state, batch, logits, label_set, lut)
             else:
-                _score_full_res(state, batch, logits, label_set)
+                _score_full_res(state, batch, logits, label_set, lut)
     return state
 
 
-def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
+def _argmax(logits: Any, lut: Any) -> Any:
+    """(N, C, H, W) logits -> (N, H, W) class indices, mapped by the projection `lut` if any."""
+    pred = logits.argmax(1)
+    return pred if lut is None else lut[pred].long()
+
+
+def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet, lut: Any = None) -> None:
     """At the prepared size: one confusion update and one per-image bincount per batch."""
 
-    pred = logits.argmax(1)
+    pred = _argmax(logits, lut)
     label = batch["label"].to(pred.device)
     state.confusion.update(pred, label)
     rows = image_scores(pred, label, label_set.num_classes, label_set.ignore_index)
@@ -411,7 +436,7 @@ def _score_batch(state: EvalState, batch: dict[str, Any], logits: Any, label_set
         state.offer({"name": name, **row}, make_pick)
 
 
-def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet) -> None:
+def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_set: LabelSet, lut: Any = None) -> None:
     """Per image (raw sizes may differ): upsample the logits, argmax, score at full size."""
     import torch
     import torch.nn.functional as F
@@ -422,7 +447,7 @@ def _score_full_res(state: EvalState, batch: dict[str, Any], logits: Any, label_
     for i, name in enumerate(batch["name"]):
         gt = batch["gt"][i]
         up = F.interpolate(logits[i : i + 1], size=gt.shape, mode="bilinear", align_corners=False)
-        pred = up.argmax(1)[0].to(device="cpu", dtype=torch.uint8).numpy()
+        pred = _argmax(up, lut)[0].to(device="cpu", dtype=torch.uint8).numpy()
         state.confusion.update(pred, gt)
         if state.official is not None:
             state.official.update_classes(pred, batch["gt_ids"][i], batch["gt_inst"][i], name=name)
@@ -551,13 +576,18 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
     hardware = f"{env['cpu']} ({env['cpu_cores']} cores), device {env['device']}" + (
         f" ({env['gpu']})" if env["gpu"] else ""
     )
+    pretrained = list((info.get("pretrained") or {}).items())
+    scoring = [("model run", info["model_run"])] if info.get("model_run") else []
+    scoring += [("labels", info["projection"])] if info.get("projection") else []
     return [
         ("date", info["date"]),
         ("checkpoint", f"{info['checkpoint']['path']} ({facts['progress']}; written by {facts['written by']})"),
+        *pretrained,
         ("model", f"{facts['model']}, trained at {facts['input size']}"),
         ("training", training or "config not recorded in the checkpoint"),
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
         ("protocol", protocol),
+        *scoring,
         ("hardware", hardware),
         ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),
         ("time", f"{s:.1f} s ({1000 * s / max(n, 1):.0f} ms per image, data loading included)"),

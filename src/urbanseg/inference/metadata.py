@@ -1,7 +1,8 @@
 """The metadata an exported ONNX model carries (written by `urbanseg export`, read by
 `urbanseg predict --model`): one JSON object under ``metadata_props["urbanseg"]`` with the
 label set, input size [W, H], normalisation, model name and arguments, step, epoch and
-metrics of the checkpoint, opset and whether sizes are dynamic.
+metrics of the checkpoint, opset and whether sizes are dynamic; for a converted pretrained
+model also its `source` (origin, licence) and `inference` protocol.
 
 Only the standard library and numpy are imported: ONNX Runtime users need no PyTorch.
 """
@@ -43,6 +44,8 @@ class OnnxMetadata:
     checkpoint: str | None = None
     opset: int | None = None
     dynamic: bool | None = None
+    source: dict[str, Any] | None = None
+    inference: dict[str, Any] | None = None
     urbanseg_version: str = field(default_factory=_current_version)
 
     @classmethod
@@ -59,6 +62,8 @@ class OnnxMetadata:
             checkpoint=str(source),
             opset=opset,
             dynamic=dynamic,
+            source=ckpt.get("source"),
+            inference=ckpt.get("inference"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +80,8 @@ class OnnxMetadata:
             "checkpoint": self.checkpoint,
             "opset": self.opset,
             "dynamic": self.dynamic,
+            "source": self.source,
+            "inference": self.inference,
             "input": "image: float32 (N, 3, H, W), RGB, 0..255 (normalised inside)",
             "output": "logits: float32 (N, C, H, W)",
         }
@@ -85,7 +92,14 @@ class OnnxMetadata:
     @property
     def info(self) -> dict[str, Any]:
         """What a Predictor shows about its model."""
-        return {"model": self.model, "step": self.step, "metrics": self.metrics, "opset": self.opset}
+        return {
+            "model": self.model,
+            "step": self.step,
+            "metrics": self.metrics,
+            "opset": self.opset,
+            "source": self.source,
+            "inference": self.inference,
+        }
 
     @classmethod
     def parse(cls, text: str | None, file: Path | str) -> OnnxMetadata:
@@ -118,5 +132,7 @@ class OnnxMetadata:
             checkpoint=doc["checkpoint"].maybe(Node.text),
             opset=doc["opset"].maybe(lambda n: n.integer(min=1)),
             dynamic=doc["dynamic"].maybe(Node.boolean),
+            source=doc["source"].maybe(Node.obj),
+            inference=doc["inference"].maybe(Node.obj),
             urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
         )

@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from urbanseg.config import PredictConfig, parse_size
+from urbanseg.config import PredictConfig
 from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
-from urbanseg.inference.predictor import Predictor, load_predictor
-from urbanseg.inference.segment import Mode, segment
+from urbanseg.inference.predictor import Predictor, load_predictor, provenance
+from urbanseg.inference.protocol import segment_options
+from urbanseg.inference.segment import segment
+from urbanseg.labels import get_label_set
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
@@ -56,11 +58,20 @@ def predict(config: PredictConfig) -> int:
     if config.model is not None:
         predictor = load_predictor(onnx=config.model)
     else:
-        predictor = load_predictor(checkpoint=resolve_checkpoint(config.run, config.checkpoint), device=config.device)
+        from urbanseg.models.convert import resolve_model_checkpoint
+
+        checkpoint = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
+        predictor = load_predictor(checkpoint=checkpoint, device=config.device)
     print(
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
+    for label, value in provenance(predictor.info.get("source"), predictor.info.get("metrics")):
+        print(f"{label}: {value}")
+    projected = predictor.project_to(get_label_set(config.labels)) if config.labels else None
+    if projected:
+        print(f"labels: {projected}")
+    print(f"resolution: {segment_options(predictor.info, config).describe()}")
     if config.split is not None:
         return predict_split(config, predictor)
     out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
@@ -117,11 +128,8 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
 
 
 def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    mode: Mode = "tile" if config.tile else "native" if config.native else "resize"
-    tile = parse_size(config.tile_size, "--tile-size") if config.tile_size else None
-    return segment(
-        predictor, images, mode=mode, tile_size=tile, overlap=config.tile_overlap, batch_size=config.batch_size
-    )
+    options = segment_options(predictor.info, config)
+    return segment(predictor, images, **options.kwargs(), batch_size=config.batch_size)
 
 
 def _read(file: InputFile) -> np.ndarray | str:

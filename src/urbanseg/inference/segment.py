@@ -83,10 +83,12 @@ def segment(
     """Class indices for each (H, W, 3) uint8 image: a list of (H, W) uint8 arrays.
 
     Images are batched `batch_size` at a time (in ``native`` mode, runs of equal size;
-    in ``tile`` mode, the windows of one row of tiles)."""
+    in ``tile`` mode, the windows of one row of tiles). A predictor projected to a
+    coarser label set (`Predictor.project_to`) has its class map applied last."""
     if mode == "tile":
         window = tile_size or predictor.fixed_size or predictor.input_size
-        return [segment_tiled(predictor, im, window, overlap=overlap, batch_size=batch_size) for im in images]
+        tiled = [segment_tiled(predictor, im, window, overlap=overlap, batch_size=batch_size) for im in images]
+        return _mapped(predictor, tiled)
     if mode == "native" and predictor.fixed_size is not None:
         raise UserError(
             f"{predictor.source} was exported for a fixed {predictor.fixed_size[0]}x{predictor.fixed_size[1]} input; "
@@ -100,7 +102,13 @@ def segment(
             inputs = group
         logits = predictor.logits(_to_batch(inputs))
         out.extend(upsample_argmax(lg, (im.shape[1], im.shape[0])) for lg, im in zip(logits, group, strict=True))
-    return out
+    return _mapped(predictor, out)
+
+
+def _mapped(predictor: Predictor, labels: list[np.ndarray]) -> list[np.ndarray]:
+    """The predictor's class map (a projection to a coarser label set) applied after the argmax."""
+    lut = predictor.class_map
+    return labels if lut is None else [lut[x] for x in labels]
 
 
 def _batches(images: list[np.ndarray], batch_size: int, *, same_size: bool) -> list[list[np.ndarray]]:
