@@ -41,10 +41,14 @@ class Projection:
         ]
 
     def describe(self) -> str:
-        return (
+        text = (
             f"predictions of {self.source.name} ({self.source.num_classes} classes) mapped to "
             f"{self.target.name} after the argmax, through the official Cityscapes table"
         )
+        never = [self.target.classes[j] for j, m in enumerate(self.members()) if not m]
+        if never:
+            text += f"; {', '.join(never)} is never predicted, so its IoU is 0 wherever the data has it"
+        return text
 
 
 def find_projection(source: LabelSet, target: LabelSet) -> Projection | None:
