@@ -10,10 +10,10 @@ any training) of the projected model and of the new head's starting points.
 3. On each coarser val split, at step 0:
    - projected: the classes19 model, its predictions mapped class -> category after the
      argmax (what `evaluate` does with it);
-   - head mean: a categories head from the classes19 head, each category the mean of its
-     member classes' rows + log(members) (`train --init`'s rule);
-   - head dominant: each category the row of its member the model predicts most often on
-     the train split;
+   - train --init: what `train --init` starts from (`load_init_weights`): each category
+     the row of its member the model predicts most on 16 training images;
+   - head dominant: the same rule with the counts over the whole train split;
+   - head mean: each category the mean of its member classes' rows + log(members);
    - fresh head: a new randomly initialised head (`--new-head`).
 
     python benchmarks/bench_init_head.py                 # ~5 min on 2 loaded cores
@@ -121,11 +121,12 @@ def predicted_counts(model, shards: Path, num_classes: int) -> np.ndarray:
 
 def step0_scores(checkpoint: Path, shards: dict[str, Path], target: str) -> dict[str, float]:
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from urbanseg.data.loader import ShardDataset
     from urbanseg.labels import get_label_set
     from urbanseg.models import create_model
     from urbanseg.projection import find_projection
     from urbanseg.training.finetune import project_head
-    from urbanseg.training.train import load_init_weights
+    from urbanseg.training.train import init_sample, load_init_weights
 
     ckpt = load_checkpoint(checkpoint)
     model19 = model_from_checkpoint(ckpt)
@@ -135,13 +136,17 @@ def step0_scores(checkpoint: Path, shards: dict[str, Path], target: str) -> dict
     kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "num_classes"}
     out = {"projected": miou(model19, shards[target], target, projection.lut)}
     torch.manual_seed(0)
-    mean = create_model(ckpt["model"]["name"], labels.num_classes, **kwargs)
-    load_init_weights(mean, checkpoint, labels, new_head=False)
-    out["head mean"] = miou(mean, shards[target], target)
+    head = create_model(ckpt["model"]["name"], labels.num_classes, **kwargs)
+    load_init_weights(
+        head, checkpoint, labels, new_head=False, sample=init_sample(ShardDataset(shards[target], "train"))
+    )
+    out["train --init"] = miou(head, shards[target], target)
+    project_head(head, ckpt["model_state"], projection, rule="mean")
+    out["head mean"] = miou(head, shards[target], target)
     counts = predicted_counts(model19, shards["classes19"], 19)
     dominant = [max(m, key=lambda k: counts[k]) if m else 0 for m in projection.members()]
-    project_head(mean, ckpt["model_state"], projection, rule="dominant", dominant=dominant)
-    out["head dominant"] = miou(mean, shards[target], target)
+    project_head(head, ckpt["model_state"], projection, rule="dominant", dominant=dominant)
+    out["head dominant"] = miou(head, shards[target], target)
     torch.manual_seed(0)
     fresh = create_model(ckpt["model"]["name"], labels.num_classes, **kwargs)
     load_init_weights(fresh, checkpoint, labels, new_head=True)
@@ -162,7 +167,7 @@ def main() -> None:
     shards = make_data(args.work, args.train, args.val, args.size)
     checkpoint = pretrain(args.work, shards["classes19"], tiny_segformer(args.work, args.size), args.steps)
     print(f"\nstep-0 val mIoU of a classes19 tiny SegFormer ({args.steps} steps on synthetic scenes), {args.size}")
-    columns = ("projected", "head mean", "head dominant", "fresh head")
+    columns = ("projected", "train --init", "head dominant", "head mean", "fresh head")
     print("| data | " + " | ".join(columns) + " |")
     print("|-|" + "-|" * len(columns))
     for target in ("categories8", "categories7"):

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -32,7 +33,7 @@ from urbanseg.labels import LabelSet
 from urbanseg.models.convert import resolve_model_checkpoint
 from urbanseg.projection import find_projection
 from urbanseg.training import distributed as dist_
-from urbanseg.training.finetune import project_head
+from urbanseg.training.finetune import dominant_members, predicted_counts, project_head
 from urbanseg.training.loop import NonFiniteLoss, StopSignal, fit
 from urbanseg.training.resume import configure_determinism, merge_for_resume, remove_stale_temporaries
 from urbanseg.training.runlog import RunLog, plot_curves
@@ -116,26 +117,45 @@ def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[ShardDataset, 
     return train_set, val_set
 
 
-def build_model(config: TrainConfig, label_set: LabelSet) -> SegmentationModel:
+def build_model(config: TrainConfig, label_set: LabelSet, sample: Sequence[torch.Tensor] = ()) -> SegmentationModel:
     """create_model from the config; with --init, that checkpoint's weights (a new head if the
-    class count differs or --new-head is given)."""
+    class count differs or --new-head is given; from the old head when it projects onto the
+    data's label set, its dominant classes counted on the training images `sample`)."""
     from urbanseg.models import create_model
 
     kwargs = json.loads(config.model_args) if config.model_args else {}
     assert config.model is not None  # resolve_config fills it in
     model = create_model(config.model, label_set.num_classes, encoder_weights=config.encoder_weights, **kwargs)
     if config.init is not None:
-        load_init_weights(model, config.init, label_set, config.new_head)
+        load_init_weights(model, config.init, label_set, config.new_head, sample=sample)
     return model
 
 
-def load_init_weights(model: SegmentationModel, path: Path | str, label_set: LabelSet, new_head: bool) -> None:
+# Training images the --init model is run on to pick each coarse class's dominant member.
+INIT_SAMPLE = 16
+
+
+def init_sample(train_set: ShardDataset) -> list[torch.Tensor]:
+    """Up to INIT_SAMPLE training images spread over the split, unaugmented (3, H, W) uint8."""
+    n = len(train_set)
+    picks = sorted({i * n // min(n, INIT_SAMPLE) for i in range(min(n, INIT_SAMPLE))})
+    return [train_set[i]["image"] for i in picks]
+
+
+def load_init_weights(
+    model: SegmentationModel,
+    path: Path | str,
+    label_set: LabelSet,
+    new_head: bool,
+    sample: Sequence[torch.Tensor] = (),
+) -> None:
     """--init: every weight of checkpoint `path`; the head too unless the class count
     differs or `new_head`. The same count with other class names needs `new_head`. When
     the data's label set is a coarser projection of the checkpoint's (classes19 ->
     categories8/7) and `new_head` is not given, the new head starts from the old one
-    (`finetune.project_head`)."""
-    from urbanseg.checkpoint import load_checkpoint, load_pretrained
+    (`finetune.project_head`): each coarse class from its member the checkpoint's model
+    predicts most on the images `sample` ((3, H, W) 0..255 tensors; none: its first)."""
+    from urbanseg.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
     old_set = LabelSet.from_dict(ckpt["label_set"])
@@ -154,7 +174,9 @@ def load_init_weights(model: SegmentationModel, path: Path | str, label_set: Lab
         }
     report = load_pretrained(model, ckpt)
     if projection is not None:
-        project_head(model, ckpt["model_state"], projection)
+        counts = predicted_counts(model_from_checkpoint(ckpt), sample, old_set.num_classes) if sample else None
+        dominant = dominant_members(projection, counts) if counts is not None else None
+        project_head(model, ckpt["model_state"], projection, dominant=dominant)
         print(
             f"--init {path}: new {label_set.num_classes}-class head started from the {old_set.name} head "
             f"({old_set.name} -> {label_set.name} through the Cityscapes table), {len(report.loaded)} tensors loaded",
@@ -234,7 +256,7 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     train_set, val_set = open_data(config, info)
     label_set = train_set.label_set
     preflight(config, info, device, train_set)
-    model = build_model(config, label_set).to(device)
+    model = build_model(config, label_set, init_sample(train_set) if config.init else ()).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and info.enabled:
