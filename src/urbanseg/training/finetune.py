@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from urbanseg.projection import Projection
@@ -81,8 +82,6 @@ def project_head(
 def predicted_counts(model: Any, images: Any, num_classes: int) -> Any:
     """How many pixels of `images` (a sequence of (3, H, W) 0..255 tensors) `model`
     predicts as each of its `num_classes` classes: (num_classes,) int64 numpy."""
-    import numpy as np
-
     counts = np.zeros(num_classes, np.int64)
     model.eval()
     with torch.inference_mode():
