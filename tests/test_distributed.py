@@ -47,9 +47,12 @@ def _args(shards, run):
     ]
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--freeze-encoder", "2"]], ids=["plain", "freeze-encoder"])
+def test_two_processes_match_one_process(tmp_path, extra):
+    """Also with --freeze-encoder: one process switches the encoder's requires_grad off,
+    DDP keeps it and drops the encoder's gradients; the weights agree all the same."""
     shards = make_shards(tmp_path)
-    single = run_cli(_args(shards, tmp_path / "single"))
+    single = run_cli([*_args(shards, tmp_path / "single"), *extra])
     assert single.returncode == 0, single.stderr
     # `--`: torchrun's parser would otherwise take our --run for an abbreviation of its --run-path
     torchrun = [
@@ -63,6 +66,7 @@ def test_two_processes_match_one_process(tmp_path):
         "urbanseg",
         "--",
         *_args(shards, tmp_path / "ddp"),
+        *extra,
     ]
     ddp = subprocess.run(torchrun, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert ddp.returncode == 0, ddp.stderr[-3000:]

@@ -153,3 +153,36 @@ def test_sigkill_while_writing_last_pt_keeps_the_previous_one(shards, reference,
     assert result.returncode == 0, result.stderr
     assert not list(run.glob(".last.pt.*.tmp*"))  # resume cleans up
     assert_same_run(run, reference)
+
+
+FREEZE = ["--iters", "8", "--save-every", "1", "--val-every", "4", "--lr", "0.01", "--freeze-encoder", "4"]
+
+
+def test_resume_across_the_encoder_unfreeze_is_bit_identical(shards, tmp_path):
+    """--freeze-encoder 4: a run killed while writing step 3's last.pt resumes from step 2,
+    crosses the unfreeze at step 4 and ends as the uninterrupted run does, bit for bit. The
+    optimizer saw the encoder for 4 steps only (AdamW's per-parameter step counts)."""
+    reference = tmp_path / "reference"
+    done = run_cli(train_args(shards, reference, *FREEZE))
+    assert done.returncode == 0, done.stderr
+    assert "encoder frozen until step 4" in done.stderr and "step 4: encoder unfrozen" in done.stderr
+    run = tmp_path / "run"
+    args = train_args(shards, run, *FREEZE)
+    proc = subprocess.run(
+        [sys.executable, "-c", DIE_WHILE_SAVING.replace("{n}", "3"), *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert saved_step(run / "last.pt") == 2
+    result = run_cli([*args, "--resume"])
+    assert result.returncode == 0, result.stderr
+    a, b = (torch.load(r / "last.pt", weights_only=True) for r in (run, reference))
+    assert a["step"] == b["step"] == 8
+    _equal_nested(a["model_state"], b["model_state"], "model_state")
+    _equal_nested(a["train_state"]["optimizer"], b["train_state"]["optimizer"], "optimizer")
+    steps = {float(s["step"]) for s in b["train_state"]["optimizer"]["state"].values()}
+    assert steps == {4.0, 8.0}  # encoder: steps 4..7; everything else: 0..7
+    assert _metric_rows(run) == _metric_rows(reference)

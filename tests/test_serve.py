@@ -572,3 +572,21 @@ def test_page_in_chromium_shows_overlay_legend_and_download_matching_the_api(pre
         assert "400: the upload is not a readable image" in page.evaluate(
             "document.getElementById('status').textContent"
         )
+
+
+def test_a_recorded_protocol_applies_unless_protocol_0(ckpt):
+    """A pretrained model's recorded protocol (here sliding 32x24 windows, stride 16x12)
+    is what the service runs, as predict does; ?protocol=0 resizes like any model and
+    ?tile=1 with a tile_size wins over the record."""
+    from urbanseg.inference.segment import segment
+
+    predictor = TorchPredictor(ckpt, "cpu")
+    predictor.info["inference"] = {"mode": "slide", "size": [32, 24], "stride": [16, 12]}
+    image = scene(45, 70, 3)
+    with TestClient(create_app(predictor, LIMITS)) as c:
+        slide = decode(c.post("/v1/segment", content=png_bytes(image)).content)
+        plain = decode(c.post("/v1/segment?protocol=0", content=png_bytes(image)).content)
+        own = decode(c.post("/v1/segment?tile=1&tile_size=40x30", content=png_bytes(image)).content)
+    np.testing.assert_array_equal(slide, segment(predictor, [image], mode="tile", tile_size=(32, 24), overlap=0.5)[0])
+    np.testing.assert_array_equal(plain, segment(predictor, [image], mode="resize")[0])
+    np.testing.assert_array_equal(own, segment(predictor, [image], mode="tile", tile_size=(40, 30), overlap=0.25)[0])

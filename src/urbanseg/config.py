@@ -376,9 +376,17 @@ class TrainConfig:
     deterministic: bool = opt(False, "bit-reproducible CPU run: deterministic kernels, fixed thread count")
     threads: int = opt(0, "CPU threads for PyTorch (0: PyTorch's default; 1 with --deterministic)")
     resume: bool = opt(False, "continue the run in --run from its last.pt, with its saved config")
-    init: Path | None = opt(None, "fine-tune from this checkpoint (a different class count gets a new head)")
+    init: str | None = opt(
+        None,
+        "fine-tune from this checkpoint .pt or pretrained model (smp hub id, hf:ID or a save_pretrained folder); "
+        "another label set gets a new head, started from the old one when the data's set is a coarser "
+        "projection of the model's (classes19 -> categories8/7)",
+    )
     new_head: bool = opt(False, "with --init: replace the classification head even if the class count matches")
     encoder_weights: str | None = opt(None, "pretrained encoder weights: 'imagenet' or a local weights file")
+    freeze_encoder: int = opt(
+        0, "keep the encoder's weights fixed for the first N optimizer steps, then train it too (0: off)"
+    )
     optimizer: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
     lr: float | None = opt(None, "peak learning rate (default: 1e-3 for adamw, 1e-2 for sgd)")
     weight_decay: float = opt(1e-4, "weight decay")
@@ -429,6 +437,7 @@ class TrainConfig:
             ("--patience", self.patience),
             ("--workers", self.workers),
             ("--threads", self.threads),
+            ("--freeze-encoder", self.freeze_encoder),
             ("--weight-decay", self.weight_decay),
         )
         for flag, amount in non_negative:
@@ -471,9 +480,18 @@ class PredictConfig:
     num: int = opt(20, "with --split: number of pictures to write")
     data: Path | None = opt(None, "with --split: shards folder (default: the run's `data` in config.yaml)")
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
-    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    checkpoint: str | None = opt(
+        None,
+        "best or last (in --run), a checkpoint .pt path, or a pretrained model (an smp hub id, hf:ID or a "
+        "save_pretrained folder, converted on first use: docs/pretrained.md); default best",
+    )
     model: Path | None = opt(
         None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
+    )
+    labels: str | None = opt(
+        None,
+        "write the predictions in this coarser label set (categories8 or categories7 for a classes19 model), "
+        "each predicted class mapped to its category through the Cityscapes table",
     )
     out: Path | None = opt(
         None, "output folder (default: RUN/predict/SPLIT, RUN/predict/input, or ./predictions)", short="-o"
@@ -490,6 +508,11 @@ class PredictConfig:
     tile_overlap: float = opt(0.25, "fraction of the window shared by neighbouring windows, 0 <= f < 1")
     tta: Literal["none", "flip"] = opt("none", TTA_HELP)
     scales: str = opt("1", SCALES_HELP, metavar="S1,S2,...")
+    protocol: bool = opt(
+        True,
+        "without --native/--tile, run a pretrained model as it was scored (its recorded protocol: whole image "
+        "resized, or sliding window); --no-protocol resizes to the input size like any model",
+    )
     batch_size: int = opt(4, "images (or windows) per forward pass")
     alpha: float = opt(0.5, "opacity of the colour mask in the overlay, 0..1")
     device: str = opt("auto", "PyTorch device for a checkpoint: auto, cpu, cuda or cuda:N (auto: cuda if available)")
@@ -528,9 +551,18 @@ class ExportConfig:
     """`urbanseg export`: write a checkpoint as an ONNX model carrying its label set and input size."""
 
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt")
-    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    checkpoint: str | None = opt(
+        None,
+        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
+        "save_pretrained folder); default best",
+    )
     format: Literal["onnx"] = opt("onnx", "export format")
-    out: Path | None = opt(None, "output file (default: beside the checkpoint, e.g. runs/NAME/best.onnx)", short="-o")
+    out: Path | None = opt(
+        None,
+        "output file (default: beside the checkpoint, e.g. runs/NAME/best.onnx; for a pretrained model, beside "
+        "its converted checkpoint in the cache)",
+        short="-o",
+    )
     opset: int = opt(18, "ONNX opset version")
     dynamic: bool = opt(True, "dynamic batch, height and width (--no-dynamic: fixed training input size)")
     quantize: Literal["none", "int8"] = opt(
@@ -632,15 +664,29 @@ class ImportConfig:
 class EvaluateConfig:
     """`urbanseg evaluate`: score a run's checkpoint on a split; write report.md/.html, metrics.json, pictures."""
 
-    run: Path = opt(help="run folder (runs/NAME) from `urbanseg train`; the report goes to RUN/eval/SPLIT/")
+    run: Path | None = opt(
+        None,
+        "run folder (runs/NAME) from `urbanseg train`; the report goes to RUN/eval/SPLIT/ "
+        "(without it: --checkpoint and --data)",
+    )
     split: str = opt("val", "split of the shards to evaluate")
-    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    checkpoint: str | None = opt(
+        None,
+        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
+        "save_pretrained folder, converted on first use); default best",
+    )
     model: Path | None = opt(
         None,
         "score this ONNX model (from `urbanseg export`, fp32 or int8) with ONNX Runtime instead of a checkpoint; "
         "the report still goes to RUN/eval/SPLIT/",
     )
     data: Path | None = opt(None, "shards folder (default: the run's `data` in config.yaml)")
+    out: Path | None = opt(None, "report folder (default: RUN/eval/SPLIT, or eval/SPLIT without --run)", short="-o")
+    protocol: bool = opt(
+        True,
+        "run a pretrained model on the shards' images as it was scored (its recorded protocol: whole image "
+        "resized to its input size, or sliding window); --no-protocol resizes to the input size like any model",
+    )
     full_res: bool = opt(
         False,
         "official protocol: upsample the predictions to the raw ground truth "
@@ -662,6 +708,11 @@ class EvaluateConfig:
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
         parse_scales(self.scales)
+        check(
+            self.run is not None
+            or ((self.model is not None or self.checkpoint not in (None, "best", "last")) and self.data is not None),
+            "give --run runs/NAME, or --checkpoint (a .pt file or a pretrained model) or --model with --data SHARDS",
+        )
         check_device(self.device)
 
 
@@ -686,7 +737,11 @@ class ServeConfig:
     """`urbanseg serve`: a segmentation web service (HTTP API, metrics, a page to try it) for one model."""
 
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
-    checkpoint: str | None = opt(None, "best or last (in --run), or a checkpoint .pt path; default best")
+    checkpoint: str | None = opt(
+        None,
+        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
+        "save_pretrained folder, converted on first use); default best",
+    )
     model: Path | None = opt(
         None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
     )

@@ -49,11 +49,12 @@ from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
 from urbanseg.evaluation.report import write_report
 from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
-from urbanseg.inference.predictor import Predictor
+from urbanseg.inference.predictor import Predictor, provenance
 from urbanseg.inference.segment import TTA
 from urbanseg.labels import LabelSet
 from urbanseg.outputs import claim
-from urbanseg.rundir import RunDir
+from urbanseg.projection import Projection, require_projection
+from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import default_workers
 
 
@@ -62,21 +63,28 @@ def evaluate(config: EvaluateConfig) -> int:
     checkpoint, ONNX model, shards, split or raw ground truth, or a label-set mismatch."""
 
     from urbanseg.data.loader import ShardDataset
+    from urbanseg.models.convert import resolve_model_checkpoint
 
-    run = RunDir(config.run)
-    if not run.path.is_dir():
+    run = RunDir(config.run) if config.run is not None else None
+    if run is not None and not run.path.is_dir():
         raise UserError(
             f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
         )
-    model_path = Path(config.model) if config.model is not None else run.checkpoint(config.checkpoint)
+    if config.model is not None:
+        model_path = Path(config.model)
+    else:
+        checkpoint = resolve_model_checkpoint(config.checkpoint)  # a pretrained source: its converted checkpoint
+        model_path = run.checkpoint(checkpoint) if run is not None else resolve_checkpoint(None, checkpoint)
     predictor = load_engine(
         checkpoint=None if config.model else model_path, model=config.model, engine=config.engine, device=config.device
     )
     summary, training = _model_summary(predictor, model_path, config.model is not None)
-    label_set = predictor.label_set
-    shards = Path(config.data) if config.data is not None else run.data
+    shards = Path(config.data) if config.data is not None else run.data if run is not None else Path()
     dataset = ShardDataset(shards, config.split)
-    _check_label_sets(label_set, dataset.label_set, model_path, shards / config.split)
+    label_set = dataset.label_set  # what is scored: the model's own, or a coarser one it projects onto
+    projection = _check_label_sets(predictor.label_set, label_set, model_path, shards / config.split)
+    if projection is not None:
+        predictor.project_to(label_set)  # segment maps the predicted classes after the argmax
     raw = _raw_ground_truth(dataset, shards, config.split, label_set) if config.full_res else None
     device = getattr(predictor, "device", "cpu")
     print(
@@ -84,10 +92,15 @@ def evaluate(config: EvaluateConfig) -> int:
         f"at {'full resolution (raw ground truth)' if raw else 'the prepared size'}, "
         f"engine {predictor.info.get('engine', type(predictor).__name__)} on {device}"
     )
-    plan = Plan.from_config(config)
+    for label, value in provenance(predictor.info.get("source"), predictor.info.get("metrics")):
+        print(f"{label}: {value}")
+    plan = Plan.from_config(config, predictor.info)
+    print(f"resolution: {plan.why}")
+    if projection is not None:
+        print(f"labels: {projection.describe()}")
     if not plan.tta.plain:
         print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the label size")
-    out = run.path / "eval" / config.split
+    out = config.out or (run.path / "eval" / config.split if run is not None else Path("eval") / config.split)
     with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
         start = time.perf_counter()
         state = run_evaluation(
@@ -105,7 +118,11 @@ def evaluate(config: EvaluateConfig) -> int:
         if official and raw is not None and not raw.has_instances:
             official = _without_iiou(official)
         info = _info(config, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
-        title = f"Evaluation of {run.path.name} on {config.split}" + (" (full resolution)" if raw else "")
+        info["model_run"] = plan.why
+        info["projection"] = projection.describe() if projection is not None else None
+        info["pretrained"] = dict(provenance(predictor.info.get("source"), predictor.info.get("metrics"))) or None
+        name = run.path.name if run is not None else (predictor.info.get("source") or {}).get("id", model_path.stem)
+        title = f"Evaluation of {name} on {config.split}" + (" (full resolution)" if raw else "")
         paths = write_report(
             out,
             result=result,
@@ -146,13 +163,10 @@ def _without_iiou(official: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> None:
-    if tuple(model_set.classes) != tuple(data_set.classes):
-        raise UserError(
-            f"checkpoint {ckpt} predicts {model_set.num_classes} classes of label set {model_set.name!r} "
-            f"{list(model_set.classes)}, but {split_dir} is labelled with {data_set.name!r} {list(data_set.classes)}; "
-            "evaluate on shards prepared with the same --labels"
-        )
+def _check_label_sets(model_set: LabelSet, data_set: LabelSet, ckpt: Path, split_dir: Path) -> Projection | None:
+    """None when the model predicts the data's classes; the projection onto them of a finer
+    Cityscapes set (classes19 model, categories8/7 data); else UserError naming both."""
+    return require_projection(model_set, data_set, f"checkpoint {ckpt}", str(split_dir))
 
 
 # --------------------------------------------------------------------------- raw ground truth
@@ -371,7 +385,9 @@ def run_evaluation(
     """One pass of `predictor` over `dataset` (ShardDataset items), each image segmented
     by `urbanseg.inference.plan.label_maps` exactly as `urbanseg predict` segments it;
     with `raw`, the logits are upsampled bilinearly (align_corners=False) to each raw
-    ground truth's size and scored there."""
+    ground truth's size and scored there. A predictor projected onto `label_set`
+    (`Predictor.project_to`: a classes19 model scored on categories8) has its predicted
+    classes mapped after the argmax."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -576,13 +592,18 @@ def _header(info: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, st
     hardware = f"{env['cpu']} ({env['cpu_cores']} cores), device {env['device']}" + (
         f" ({env['gpu']})" if env["gpu"] else ""
     )
+    pretrained = list((info.get("pretrained") or {}).items())
+    scoring = [("model run", info["model_run"])] if info.get("model_run") else []
+    scoring += [("labels", info["projection"])] if info.get("projection") else []
     return [
         ("date", info["date"]),
         ("checkpoint", f"{info['checkpoint']['path']} ({facts['progress']}; written by {facts['written by']})"),
+        *pretrained,
         ("model", f"{facts['model']}, trained at {facts['input size']}"),
         ("training", training or "config not recorded in the checkpoint"),
         ("data", f"{info['data']['shards']}, split {info['split']}: {n} images, label set {info['label_set']}"),
         ("protocol", protocol + ("" if tta.plain else f"; test-time augmentation: {tta.describe()}")),
+        *scoring,
         ("hardware", hardware),
         ("engine", info["engine"]),
         ("versions", f"urbanseg {env['urbanseg']}, torch {env['torch']}, python {env['python']}"),

@@ -46,8 +46,9 @@ VAL_SPLIT = "val"
 def export(config: ExportConfig) -> int:
     """Entry point of `urbanseg export`: write the ONNX model; returns 0."""
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from urbanseg.models.convert import resolve_model_checkpoint
 
-    source = resolve_checkpoint(config.run, config.checkpoint)
+    source = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
     target = Path(config.out or source.with_suffix(".onnx"))
     check_file(target, "export", is_urbanseg_onnx)
     int8_target = int8_path(target) if config.quantize == "int8" else None

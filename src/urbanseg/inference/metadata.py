@@ -1,7 +1,8 @@
 """The metadata an exported ONNX model carries (written by `urbanseg export`, read by
 `urbanseg predict --model`): one JSON object under ``metadata_props["urbanseg"]`` with the
 label set, input size [W, H], normalisation, model name and arguments, step, epoch and
-metrics of the checkpoint, opset and whether sizes are dynamic; for an int8 model
+metrics of the checkpoint, opset and whether sizes are dynamic; for a converted pretrained
+model also its `source` (origin, licence) and `inference` protocol; for an int8 model
 (`urbanseg export --quantize int8`) also ``quantization``: how it was calibrated and its
 val mIoU before (fp32) and after (int8).
 
@@ -106,6 +107,8 @@ class OnnxMetadata:
     checkpoint: str | None = None
     opset: int | None = None
     dynamic: bool | None = None
+    source: dict[str, Any] | None = None
+    inference: dict[str, Any] | None = None
     urbanseg_version: str = field(default_factory=_current_version)
     quantization: Quantization | None = None
 
@@ -123,6 +126,8 @@ class OnnxMetadata:
             checkpoint=str(source),
             opset=opset,
             dynamic=dynamic,
+            source=ckpt.get("source"),
+            inference=ckpt.get("inference"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +146,8 @@ class OnnxMetadata:
             "checkpoint": self.checkpoint,
             "opset": self.opset,
             "dynamic": self.dynamic,
+            "source": self.source,
+            "inference": self.inference,
             "input": "image: float32 (N, 3, H, W), RGB, 0..255 (normalised inside)",
             "output": "logits: float32 (N, C, H, W)",
             **extra,
@@ -152,7 +159,14 @@ class OnnxMetadata:
     @property
     def info(self) -> dict[str, Any]:
         """What a Predictor shows about its model."""
-        info = {"model": self.model, "step": self.step, "metrics": self.metrics, "opset": self.opset}
+        info = {
+            "model": self.model,
+            "step": self.step,
+            "metrics": self.metrics,
+            "opset": self.opset,
+            "source": self.source,
+            "inference": self.inference,
+        }
         if self.quantization is not None:
             info["quantization"] = self.quantization.to_dict()
         return info
@@ -188,6 +202,8 @@ class OnnxMetadata:
             checkpoint=doc["checkpoint"].maybe(Node.text),
             opset=doc["opset"].maybe(lambda n: n.integer(min=1)),
             dynamic=doc["dynamic"].maybe(Node.boolean),
+            source=doc["source"].maybe(Node.obj),
+            inference=doc["inference"].maybe(Node.obj),
             urbanseg_version=doc["urbanseg_version"].maybe(Node.text) or "unknown",
             quantization=doc["quantization"].maybe(Quantization.read),
         )

@@ -10,13 +10,14 @@ of the logits and argmax, identical for every engine).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from urbanseg.config import parse_size
 from urbanseg.inference.predictor import Predictor
+from urbanseg.inference.protocol import segment_options
 from urbanseg.inference.segment import PLAIN, TTA, Mode, segment
 
 
@@ -29,19 +30,23 @@ class Plan:
     overlap: float = 0.25
     batch_size: int = 4
     tta: TTA = PLAIN
+    why: str = ""  # the resolution in words, and what chose it (printed by predict and evaluate)
 
     @classmethod
-    def from_config(cls, config: Any) -> Plan:
-        """From a command's config: `--native`, `--tile`, `--tile-size`, `--tile-overlap`
-        `--batch-size`, `--tta` and `--scales` where the command has them (defaults otherwise)."""
-        tile, native = getattr(config, "tile", False), getattr(config, "native", False)
-        size = getattr(config, "tile_size", "")
+    def from_config(cls, config: Any, info: Mapping[str, Any] | None = None) -> Plan:
+        """From a command's config and the predictor's `info`: the resolution is the
+        user's `--native` / `--tile` (`--tile-size`, `--tile-overlap`) when given, else the
+        inference protocol a pretrained model records (unless `--no-protocol`), else
+        resize (`urbanseg.inference.protocol.segment_options`); `--batch-size`, `--tta`
+        and `--scales` where the command has them (defaults otherwise)."""
+        options = segment_options(info or {}, config)
         return cls(
-            mode="tile" if tile else "native" if native else "resize",
-            tile_size=parse_size(size, "--tile-size") if size else None,
-            overlap=getattr(config, "tile_overlap", 0.25),
+            mode=options.mode,
+            tile_size=options.tile_size,
+            overlap=options.overlap,
             batch_size=getattr(config, "batch_size", 4),
             tta=TTA.from_flags(getattr(config, "tta", "none"), getattr(config, "scales", "1")),
+            why=options.describe(),
         )
 
 

@@ -32,7 +32,8 @@ from urbanseg.errors import UserError
 from urbanseg.imaging import IMAGE_SUFFIXES, overlay, read_image, save_png
 from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
-from urbanseg.inference.predictor import Predictor
+from urbanseg.inference.predictor import Predictor, provenance
+from urbanseg.labels import get_label_set
 from urbanseg.outputs import claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
@@ -54,15 +55,25 @@ class InputFile:
 
 def predict(config: PredictConfig) -> int:
     """Entry point of `urbanseg predict`. Returns 0, or raises UserError listing failures."""
-    checkpoint = resolve_checkpoint(config.run, config.checkpoint) if config.model is None else None
+    checkpoint = None
+    if config.model is None:
+        from urbanseg.models.convert import resolve_model_checkpoint
+
+        checkpoint = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
     predictor = load_engine(checkpoint=checkpoint, model=config.model, engine=config.engine, device=config.device)
     print(
         f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
-    tta = Plan.from_config(config).tta
-    if not tta.plain:
-        print(f"test-time augmentation: {tta.describe()}, softmax probabilities averaged at the output size")
+    for label, value in provenance(predictor.info.get("source"), predictor.info.get("metrics")):
+        print(f"{label}: {value}")
+    projected = predictor.project_to(get_label_set(config.labels)) if config.labels else None
+    if projected:
+        print(f"labels: {projected}")
+    plan = Plan.from_config(config, predictor.info)
+    print(f"resolution: {plan.why}")
+    if not plan.tta.plain:
+        print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the output size")
     if config.split is not None:
         return predict_split(config, predictor)
     out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
@@ -119,7 +130,7 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
 
 
 def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    return label_maps(predictor, images, Plan.from_config(config))
+    return label_maps(predictor, images, Plan.from_config(config, predictor.info))
 
 
 def _read(file: InputFile) -> np.ndarray | str:

@@ -19,6 +19,7 @@ from urbanseg.errors import UserError
 from urbanseg.inference.fold import optimize_for_inference
 from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
 from urbanseg.labels import LabelSet
+from urbanseg.projection import require_projection
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Predictor:
 
     ``input_size`` is the training input size (W, H). ``fixed_size`` is (W, H) when the
     model accepts only that size (an ONNX export without dynamic axes), else None.
+    ``label_set`` is the set of the class indices `segment` returns: the model's own, or
+    after `project_to` a coarser one, each predicted class mapped by ``class_map``.
     """
 
     label_set: LabelSet
@@ -34,9 +37,46 @@ class Predictor:
     source: Path
     info: dict[str, Any] = field(default_factory=dict)
     fixed_size: tuple[int, int] | None = None
+    class_map: np.ndarray | None = None  # (256,) uint8, applied after the argmax
 
     def logits(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def project_to(self, target: LabelSet) -> str | None:
+        """Make `segment` return `target`'s classes: the model's predictions mapped class ->
+        class after the argmax (`urbanseg.projection`). Returns what was done (None: the
+        same classes); UserError when there is no such mapping."""
+        found = require_projection(self.label_set, target, f"the model {self.source}", f"--labels {target.name}")
+        if found is None:
+            return None
+        self.label_set, self.class_map = target, found.lut
+        return found.describe()
+
+
+def provenance(source: dict[str, Any] | None, metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, value) rows saying where a converted checkpoint comes from, under which
+    licence and with which published score; [] for a checkpoint urbanseg trained.
+    `source` and `metrics` are the checkpoint's entries (see `urbanseg.models.convert`)."""
+    if not source:
+        return []
+    licence = str(source.get("licence", "unknown"))
+    if source.get("licence_summary"):
+        licence += f": {source['licence_summary']}"
+    if source.get("licence_url"):
+        licence += f" ({source['licence_url']})"
+    if source.get("non_commercial"):
+        licence = "NON-COMMERCIAL use only. " + licence
+    miou = (metrics or {}).get("miou")
+    score = (
+        f"{100 * miou:.2f} Cityscapes val mIoU ({metrics.get('miou_source') or 'source not recorded'})"
+        if isinstance(miou, (int, float)) and metrics
+        else "none on record"
+    )
+    return [
+        ("pretrained", f"{source.get('id')} (revision {str(source.get('revision', '?'))[:12]})"),
+        ("licence", licence),
+        ("published score", score),
+    ]
 
 
 class TorchPredictor(Predictor):
@@ -68,7 +108,13 @@ class TorchPredictor(Predictor):
         self.model = model.to(self.device).eval()
         self.channels_last = "channels-last" in self.optimizations
         self._memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        info = {"model": ckpt.get("model"), "step": ckpt.get("step"), "metrics": ckpt.get("metrics")}
+        info = {
+            "model": ckpt.get("model"),
+            "step": ckpt.get("step"),
+            "metrics": ckpt.get("metrics"),
+            "source": ckpt.get("source"),  # a converted pretrained model's origin and licence
+            "inference": ckpt.get("inference"),  # its recorded protocol (urbanseg.inference.protocol)
+        }
         super().__init__(label_set, input_size, Path(path), info)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:

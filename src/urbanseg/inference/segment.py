@@ -171,14 +171,17 @@ def segment(
 
     Images are batched `batch_size` at a time (in ``native`` mode, runs of equal size;
     in ``tile`` mode, the windows of one row of tiles); with `tta`, one batch per view.
-    With several views, each image's views' logits are held until they are fused."""
+    With several views, each image's views' logits are held until they are fused. A
+    predictor projected to a coarser label set (`Predictor.project_to`) has its class map
+    applied last."""
     sizes = sizes or [(im.shape[1], im.shape[0]) for im in images]
     if mode == "tile":
         window = tile_size or predictor.fixed_size or predictor.input_size
-        return [
+        tiled = [
             _segment_tiled_views(predictor, im, size, window, overlap, batch_size, tta)
             for im, size in zip(images, sizes, strict=True)
         ]
+        return _mapped(predictor, tiled)
     if mode == "native" and predictor.fixed_size is not None:
         raise UserError(
             f"{predictor.source} was exported for a fixed {predictor.fixed_size[0]}x{predictor.fixed_size[1]} input; "
@@ -202,7 +205,13 @@ def segment(
             for held, logits in zip(views, predictor.logits(_to_batch(inputs)), strict=True):
                 held.append(logits[:, :, ::-1] if flip else logits)
         out.extend(fuse_argmax(held, sizes[k]) for held, k in zip(views, group, strict=True))
-    return out
+    return _mapped(predictor, out)
+
+
+def _mapped(predictor: Predictor, labels: list[np.ndarray]) -> list[np.ndarray]:
+    """The predictor's class map (a projection to a coarser label set) applied after the argmax."""
+    lut = predictor.class_map
+    return labels if lut is None else [lut[x] for x in labels]
 
 
 def _view(image: np.ndarray, base: tuple[int, int], scale: float, flip: bool) -> np.ndarray:

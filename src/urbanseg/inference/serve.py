@@ -59,7 +59,11 @@ def make_server(app: Any, max_connections: int) -> uvicorn.Server:
 
 def load_model(config: ServeConfig) -> Predictor:
     """The Predictor of --model, or of --checkpoint/--run with --engine, as `urbanseg predict` loads it."""
-    checkpoint = resolve_checkpoint(config.run, config.checkpoint) if config.model is None else None
+    checkpoint = None
+    if config.model is None:
+        from urbanseg.models.convert import resolve_model_checkpoint  # a pretrained source: its conversion
+
+        checkpoint = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
     return load_engine(checkpoint=checkpoint, model=config.model, engine=config.engine, device=config.device)
 
 

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,13 +46,13 @@ from urbanseg.inference.batching import MicroBatcher, QueueFull
 from urbanseg.inference.metrics import Guard, Metrics
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, TorchPredictor
-from urbanseg.inference.segment import TTA, Mode
+from urbanseg.inference.segment import TTA
 from urbanseg.inference.uploads import Problem, image_size, read_upload
 
 log = logging.getLogger("urbanseg.serve")
 
 OUTPUTS = ("label", "color", "overlay", "json")
-PARAMS = {"output", "tile", "native", "tile_size", "tile_overlap", "alpha", "tta", "scales"}
+PARAMS = {"output", "tile", "native", "tile_size", "tile_overlap", "alpha", "tta", "scales", "protocol"}
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
@@ -196,7 +197,7 @@ class _Service:
 
 async def _segment(request: Request, svc: _Service) -> Response:
     limits = svc.limits
-    output, resolution, alpha = _options(request, limits)
+    output, resolution, alpha = _options(request, limits, svc.predictor.info)
     if svc.batcher.depth >= limits.max_queue:  # refuse before reading and decoding the upload
         raise _queue_full(QueueFull(svc.batcher.depth, svc.batcher.retry_after()))
     data = await read_upload(request, limits.max_upload_bytes, limits.upload_timeout)
@@ -234,7 +235,10 @@ def class_shares(labels: np.ndarray, predictor: Predictor) -> list[dict[str, Any
     ]
 
 
-def _options(request: Request, limits: Limits) -> tuple[str, Plan, float]:
+def _options(request: Request, limits: Limits, info: dict[str, Any]) -> tuple[str, Plan, float]:
+    """(output, plan, alpha) from the query; the plan as predict builds it from its flags
+    (`Plan.from_config`: a pretrained model's recorded protocol unless tile=1, native=1
+    or protocol=0)."""
     q = request.query_params
     unknown = sorted(set(q) - PARAMS)
     if unknown:
@@ -248,14 +252,21 @@ def _options(request: Request, limits: Limits) -> tuple[str, Plan, float]:
     if q.get("tile_size") and not tile:
         raise Problem(400, "bad_parameter", "tile_size needs tile=1")
     try:
-        size = parse_size(q["tile_size"], "tile_size") if q.get("tile_size") else None
+        if q.get("tile_size"):
+            parse_size(q["tile_size"], "tile_size")  # a bad size is the request's error (400), not the plan's
     except UserError as e:
         raise Problem(400, "bad_parameter", str(e)) from None
     overlap = _number(q.get("tile_overlap"), limits.tile_overlap, "tile_overlap", 0.0, 0.999)
     alpha = _number(q.get("alpha"), limits.alpha, "alpha", 0.0, 1.0)
     tta = _tta(q.get("tta", "none"), q.get("scales", "1"))
-    mode: Mode = "tile" if tile else "native" if native else "resize"
-    return output, Plan(mode, size, overlap if tile else 0.25, tta=tta), alpha
+    flags = SimpleNamespace(
+        tile=tile,
+        native=native,
+        tile_size=q.get("tile_size", ""),
+        tile_overlap=overlap,
+        protocol=_flag(q.get("protocol", "1"), "protocol"),
+    )
+    return output, dataclasses.replace(Plan.from_config(flags, info), tta=tta), alpha
 
 
 def _tta(tta: str, scales: str) -> TTA:

@@ -1,6 +1,7 @@
 """`urbanseg import`: a pretrained model -> a self-describing urbanseg checkpoint; and
-`resolve_pretrained`, the convert-or-reuse every command that takes a checkpoint calls
-with a pretrained source.
+`resolve_model_checkpoint`, the one place where a command's checkpoint argument (predict,
+evaluate, export --checkpoint; train --init) may name a pretrained source: it is
+converted on first use (`resolve_pretrained`) and the converted checkpoint's path used.
 
 A source is an smp hub id (`smp-hub/segformer-b0-512x1024-city-160k`), `hf:<id>` for a
 transformers model, or a local folder written by `save_pretrained` (either library).
@@ -86,6 +87,35 @@ def cache_path(source: Source) -> Path:
     else:
         name = "local--" + hashlib.sha256(str(source.folder).encode()).hexdigest()[:16]
     return hf_home() / "urbanseg" / name / "model.pt"
+
+
+# Endings that make a checkpoint argument a file path, never a hub id ("runs/x.pt" is both).
+_FILE_SUFFIXES = (".pt", ".pth", ".onnx")
+
+
+def is_pretrained_source(text: str) -> bool:
+    """Whether a checkpoint argument names a pretrained model rather than a checkpoint
+    file: "hf:<id>"; a folder holding a save_pretrained config.json; "owner/name" that is
+    not an existing path and does not end like a checkpoint file (.pt, .pth, .onnx)."""
+    if text.startswith("hf:"):
+        return True
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    if path.exists() or path.suffix.lower() in _FILE_SUFFIXES:
+        return False
+    return is_repo_id(text)
+
+
+def resolve_model_checkpoint(text: str | None) -> str | None:
+    """A command's checkpoint argument, resolved: a pretrained source (`is_pretrained_source`)
+    -> the path of its converted checkpoint (converted on first use, see
+    `resolve_pretrained`); anything else ("best", "last", a .pt path, None) unchanged."""
+    if text is None or not is_pretrained_source(text):
+        return text
+    path = resolve_pretrained(text)
+    print(f"{text}: the converted checkpoint {path}")
+    return str(path)
 
 
 def resolve_pretrained(source: str) -> Path:

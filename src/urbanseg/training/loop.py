@@ -21,6 +21,7 @@ from urbanseg.config import TrainConfig, parse_size
 from urbanseg.data.loader import EpochSampler
 from urbanseg.evaluation.metrics import ConfusionMatrix
 from urbanseg.training import distributed as dist_
+from urbanseg.training.finetune import drop_encoder_grads, set_encoder_frozen
 from urbanseg.training.runlog import RunLog
 from urbanseg.training.trainer import LoopState, Trainer
 
@@ -70,6 +71,8 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     loss = t.criterion(logits, labels)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
+    if t.encoder_frozen:
+        drop_encoder_grads(t.model)
     t.scaler.unscale_(t.optimizer)  # a no-op without fp16
     grads = [p.grad for p in t.model.parameters() if p.grad is not None]
     norm = nn.utils.get_total_norm(grads)  # (all-reduced by DDP already: the same on every process)
@@ -166,6 +169,21 @@ def _iterate(loader: DataLoader) -> Iterator[dict[str, Any]]:
     yield from it
 
 
+def freeze_encoder(t: Trainer, step: int) -> None:
+    """--freeze-encoder N: the encoder is fixed for steps 0..N-1 and trains from step N on.
+    A function of the step alone, so a resumed run freezes (or not) exactly as the
+    uninterrupted one did; nothing is saved for it."""
+    frozen = step < t.config.freeze_encoder
+    if frozen == t.encoder_frozen:
+        return
+    t.encoder_frozen = frozen
+    set_encoder_frozen(t.model, frozen, toggle_grad=not t.info.enabled)
+    if t.info.is_main and frozen:
+        print(f"encoder frozen until step {t.config.freeze_encoder}", file=sys.stderr)
+    elif t.info.is_main:
+        print(f"step {step}: encoder unfrozen, training every weight", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -228,6 +246,7 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
             assert isinstance(sampler, EpochSampler)  # build_loader's
             sampler.set_epoch(st.epoch, st.step_in_epoch * t.local_batch)
             for batch in _iterate(loader):
+                freeze_encoder(t, st.step)
                 lr = t.optimizer.param_groups[0]["lr"]
                 try:
                     loss, stopping = train_step(t, batch, stop.requested)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -29,7 +30,10 @@ from urbanseg.device import pick_device
 from urbanseg.errors import UserError
 from urbanseg.evaluation.metrics import format_table
 from urbanseg.labels import LabelSet
+from urbanseg.models.convert import resolve_model_checkpoint
+from urbanseg.projection import find_projection
 from urbanseg.training import distributed as dist_
+from urbanseg.training.finetune import dominant_members, predicted_counts, project_head
 from urbanseg.training.loop import NonFiniteLoss, StopSignal, fit
 from urbanseg.training.resume import configure_determinism, merge_for_resume, remove_stale_temporaries
 from urbanseg.training.runlog import RunLog, plot_curves
@@ -113,26 +117,51 @@ def open_data(config: TrainConfig, info: dist_.DistInfo) -> tuple[ShardDataset, 
     return train_set, val_set
 
 
-def build_model(config: TrainConfig, label_set: LabelSet) -> SegmentationModel:
+def build_model(config: TrainConfig, label_set: LabelSet, sample: Sequence[torch.Tensor] = ()) -> SegmentationModel:
     """create_model from the config; with --init, that checkpoint's weights (a new head if the
-    class count differs or --new-head is given)."""
+    class count differs or --new-head is given; from the old head when it projects onto the
+    data's label set, its dominant classes counted on the training images `sample`)."""
     from urbanseg.models import create_model
 
     kwargs = json.loads(config.model_args) if config.model_args else {}
     assert config.model is not None  # resolve_config fills it in
     model = create_model(config.model, label_set.num_classes, encoder_weights=config.encoder_weights, **kwargs)
     if config.init is not None:
-        load_init_weights(model, config.init, label_set, config.new_head)
+        load_init_weights(model, config.init, label_set, config.new_head, sample=sample)
     return model
 
 
-def load_init_weights(model: SegmentationModel, path: Path, label_set: LabelSet, new_head: bool) -> None:
+# Training images the --init model is run on to pick each coarse class's dominant member.
+INIT_SAMPLE = 16
+
+
+def init_sample(train_set: ShardDataset) -> list[torch.Tensor]:
+    """Up to INIT_SAMPLE training images spread over the split, unaugmented (3, H, W) uint8."""
+    n = len(train_set)
+    picks = sorted({i * n // min(n, INIT_SAMPLE) for i in range(min(n, INIT_SAMPLE))})
+    return [train_set[i]["image"] for i in picks]
+
+
+def load_init_weights(
+    model: SegmentationModel,
+    path: Path | str,
+    label_set: LabelSet,
+    new_head: bool,
+    sample: Sequence[torch.Tensor] = (),
+) -> None:
     """--init: every weight of checkpoint `path`; the head too unless the class count
-    differs or `new_head`. The same count with other class names needs `new_head`."""
-    from urbanseg.checkpoint import load_checkpoint, load_pretrained
+    differs or `new_head`. The same count with other class names needs `new_head`. When
+    the data's label set is a coarser projection of the checkpoint's (classes19 ->
+    categories8/7) and `new_head` is not given, the new head starts from the old one
+    (`finetune.project_head`): each coarse class from its member the checkpoint's model
+    predicts most on the images `sample` ((3, H, W) 0..255 tensors; none: its first)."""
+    from urbanseg.checkpoint import load_checkpoint, load_pretrained, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
-    old = LabelSet.from_dict(ckpt["label_set"]).classes
+    old_set = LabelSet.from_dict(ckpt["label_set"])
+    old = old_set.classes
+    coarser = len(old) > len(label_set.classes) and not new_head
+    projection = find_projection(old_set, label_set) if coarser else None
     if old != label_set.classes and len(old) == len(label_set.classes) and not new_head:
         raise UserError(
             f"--init {path} was trained on classes {list(old)}, the data has {list(label_set.classes)}: "
@@ -144,11 +173,38 @@ def load_init_weights(model: SegmentationModel, path: Path, label_set: LabelSet,
             "model_state": {k: v for k, v in ckpt["model_state"].items() if not k.startswith(model.head_prefixes)},
         }
     report = load_pretrained(model, ckpt)
-    if report.skipped:
+    if projection is not None:
+        counts = predicted_counts(model_from_checkpoint(ckpt), sample, old_set.num_classes) if sample else None
+        dominant = dominant_members(projection, counts) if counts is not None else None
+        project_head(model, ckpt["model_state"], projection, dominant=dominant)
+        print(
+            f"--init {path}: new {label_set.num_classes}-class head started from the {old_set.name} head "
+            f"({old_set.name} -> {label_set.name} through the Cityscapes table), {len(report.loaded)} tensors loaded",
+            file=sys.stderr,
+        )
+    elif report.skipped:
         print(
             f"--init {path}: new {label_set.num_classes}-class head, {len(report.loaded)} tensors loaded",
             file=sys.stderr,
         )
+
+
+def resolve_init(config: TrainConfig, info: dist_.DistInfo) -> TrainConfig:
+    """--init naming a pretrained model (smp hub id, hf:ID, a save_pretrained folder) ->
+    the path of its converted checkpoint, which config.yaml then records. Rank 0 converts
+    (on first use) and tells the others."""
+    if config.init is None:
+        return config
+    answer: tuple[str, str | None] | None = None
+    if info.is_main:
+        try:
+            answer = ("ok", resolve_model_checkpoint(config.init))
+        except UserError as e:
+            answer = ("error", str(e))
+    answer = dist_.broadcast_from_main(answer)
+    if answer is None or answer[0] == "error":
+        raise UserError(answer[1] if answer else "--init could not be resolved")
+    return dataclasses.replace(config, init=answer[1])
 
 
 def build_optimizer(
@@ -200,7 +256,7 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     train_set, val_set = open_data(config, info)
     label_set = train_set.label_set
     preflight(config, info, device, train_set)
-    model = build_model(config, label_set).to(device)
+    model = build_model(config, label_set, init_sample(train_set) if config.init else ()).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and info.enabled:
@@ -327,7 +383,7 @@ def train(config: TrainConfig) -> int:
     device = pick_device(config.device, local_rank=info.local_rank if info.enabled else None)
     dist_.setup(info, device)
     try:
-        config = resolve_config(config)
+        config = resolve_config(resolve_init(config, info))
         # Only rank 0 writes, so only it checks and locks the run folder; if it refuses,
         # it exits 2 and torchrun stops the other processes.
         with outputs.claim(

@@ -75,6 +75,7 @@ class Trainer:
     local_batch: int  # this process's share of the global batch
     val_loader: DataLoader | None = None
     last_result: dict[str, Any] | None = None  # the latest validation, for the final report
+    encoder_frozen: bool = False  # --freeze-encoder: follows the step (loop.freeze_encoder), never saved
 
     def state_dict(self) -> dict[str, Any]:
         """{"model", "optimizer", "scheduler", "scaler"}: each part's own state dict."""
