@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
+from helpers.training import make_shards, run_cli, saved_step, subprocess_env
 from urbanseg.training.runlog import read_metrics
 
 pytestmark = pytest.mark.slow

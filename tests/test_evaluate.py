@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from test_report import CHROMIUM, images_loaded
+from helpers.browser import CHROMIUM, images_loaded
 from urbanseg.cli import main
 from urbanseg.evaluation.evaluate import EvalState
 from urbanseg.labels import get_label_set

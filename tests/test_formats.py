@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_predict import make_checkpoint
-from train_fixtures import TINY_MODEL, make_shards
+from helpers.checkpoints import make_checkpoint
+from helpers.training import TINY_MODEL, make_shards
 from urbanseg import config as cfg
 from urbanseg.cli import main
 from urbanseg.data import tfrecord

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
+from helpers.training import make_shards, run_cli, saved_step, subprocess_env, train_args
 from urbanseg import outputs, util
 from urbanseg.cli import describe_os_error, main
 from urbanseg.errors import UserError
@@ -598,7 +598,7 @@ def test_write_errors_are_described_with_the_path_and_the_reason():
 def test_torch_save_on_a_full_disk_becomes_enospc_naming_the_checkpoint(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError ("enforce fail at
     inline_container.cc"); the OSError behind it is its context."""
-    from test_predict import make_checkpoint
+    from helpers.checkpoints import make_checkpoint
     from urbanseg import checkpoint
 
     path = make_checkpoint(tmp_path / "last.pt")

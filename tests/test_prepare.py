@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from cityscapes_fixture import render, write_raw_cityscapes
+from helpers.cityscapes import render, write_raw_cityscapes
 from urbanseg import labels as L
 from urbanseg.cli import main
 from urbanseg.imaging import resize_labels
@@ -518,7 +518,7 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 import cv2, numpy as np
-from cityscapes_fixture import write_raw_cityscapes
+from helpers.cityscapes import write_raw_cityscapes
 from urbanseg.cli import main
 root = Path({str(tmp_path)!r})
 write_raw_cityscapes(root / "raw", {{"train": 4}}, size=(128, 64))

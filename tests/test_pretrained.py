@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fake_hub import FakeHub
+from helpers.fake_hub import FakeHub
 from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from urbanseg.cli import main
 from urbanseg.errors import UserError

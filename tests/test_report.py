@@ -6,16 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
-import subprocess
-import tempfile
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.browser import CHROMIUM, chromium, images_loaded
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.report import (
     ERROR_COLOR,
@@ -29,37 +26,7 @@ from urbanseg.evaluation.report import (
 )
 from urbanseg.labels import get_label_set
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LS = get_label_set("categories8")
-
-
-def chromium(page: Path, *args: str, timeout: float = 90) -> str:
-    """Run headless Chromium on a file:// page with no network use; returns stdout."""
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}",
-            *args,
-            page.resolve().as_uri(),
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
-
-
-def images_loaded(page: Path) -> tuple[int, int, str]:
-    """(loaded, total, dom) as the page itself counts them after its load event."""
-    dom = chromium(page, "--virtual-time-budget=10000", "--dump-dom")
-    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert m, "the page did not run its load check; DOM starts: " + dom[:300]
-    return int(m.group(1)), int(m.group(2)), dom
 
 
 def _scene(i: int, h: int = 48, w: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from train_fixtures import make_shards, run_cli, subprocess_env, train_args
+from helpers.training import make_shards, run_cli, subprocess_env, train_args
 from urbanseg.cli import main
 from urbanseg.config import TrainConfig
 from urbanseg.training.loop import augment_settings
@@ -151,7 +151,7 @@ def test_a_crop_larger_than_the_data_warns_once(shards, tmp_path, capsys):
 
 
 def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repacking(tmp_path, capsys):
-    from train_fixtures import repack
+    from helpers.training import repack
     from urbanseg.data.tfrecord import read_index
 
     shards = make_shards(tmp_path, train=4, val=2)
