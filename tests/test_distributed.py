@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from helpers.training import make_shards, run_cli, saved_step, subprocess_env
+from helpers.training import run_cli, saved_step, subprocess_env
 from urbanseg.training.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,8 @@ def _args(shards, run):
     ]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    shards = make_shards(tmp_path)
+def test_two_processes_match_one_process(synth_data, tmp_path):
+    shards = synth_data.shards
     single = run_cli(_args(shards, tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     # `--`: torchrun's parser would otherwise take our --run for an abbreviation of its --run-path
@@ -99,10 +99,10 @@ def _torchrun(args: list[str]) -> list[str]:
     ]
 
 
-def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
+def test_torchrun_killed_and_resumed_matches_uninterrupted(synth_data, tmp_path):
     """SIGKILL the whole torchrun job (launcher and both ranks) once its last.pt reached a
     step, resume with torchrun: the weights equal the uninterrupted job's, bit for bit."""
-    shards = make_shards(tmp_path)
+    shards = synth_data.shards
 
     def args(run, *extra):
         return [

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.training import make_shards, run_cli, saved_step, subprocess_env, train_args
+from helpers.training import run_cli, saved_step, subprocess_env, train_args
 from urbanseg import outputs, util
 from urbanseg.cli import describe_os_error, main
 from urbanseg.errors import UserError
@@ -41,18 +41,18 @@ def _restore_torch_globals():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """What the commands read: raw scenes, prepared pairs, shards, a 1-step run, a photo."""
+def world(synth_data, trained_run, read_only_worlds, tmp_path_factory) -> dict[str, Path]:
+    """What the commands read: raw scenes, prepared pairs, shards, a finished run (shared),
+    a photo; all read-only."""
     root = tmp_path_factory.mktemp("world")
-    shards = make_shards(root)
-    run = root / "run"
-    assert main(train_args(shards, run, "--iters", "1", deterministic=False)) == 0
+    run = trained_run
     image = root / "photo.png"
     Image.fromarray((torch.rand(24, 40, 3) * 255).to(torch.uint8).numpy()).save(image)
+    read_only_worlds.protect("test_outputs world", root)
     return {
-        "raw": root / "raw",
-        "prepared": root / "prepared-categories8",
-        "shards": shards,
+        "raw": synth_data.raw,
+        "prepared": synth_data.prepared,
+        "shards": synth_data.shards,
         "run": run,
         "ckpt": run / "best.pt",
         "image": image,
