@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the scenes of the correctness test
 
-from test_metrics import _flat, _Numpy24Shim, corrupt_prediction, make_scene
+from helpers.scenes import Numpy24Shim, corrupt_prediction, flat_scores, make_scene
 from urbanseg.evaluation import official as ce
 
 
@@ -67,7 +67,7 @@ def run_both(pairs: list[tuple[str, str]]) -> tuple[dict, dict, dict[str, list[f
     import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as mod
 
     saved = mod.np, mod.CSUPPORT
-    mod.np, mod.CSUPPORT = _Numpy24Shim(), False
+    mod.np, mod.CSUPPORT = Numpy24Shim(), False
     try:
         args = copy.copy(mod.args)
         args.quiet, args.JSONOutput = True, False
@@ -111,7 +111,7 @@ def score_official(mod, conf, inst_stats, args) -> dict:
 def max_difference(ours: dict, theirs: dict) -> float:
     """Largest |ours - official| over every score ours reports; inf if a NaN disagrees."""
     worst = 0.0
-    for key, value in _flat(ours).items():
+    for key, value in flat_scores(ours).items():
         if "/" not in key and not key.startswith("mean_"):
             continue
         group, _, name = key.partition("/")

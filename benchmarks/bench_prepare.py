@@ -11,7 +11,7 @@ side in one run:
     python benchmarks/bench_prepare.py --images 24 --repeat 5
     python benchmarks/bench_prepare.py --data /path/to/cityscapes   # real files, train split
 
-Synthetic scenes come from tests/cityscapes_fixture.py (official renderer for the
+Synthetic scenes come from tests/helpers/cityscapes.py (official renderer for the
 annotations, images of ~2.8 MB; Cityscapes' are ~2.2 MB, so decoding is a little slower
 here than on the real data). The machine may be shared: compare ratios, not times
 across runs.
@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cityscapes_fixture import write_raw_cityscapes
+from helpers.cityscapes import write_raw_cityscapes
 from urbanseg.config import PrepareConfig
 from urbanseg.data.prepare import prepare
 from urbanseg.imaging import resize_labels, save_png

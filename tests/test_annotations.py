@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cityscapes_fixture import render, scene_objects
+from helpers.cityscapes import render, scene_objects
 from urbanseg.data.annotations import BadFile, header_problem, read_drawing, read_labels, read_truth
 from urbanseg.labels import LABELS, get_label_set, label_ids_from_train_ids, polygon_values
 from urbanseg.synth import generate

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_records import corrupt, pack_dir
+from helpers.records import corrupt, pack_dir
 from urbanseg.data import tfrecord as records
 from urbanseg.data.loader import EpochSampler, ShardDataset, build_loader, sample_seed
 from urbanseg.errors import UserError

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env
+from helpers.training import run_cli, saved_step, subprocess_env
 from urbanseg.training.runlog import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,10 @@ def _args(shards, run):
 
 
 @pytest.mark.parametrize("extra", [[], ["--freeze-encoder", "2"]], ids=["plain", "freeze-encoder"])
-def test_two_processes_match_one_process(tmp_path, extra):
+def test_two_processes_match_one_process(synth_data, tmp_path, extra):
     """Also with --freeze-encoder: one process switches the encoder's requires_grad off,
     DDP keeps it and drops the encoder's gradients; the weights agree all the same."""
-    shards = make_shards(tmp_path)
+    shards = synth_data.shards
     single = run_cli([*_args(shards, tmp_path / "single"), *extra])
     assert single.returncode == 0, single.stderr
     # `--`: torchrun's parser would otherwise take our --run for an abbreviation of its --run-path
@@ -103,10 +103,10 @@ def _torchrun(args: list[str]) -> list[str]:
     ]
 
 
-def test_torchrun_killed_and_resumed_matches_uninterrupted(tmp_path):
+def test_torchrun_killed_and_resumed_matches_uninterrupted(synth_data, tmp_path):
     """SIGKILL the whole torchrun job (launcher and both ranks) once its last.pt reached a
     step, resume with torchrun: the weights equal the uninterrupted job's, bit for bit."""
-    shards = make_shards(tmp_path)
+    shards = synth_data.shards
 
     def args(run, *extra):
         return [

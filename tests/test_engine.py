@@ -16,9 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from test_evaluate import tiny  # noqa: F401  (module fixture: a run trained for 8 steps on synthetic shards)
-from test_outputs import read_only
-from test_predict import make_checkpoint
+from helpers.checkpoints import make_checkpoint
+from helpers.mounts import read_only
 from urbanseg.cli import main
 from urbanseg.inference import engine as eng
 from urbanseg.inference.fold import optimize_for_inference
@@ -160,7 +159,7 @@ def test_engine_flags(tmp_path, capsys):
 # --------------------------------------------------------------------------- evaluate == predict
 
 
-def test_evaluate_predictions_are_predicts_label_pngs(tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_evaluate_predictions_are_predicts_label_pngs(tiny, tmp_path, monkeypatch):
     """evaluate and predict on the same images and settings: pixel for pixel, each engine."""
     from urbanseg.data.loader import ShardDataset
     from urbanseg.evaluation import evaluate as ev
@@ -190,7 +189,7 @@ def test_evaluate_predictions_are_predicts_label_pngs(tiny, tmp_path, monkeypatc
         assert metrics["engine"] == engine
 
 
-def test_evaluate_scores_an_onnx_model_as_it_scores_the_checkpoint(tiny, tmp_path, capsys):  # noqa: F811
+def test_evaluate_scores_an_onnx_model_as_it_scores_the_checkpoint(tiny, tmp_path, capsys):
     run = tiny["run"]
     model = tmp_path / "best.onnx"
     assert main(["export", "--run", str(run), "--out", str(model)]) == 0

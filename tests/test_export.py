@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from model_fixtures import SIZE, diversify_head, make_checkpoint
+from helpers.checkpoints import SIZE, diversify_head, make_checkpoint
 from urbanseg.cli import main
 from urbanseg.inference.export import export_onnx, probe_picture
 from urbanseg.models import DEFAULT_MODEL, MODELS, create_model

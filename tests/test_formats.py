@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from model_fixtures import make_checkpoint
-from train_fixtures import TINY_MODEL, make_shards
+from helpers.checkpoints import make_checkpoint
+from helpers.training import TINY_MODEL
 from urbanseg import config as cfg
 from urbanseg.cli import main
 from urbanseg.data import tfrecord
@@ -29,15 +29,15 @@ LS8 = get_label_set("categories8")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Real `synth` -> `prepare` -> `pack` output (64x32, 4 train and 2 val images) and a
-    run folder with a tiny 8-class checkpoint and its config.yaml."""
+def data(small_synth_data, tmp_path_factory):
+    """Real `synth` -> `prepare` -> `pack` output (64x32, 4 train and 2 val images; shared,
+    read-only) and a run folder with a tiny 8-class checkpoint and its config.yaml."""
     root = tmp_path_factory.mktemp("formats")
-    shards = make_shards(root, train=4, val=2)
+    shards = small_synth_data.shards
     run = root / "run"
     make_checkpoint(run / "best.pt")
     cfg.save(cfg.TrainConfig(data=shards, run=run), run / "config.yaml")
-    return {"root": root, "shards": shards, "prepared": root / "prepared-categories8", "run": run}
+    return {"root": root, "shards": shards, "prepared": small_synth_data.prepared, "run": run}
 
 
 def fails(argv: list[str], capsys, *needles: str) -> str:

@@ -4,6 +4,7 @@ they import is heavy, and stage packages that depend on each other in one direct
 from __future__ import annotations
 
 import ast
+import re
 from functools import cache
 from pathlib import Path
 
@@ -176,3 +177,21 @@ def test_public_api_names_resolve_and_import_urbanseg_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+# An import of a test module (or conftest) by name, in code or in a script a test runs.
+TEST_MODULE_IMPORT = re.compile(r"^\s*(?:from|import)\s+((?:test_\w+|conftest)\b)", re.MULTILINE)
+
+
+def test_no_test_module_or_benchmark_imports_a_test_module():
+    """Shared test code lives in `tests/helpers/` (shared worlds: `tests/conftest.py`):
+    importing a test module would run its module-level fixtures and collect its tests twice."""
+    root = SRC.parent
+    found = [
+        f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}: imports {m.group(1)}"
+        for folder in ("tests", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        for text in [path.read_text()]
+        for m in TEST_MODULE_IMPORT.finditer(text)
+    ]
+    assert not found, "move what is shared to tests/helpers/:\n" + "\n".join(found)

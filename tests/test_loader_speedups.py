@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_records import pack_dir
+from helpers.records import pack_dir
 from urbanseg.data import pixels
 from urbanseg.data.loader import ShardDataset, build_loader, collate
 from urbanseg.data.pixels import decode_png, to_pixels, to_planes

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
+from helpers.mounts import fill, read_only, small_disk
+from helpers.training import run_cli, saved_step, subprocess_env, train_args
 from urbanseg import outputs, util
 from urbanseg.cli import describe_os_error, main
 from urbanseg.errors import UserError
@@ -41,18 +42,18 @@ def _restore_torch_globals():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    """What the commands read: raw scenes, prepared pairs, shards, a 1-step run, a photo."""
+def world(synth_data, trained_run, read_only_worlds, tmp_path_factory) -> dict[str, Path]:
+    """What the commands read: raw scenes, prepared pairs, shards, a finished run (shared),
+    a photo; all read-only."""
     root = tmp_path_factory.mktemp("world")
-    shards = make_shards(root)
-    run = root / "run"
-    assert main(train_args(shards, run, "--iters", "1", deterministic=False)) == 0
+    run = trained_run
     image = root / "photo.png"
     Image.fromarray((torch.rand(24, 40, 3) * 255).to(torch.uint8).numpy()).save(image)
+    read_only_worlds.protect("test_outputs world", root)
     return {
-        "raw": root / "raw",
-        "prepared": root / "prepared-categories8",
-        "shards": shards,
+        "raw": synth_data.raw,
+        "prepared": synth_data.prepared,
+        "shards": synth_data.shards,
         "run": run,
         "ckpt": run / "best.pt",
         "image": image,
@@ -448,48 +449,6 @@ def test_workers_exit_when_the_parent_is_killed(command, world, tmp_path):
 # --------------------------------------------------------------------------- write failures
 
 
-def _mount(args: list[str], reason: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip(f"{reason} needs root to mount a file system (and root's writes ignore chmod)")
-    result = subprocess.run(["mount", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"{reason}: mount failed ({result.stderr.strip()})")
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """`folder` made read-only in place (a read-only bind mount of itself)."""
-    _mount(["--bind", str(folder), str(folder)], "a read-only folder")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str):
-    """A tmpfs of `size` mounted on `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    _mount(["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], "a full disk")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
-def fill(disk: Path) -> None:
-    """Write into `disk` until it is full."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 20, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, bytes(chunk))
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("name", WRITING)
 def test_every_command_reports_a_read_only_folder(name, world, tmp_path, capsys):
     base = tmp_path / "ro"
@@ -598,7 +557,7 @@ def test_write_errors_are_described_with_the_path_and_the_reason():
 def test_torch_save_on_a_full_disk_becomes_enospc_naming_the_checkpoint(tmp_path, monkeypatch):
     """torch.save reports a failed write as a RuntimeError ("enforce fail at
     inline_container.cc"); the OSError behind it is its context."""
-    from model_fixtures import make_checkpoint
+    from helpers.checkpoints import make_checkpoint
     from urbanseg import checkpoint
 
     path = make_checkpoint(tmp_path / "last.pt")

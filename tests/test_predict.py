@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_fixtures import make_checkpoint
+from helpers.checkpoints import make_checkpoint
 from urbanseg.cli import main
 from urbanseg.labels import get_label_set
 from urbanseg.outputs import LOCK, MARKER

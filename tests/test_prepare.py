@@ -11,26 +11,20 @@ import pytest
 import yaml
 from PIL import Image
 
-from cityscapes_fixture import render, write_raw_cityscapes
+from helpers.cityscapes import render
+from helpers.worlds import RAW_CITYSCAPES_SIZE, writable_copy
 from urbanseg import labels as L
 from urbanseg.cli import main
 from urbanseg.imaging import resize_labels
 from urbanseg.outputs import LOCK
 
-RAW_SIZE = (64, 32)
-
-
-@pytest.fixture(scope="module")
-def raw_master(tmp_path_factory):
-    root = tmp_path_factory.mktemp("raw")
-    write_raw_cityscapes(root, {"train": 4, "val": 2, "test": 2}, size=RAW_SIZE, seed=1)
-    return root
+RAW_SIZE = RAW_CITYSCAPES_SIZE  # of the shared `raw_cityscapes` scenes (tests/conftest.py)
 
 
 @pytest.fixture
-def raw(raw_master, tmp_path):
+def raw(raw_cityscapes, tmp_path):
     """A private copy each test may damage."""
-    return Path(shutil.copytree(raw_master, tmp_path / "raw"))
+    return writable_copy(raw_cityscapes, tmp_path / "raw")
 
 
 def prepare(data, out, *args):
@@ -112,12 +106,12 @@ def test_layout_dtypes_and_manifest(raw, tmp_path):
 
 @pytest.mark.parametrize("name", ["categories8", "categories7", "classes19"])
 @pytest.mark.parametrize("size", [(32, 16), (24, 13)])
-def test_labels_equal_official_table_after_pil_nearest(raw_master, tmp_path, name, size):
+def test_labels_equal_official_table_after_pil_nearest(raw_cityscapes, tmp_path, name, size):
     """Reference: PIL's nearest-neighbour resize of the label ids, then cityscapesScripts'
     table. A non-integer scale (24x13) checks the sampling positions too."""
     out, lut = tmp_path / "out", official_lut(name)
-    assert prepare(raw_master, out, "--labels", name, "--size", f"{size[0]}x{size[1]}") == 0
-    for split, city, stem, _, ids_path, _ in raw_pairs(raw_master):
+    assert prepare(raw_cityscapes, out, "--labels", name, "--size", f"{size[0]}x{size[1]}") == 0
+    for split, city, stem, _, ids_path, _ in raw_pairs(raw_cityscapes):
         ids = Image.open(ids_path)
         expected = lut[np.asarray(ids.resize(size, Image.NEAREST))]
         got = np.asarray(Image.open(out / "labels" / split / city / f"{stem}.png"))
@@ -160,17 +154,17 @@ def test_images_are_antialiased(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["categories8", "categories7", "classes19"])
-def test_color_source_equals_label_ids(raw_master, tmp_path, name):
+def test_color_source_equals_label_ids(raw_cityscapes, tmp_path, name):
     """On colour images drawn like Cityscapes' (official renderer and colours), the colour
     path equals the id path; for sets that split pole and polegroup, polegroup pixels read
     as pole (they share a colour) and nothing else differs."""
     a, b = tmp_path / "ids", tmp_path / "color"
-    assert prepare(raw_master, a, "--labels", name, "--size", "32x16") == 0
-    assert prepare(raw_master, b, "--labels", name, "--size", "32x16", "--source", "color") == 0
+    assert prepare(raw_cityscapes, a, "--labels", name, "--size", "32x16") == 0
+    assert prepare(raw_cityscapes, b, "--labels", name, "--size", "32x16", "--source", "color") == 0
     images = {k: v for k, v in pngs(a).items() if k.startswith("images")}
     assert images == {k: v for k, v in pngs(b).items() if k.startswith("images")}
     ls, polegroup_pixels = L.get_label_set(name), 0
-    for split, city, stem, _, ids_path, _ in raw_pairs(raw_master):
+    for split, city, stem, _, ids_path, _ in raw_pairs(raw_cityscapes):
         rel = f"labels/{split}/{city}/{stem}.png"
         from_ids, from_colors = (np.asarray(Image.open(root / rel)) for root in (a, b))
         polegroup = np.asarray(Image.open(ids_path).resize((32, 16), Image.NEAREST)) == 18
@@ -184,7 +178,7 @@ def test_color_source_equals_label_ids(raw_master, tmp_path, name):
     assert polegroup_pixels > 0  # the fixture must exercise the shared colour
 
 
-def test_custom_labelmap_needs_color_source(raw_master, tmp_path, capsys):
+def test_custom_labelmap_needs_color_source(raw_cityscapes, tmp_path, capsys):
     """The original project's labelmap.json (categories by colour) reproduces categories8."""
     colours: dict[str, list] = {}
     for label in L.LABELS:
@@ -193,32 +187,32 @@ def test_custom_labelmap_needs_color_source(raw_master, tmp_path, capsys):
     labelmap = {c: {"id": L.CATEGORIES.index(c), "colors": colours[c]} for c in L.CATEGORIES}
     (tmp_path / "labelmap.json").write_text(json.dumps(labelmap))
     args = ["--labels", str(tmp_path / "labelmap.json"), "--size", "32x16"]
-    assert prepare(raw_master, tmp_path / "custom", *args) == 2
+    assert prepare(raw_cityscapes, tmp_path / "custom", *args) == 2
     assert "--source color" in capsys.readouterr().err and not (tmp_path / "custom").exists()
-    assert prepare(raw_master, tmp_path / "custom", *args, "--source", "color") == 0
-    assert prepare(raw_master, tmp_path / "builtin", "--size", "32x16") == 0
+    assert prepare(raw_cityscapes, tmp_path / "custom", *args, "--source", "color") == 0
+    assert prepare(raw_cityscapes, tmp_path / "builtin", "--size", "32x16") == 0
     labels = {k: v for k, v in pngs(tmp_path / "builtin").items() if k.startswith("labels")}
     assert labels == {k: v for k, v in pngs(tmp_path / "custom").items() if k.startswith("labels")}
 
 
-def test_test_split_of_void_is_prepared(raw_master, tmp_path):
+def test_test_split_of_void_is_prepared(raw_cityscapes, tmp_path):
     for name, key in (("categories8", "pixel_counts"), ("classes19", "ignored_pixels")):
-        assert prepare(raw_master, tmp_path / name, "--labels", name, "--size", "32x16", "--splits", "test") == 0
+        assert prepare(raw_cityscapes, tmp_path / name, "--labels", name, "--size", "32x16", "--splits", "test") == 0
         entry = json.loads((tmp_path / name / "manifest.json").read_text())["splits"]["test"]
         total = 32 * 16 * entry["count"]
         assert entry["count"] == 2
         assert (entry[key][0] if key == "pixel_counts" else entry[key]) == total
 
 
-def test_workers_and_console_script_give_identical_bytes(raw_master, tmp_path):
-    assert prepare(raw_master, tmp_path / "one", "--size", "32x16") == 0
+def test_workers_and_console_script_give_identical_bytes(raw_cityscapes, tmp_path):
+    assert prepare(raw_cityscapes, tmp_path / "one", "--size", "32x16") == 0
     cmd = [
         sys.executable,
         "-m",
         "urbanseg",
         "prepare",
         "--data",
-        str(raw_master),
+        str(raw_cityscapes),
         "--out",
         str(tmp_path / "two"),
         "--size",
@@ -268,17 +262,17 @@ def test_rerun_skips_up_to_date_and_redoes_changed(raw, tmp_path, capsys):
     assert stem not in json.loads((out / "manifest.json").read_text())["splits"][split]["stems"]
 
 
-def test_other_settings_are_refused_unless_overwrite(raw_master, tmp_path, capsys):
+def test_other_settings_are_refused_unless_overwrite(raw_cityscapes, tmp_path, capsys):
     out = tmp_path / "out"
-    assert prepare(raw_master, out, "--size", "32x16") == 0
+    assert prepare(raw_cityscapes, out, "--size", "32x16") == 0
     before = mtimes(out)
-    assert prepare(raw_master, out, "--size", "16x8") == 2
+    assert prepare(raw_cityscapes, out, "--size", "16x8") == 2
     err = capsys.readouterr().err
     assert "--size 32x16 (now 16x8)" in err and "--overwrite" in err
-    assert prepare(raw_master, out, "--size", "32x16", "--labels", "classes19") == 2
+    assert prepare(raw_cityscapes, out, "--size", "32x16", "--labels", "classes19") == 2
     assert "label set categories8 (now classes19)" in capsys.readouterr().err
     assert mtimes(out) == before
-    assert prepare(raw_master, out, "--size", "16x8", "--overwrite") == 0
+    assert prepare(raw_cityscapes, out, "--size", "16x8", "--overwrite") == 0
     assert json.loads((out / "manifest.json").read_text())["size"] == [16, 8]
     assert {Image.open(p).size for p in out.rglob("*.png")} == {(16, 8)}
 
@@ -301,24 +295,24 @@ def test_other_data_folder_and_replaced_files_are_noticed(raw, tmp_path, capsys)
     assert "(1 written, 7 up to date)" in capsys.readouterr().out
 
 
-def test_splits_prepared_separately_share_one_manifest(raw_master, tmp_path):
+def test_splits_prepared_separately_share_one_manifest(raw_cityscapes, tmp_path):
     out = tmp_path / "out"
-    assert prepare(raw_master, out, "--size", "32x16", "--splits", "val") == 0
-    assert prepare(raw_master, out, "--size", "32x16", "--splits", "train") == 0
+    assert prepare(raw_cityscapes, out, "--size", "32x16", "--splits", "val") == 0
+    assert prepare(raw_cityscapes, out, "--size", "32x16", "--splits", "train") == 0
     assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"train", "val"}
 
 
-def test_foreign_out_folder_is_refused(raw_master, tmp_path, capsys):
+def test_foreign_out_folder_is_refused(raw_cityscapes, tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert prepare(raw_master, tmp_path / "mine") == 2
+    assert prepare(raw_cityscapes, tmp_path / "mine") == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    assert prepare(raw_master, raw_master) == 2  # --out pointing at the raw data
+    assert prepare(raw_cityscapes, raw_cityscapes) == 2  # --out pointing at the raw data
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(raw_master, tmp_path, monkeypatch):
-    assert prepare(raw_master, tmp_path / "straight", "--size", "32x16") == 0
+def test_interrupted_run_resumes_to_the_uninterrupted_result(raw_cityscapes, tmp_path, monkeypatch):
+    assert prepare(raw_cityscapes, tmp_path / "straight", "--size", "32x16") == 0
     real_save, calls = Image.Image.save, []
 
     def save_then_die(self, fp, *args, **kwargs):
@@ -330,7 +324,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(raw_master, tmp_pat
 
     monkeypatch.setattr(Image.Image, "save", save_then_die)
     out = tmp_path / "resumed"
-    assert prepare(raw_master, out, "--size", "32x16") == 130
+    assert prepare(raw_cityscapes, out, "--size", "32x16") == 130
     assert not (out / "manifest.json").exists()
     assert_no_temp_files(out)
     assert 0 < len(list(out.rglob("*.png"))) < 16
@@ -338,7 +332,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(raw_master, tmp_pat
         Image.open(p).load()  # every file left behind is complete
     monkeypatch.setattr(Image.Image, "save", real_save)
     (out / "images/train/aachen/.x.png.k2j3.tmp.png").write_bytes(b"left by a killed run")
-    assert prepare(raw_master, out, "--size", "32x16") == 0
+    assert prepare(raw_cityscapes, out, "--size", "32x16") == 0
     assert pngs(out) == pngs(tmp_path / "straight")
     assert_no_temp_files(out)
     assert (out / "manifest.json").read_text() == (tmp_path / "straight" / "manifest.json").read_text()
@@ -443,17 +437,17 @@ def test_corrupt_input_keeps_previous_outputs(raw, tmp_path, capsys):
     assert f"{image}: unreadable (UnidentifiedImageError" in _err(capsys)
 
 
-def test_bad_flags(raw_master, tmp_path, capsys):
-    assert prepare(raw_master, tmp_path / "o", "--splits", "train", "train") == 2
+def test_bad_flags(raw_cityscapes, tmp_path, capsys):
+    assert prepare(raw_cityscapes, tmp_path / "o", "--splits", "train", "train") == 2
     assert "repeats a split" in _err(capsys)
-    assert prepare(raw_master, tmp_path / "o", "--labels", "categories9") == 2
+    assert prepare(raw_cityscapes, tmp_path / "o", "--labels", "categories9") == 2
     assert "unknown label set 'categories9'" in _err(capsys)
     assert not (tmp_path / "o").exists()
 
 
-def test_render_matches_fixture_files(raw_master):
+def test_render_matches_fixture_files(raw_cityscapes):
     """The fixture's colour images are the official renderer's output (guards the helper)."""
-    polygons = next(raw_master.glob("gtFine/train/*/*_polygons.json"))
+    polygons = next(raw_cityscapes.glob("gtFine/train/*/*_polygons.json"))
     objects = json.loads(polygons.read_text())["objects"]
     color = polygons.with_name(polygons.name.replace("polygons.json", "color.png"))
     assert np.array_equal(np.asarray(render(objects, *RAW_SIZE, "color")), np.asarray(Image.open(color)))
@@ -518,7 +512,7 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 import cv2, numpy as np
-from cityscapes_fixture import write_raw_cityscapes
+from helpers.cityscapes import write_raw_cityscapes
 from urbanseg.cli import main
 root = Path({str(tmp_path)!r})
 write_raw_cityscapes(root / "raw", {{"train": 4}}, size=(128, 64))

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-import test_pretrained as tp
-from train_fixtures import make_shards, train_args
+from helpers import pretrained as tp
+from helpers.training import make_shards, train_args
 from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 from urbanseg.cli import main
 from urbanseg.config import EvaluateConfig, PredictConfig
@@ -31,7 +31,6 @@ from urbanseg.models.convert import cache_path, parse_source, resolve_model_chec
 from urbanseg.models.pretrained import PRETRAINED
 from urbanseg.projection import find_projection, require_projection
 
-smp_folder, hf_folder, hf_home, smp_ckpt = tp.smp_folder, tp.hf_folder, tp.hf_home, tp.smp_ckpt
 SLIDE_ID = "smp-hub/segformer-b0-1024x1024-city-160k"  # sliding window 1024x1024, stride 768; 76.54 mIoU
 SLIDE = {"mode": "slide", "size": [1024, 1024], "stride": [768, 768]}
 
@@ -328,6 +327,6 @@ def test_train_init_from_a_hub_id_with_a_frozen_encoder(slide_model, shards, tmp
 
 def tp_model_flags():
     """train_args' tiny-model flags, which --init replaces (it fixes the architecture)."""
-    from train_fixtures import TINY_MODEL
+    from helpers.training import TINY_MODEL
 
     return set(TINY_MODEL)

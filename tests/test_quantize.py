@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from model_fixtures import SIZE, make_checkpoint
-from train_fixtures import make_shards
+from helpers.checkpoints import SIZE, make_checkpoint
+from helpers.training import make_shards
 from urbanseg.cli import main
 from urbanseg.inference.export import export_onnx, probe_picture
 from urbanseg.inference.metadata import OnnxMetadata

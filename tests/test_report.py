@@ -7,13 +7,12 @@ import csv
 import json
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM, SKIP_REASON, chromium
+from helpers.browser import CHROMIUM, SKIP_REASON, chromium, images_loaded
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.report import (
     ERROR_COLOR,
@@ -28,14 +27,6 @@ from urbanseg.evaluation.report import (
 from urbanseg.labels import get_label_set
 
 LS = get_label_set("categories8")
-
-
-def images_loaded(page: Path) -> tuple[int, int, str]:
-    """(loaded, total, dom) as the page itself counts them after its load event."""
-    dom = chromium(page, "--virtual-time-budget=10000", "--dump-dom")
-    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert m, "the page did not run its load check; DOM starts: " + dom[:300]
-    return int(m.group(1)), int(m.group(2)), dom
 
 
 def _scene(i: int, h: int = 48, w: int = 96) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

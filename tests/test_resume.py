@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from train_fixtures import make_shards, run_cli, saved_step, subprocess_env, train_args
+from helpers.training import run_cli, saved_step, subprocess_env, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ EXTRA = ["--iters", str(TOTAL), "--save-every", "1", "--val-every", "5", "--lr",
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("resume"))
+def shards(synth_data):
+    return synth_data.shards
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-from browser import CHROMIUM, SKIP_REASON, DevTools
-from model_fixtures import make_checkpoint
+from helpers.browser import CHROMIUM, SKIP_REASON, DevTools
+from helpers.checkpoints import make_checkpoint
 from urbanseg.cli import main
 from urbanseg.config import ServeConfig
 from urbanseg.inference.batching import MicroBatcher, QueueFull

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from train_fixtures import make_shards, run_cli, subprocess_env, train_args
+from helpers.training import make_shards, run_cli, subprocess_env, train_args
+from helpers.worlds import writable_copy
 from urbanseg.cli import main
 from urbanseg.config import TrainConfig
 from urbanseg.training.loop import augment_settings
@@ -30,16 +31,14 @@ def _restore_torch_globals():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("train"))
+def shards(synth_data):
+    return synth_data.shards
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
-    """One finished run: 3 epochs of 2 steps, validated every epoch."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(train_args(shards, run, "--epochs", "3", "--lr", "0.01", deterministic=False)) == 0
-    return run
+def trained(trained_run):
+    """One finished run: 3 epochs of 2 steps, validated every epoch (shared, read-only)."""
+    return trained_run
 
 
 def test_run_folder_tells_how_it_was_made(trained, shards):
@@ -150,11 +149,12 @@ def test_a_crop_larger_than_the_data_warns_once(shards, tmp_path, capsys):
     assert "use --crop 64x24 or smaller" in err
 
 
-def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repacking(tmp_path, capsys):
-    from train_fixtures import repack
+def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repacking(small_synth_data, tmp_path, capsys):
+    from helpers.training import repack
     from urbanseg.data.tfrecord import read_index
 
-    shards = make_shards(tmp_path, train=4, val=2)
+    root = writable_copy(small_synth_data.root, tmp_path / "data")  # the shard is damaged below
+    shards = root / small_synth_data.shards.name
     shard = shards / "val" / "00001-of-00002.tfrecord"
     offset = int(read_index(shard)[0, 0]) + 100  # inside the first record's data
     data = bytearray(shard.read_bytes())
@@ -168,7 +168,7 @@ def test_a_corrupt_shard_stops_before_step_1_and_the_run_restarts_after_repackin
     assert f"Found by checking every record before the first step: nothing was written to {run}" in err
     assert "Traceback" not in err
     assert not run.exists()  # nothing written: the same command can run again
-    repack(tmp_path, shards)
+    repack(root, shards)
     assert main(args) == 0
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 2
 
@@ -263,8 +263,8 @@ def test_init_with_other_classes_gets_a_new_head(trained, shards, tmp_path, caps
         assert torch.equal(v, fresh_head[k] if k in fresh_head else source[k]), k
 
 
-def test_init_end_to_end_on_a_seven_class_dataset(trained, tmp_path, capsys):
-    shards7 = make_shards(tmp_path, train=4, val=2, labels="categories7")
+def test_init_end_to_end_on_a_seven_class_dataset(trained, small_synth_data, tmp_path, capsys):
+    shards7 = make_shards(tmp_path, labels="categories7", raw=small_synth_data.raw)
     run = tmp_path / "ft"
     assert main(train_args(shards7, run, "--init", str(trained / "best.pt"), "--iters", "2", deterministic=False)) == 0
     assert "new 7-class head" in capsys.readouterr().err

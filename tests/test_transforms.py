@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_records import PALETTE, encode_label_as_image, label_image
+from helpers.records import PALETTE, encode_label_as_image, label_image
 from urbanseg.data.transforms import Augment, TrainTransform, eval_transform, jitter, shift_hue, window
 from urbanseg.errors import UserError
 

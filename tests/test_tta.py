@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_inference import PointwisePredictor, scene
+from helpers.predictors import PointwisePredictor, scene
 from urbanseg.cli import main
 from urbanseg.config import parse_scales
 from urbanseg.errors import UserError
@@ -210,7 +210,7 @@ def test_predict_with_tta_writes_the_fused_labels(tmp_path):
     the reference fusion of the model's views."""
     from PIL import Image
 
-    from model_fixtures import make_checkpoint
+    from helpers.checkpoints import make_checkpoint
     from urbanseg.inference.predictor import TorchPredictor
 
     ckpt = make_checkpoint(tmp_path / "best.pt")
@@ -231,8 +231,8 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     reference fusion, at the prepared size or at the raw ground truth's (--full-res)."""
     import json
 
-    from model_fixtures import make_checkpoint
-    from train_fixtures import make_shards
+    from helpers.checkpoints import make_checkpoint
+    from helpers.training import make_shards
     from urbanseg.data.loader import ShardDataset
     from urbanseg.inference.predictor import TorchPredictor
     from urbanseg.labels import get_label_set

@@ -1,4 +1,4 @@
-"""Tiny checkpoints shared by the inference tests (predict, export, serve, ...)."""
+"""Tiny randomly initialised checkpoints, saved as training saves them."""
 
 from __future__ import annotations
 

@@ -17,13 +17,18 @@ from urbanseg.config import PackConfig, PrepareConfig, SynthConfig
 TINY_MODEL = ["--model", "unet-original", "--model-args", json.dumps({"base_channels": 4})]
 
 
-def make_shards(root: Path, *, train: int = 11, val: int = 5, labels: str = "categories8") -> Path:
-    """Synthetic scenes -> 64x32 prepared pairs -> 2 shards per split; returns the shard folder."""
+def make_shards(
+    root: Path, *, train: int = 11, val: int = 5, labels: str = "categories8", raw: Path | None = None
+) -> Path:
+    """Synthetic scenes -> 64x32 prepared pairs -> 2 shards per split; returns the shard folder.
+
+    The scenes go to `root/raw` unless `raw` names scenes made before (only read)."""
     from urbanseg.data.pack import pack
     from urbanseg.data.prepare import prepare
     from urbanseg.synth import synthesize
 
-    raw, prepared, shards = root / "raw", root / f"prepared-{labels}", root / f"shards-{labels}"
+    prepared, shards = root / f"prepared-{labels}", root / f"shards-{labels}"
+    raw = root / "raw" if raw is None else raw
     if not raw.exists():
         synthesize(SynthConfig(out=raw, train=train, val=val, size="128x64", seed=1, workers=1))
     prepare(PrepareConfig(data=raw, out=prepared, labels=labels, size="64x32", splits=["train", "val"], workers=1))

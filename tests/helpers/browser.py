@@ -5,6 +5,7 @@ once from the command line (`chromium`), or a live page driven over the DevTools
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -143,3 +144,11 @@ class DevTools:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def images_loaded(page: Path) -> tuple[int, int, str]:
+    """(loaded, total, dom) as the page itself counts them after its load event."""
+    dom = chromium(page, "--virtual-time-budget=10000", "--dump-dom")
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert m, "the page did not run its load check; DOM starts: " + dom[:300]
+    return int(m.group(1)), int(m.group(2)), dom
