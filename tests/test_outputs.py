@@ -86,7 +86,18 @@ def invocation(name: str, world: dict[str, Path], base: Path) -> tuple[list[str]
         "prepare": ["prepare", "--data", world["raw"], "--out", out, "--size", "32x16", "--workers", "1"],
         "pack": ["pack", "--prepared", world["prepared"], "--out", out, "--shards", "1"],
         "train": train_args(world["shards"], out, "--iters", "1", deterministic=False),
-        "predict": ["predict", "--checkpoint", world["ckpt"], "--input", world["image"], "--out", out],
+        # --engine torch: `auto` would cache an ONNX export beside the shared (read-only) checkpoint
+        "predict": [
+            "predict",
+            "--checkpoint",
+            world["ckpt"],
+            "--input",
+            world["image"],
+            "--out",
+            out,
+            "--engine",
+            "torch",
+        ],
         "predict-split": [
             "predict",
             "--checkpoint",
@@ -99,6 +110,8 @@ def invocation(name: str, world: dict[str, Path], base: Path) -> tuple[list[str]
             "1",
             "--out",
             out,
+            "--engine",
+            "torch",
         ],
         "export": ["export", "--checkpoint", world["ckpt"], "--out", out / "model.onnx"],
         "demo": ["demo", "--quick", "--out", out],
