@@ -38,11 +38,6 @@ MODELS = ["lraspp-mobilenetv3", "fpn-resnet18", "deeplabv3plus-mobilenetv4"]
 ENGINES = ["torch NCHW", "torch folded CL", "ORT", "auto"]
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds."""
-    return statistics.median(_runs(fn, repeats, warmup))
-
-
 def gemm_peaks(n: int = 2048, repeats: int = 5) -> tuple[float, float | None]:
     """(fp32 FLOP/s, int8 OP/s or None) of an n x n x n matrix product on this process's
     threads: the best of `repeats` runs (a peak, not a median)."""
@@ -125,17 +120,29 @@ def measure(name: str, sizes: list[tuple[int, int]], repeats: int, workdir: Path
 
 
 def _time_engines(x: Any, torch_models: dict[str, Any], session: Any, auto: Any, repeats: int) -> dict[str, Any]:
-    """{engine: ms} for one (1, 3, H, W) float32 input."""
+    """{engine: ms} for one (1, 3, H, W) float32 input: the engines take turns within each
+    repeat (a change of load hits them alike), each after a short pause, so that no engine
+    runs while another one's ONNX Runtime threads still spin after their run; the median."""
     import torch
 
     t = torch.from_numpy(x)
     inputs = {"torch NCHW": t, "torch folded CL": t.contiguous(memory_format=torch.channels_last)}
-    row: dict[str, Any] = {}
+    calls: dict[str, Callable[[], Any]] = {
+        engine: (lambda m=model, i=inputs[engine]: m(i)) for engine, model in torch_models.items()
+    }
+    calls["ORT"] = lambda: session.run(None, {"image": x})
+    calls["auto"] = lambda: auto.logits(x)
+    times: dict[str, list[float]] = {engine: [] for engine in calls}
     with torch.inference_mode():
-        for engine, model in torch_models.items():
-            row[engine] = timed(lambda m=model, i=inputs[engine]: m(i), repeats)
-    row["ORT"] = timed(lambda: session.run(None, {"image": x}), repeats)
-    row["auto"] = timed(lambda: auto.logits(x), repeats)
+        for fn in calls.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for engine, fn in calls.items():
+                time.sleep(0.2)
+                start = time.perf_counter()
+                fn()
+                times[engine].append((time.perf_counter() - start) * 1000.0)
+    row: dict[str, Any] = {engine: statistics.median(ms) for engine, ms in times.items()}
     row["auto engine"] = auto.info.get("engine", type(auto).__name__)
     return row
 
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS, help=f"models (default: {' '.join(MODELS)})")
     parser.add_argument("--sizes", nargs="+", default=["512x256", "2048x1024"], help="input sizes WxH")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and ONNX Runtime")
     parser.add_argument("--quick", action="store_true", help="the default model only, one timed run per figure")
     args = parser.parse_args(argv)
