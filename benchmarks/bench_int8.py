@@ -69,12 +69,15 @@ def sessions(paths: list[Path], threads: int) -> list:
 
 
 def rotated(runs: list, repeats: int, clock) -> list[float]:
-    """Median ms of each callable in `runs`, timed in turn for `repeats` rounds (one warm-up)."""
+    """Median ms of each callable in `runs`, timed in turn for `repeats` rounds (one warm-up),
+    each after a short pause: ONNX Runtime's intra-op threads spin for a while after a run,
+    and a session timed right after another one's shares the cores with that spinning."""
     for run in runs:
         run()
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
         for k, run in enumerate(runs):
+            time.sleep(0.2)
             start = clock()
             run()
             times[k].append((clock() - start) * 1000.0)

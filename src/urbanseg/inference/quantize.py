@@ -351,6 +351,21 @@ def _qparams(node: Any, init: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] |
     return None if scale is None or zero is None else (scale, zero)
 
 
+def _between_dq_and_q(graph: Any, op_type: str) -> Iterator[tuple[Any, Any, Any]]:
+    """(node, its DequantizeLinear input, its one QuantizeLinear user) for every `op_type`
+    node that sits between the two (the graph as it was when the walk started)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    for node in list(graph.node):
+        if node.op_type != op_type:
+            continue
+        dq = producer.get(node.input[0])
+        users = consumers.get(node.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        yield node, dq, users[0]
+
+
 def _hardsigmoid_as_requantization(graph: Any) -> int:
     """DQ(x; s, z) -> HardSigmoid(alpha, beta) -> Q(...) becomes
     DQ(x; s * alpha, z) + DQ(beta) -> Q(1/255, 0): ONNX Runtime fuses it into one QLinearAdd
@@ -359,17 +374,9 @@ def _hardsigmoid_as_requantization(graph: Any) -> int:
     from onnx import helper, numpy_helper
 
     init = _initializers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
     consumers = _consumers(graph)
     count = 0
-    for node in list(graph.node):
-        if node.op_type != "HardSigmoid":
-            continue
-        dq = producer.get(node.input[0])
-        users = consumers.get(node.output[0], [])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
-            continue
-        q = users[0]
+    for node, dq, q in _between_dq_and_q(graph, "HardSigmoid"):
         params, out_params = _qparams(dq, init), _qparams(q, init)
         if params is None or out_params is None or params[0].ndim or out_params[1].dtype != np.uint8:
             continue
@@ -415,17 +422,8 @@ def _uint8_resize(graph: Any) -> int:
     (ONNX Runtime keeps it in float otherwise; its uint8 kernel is several times faster).
     Returns the number rewritten."""
     init = _initializers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = _consumers(graph)
     count = 0
-    for node in list(graph.node):
-        if node.op_type != "Resize":
-            continue
-        dq = producer.get(node.input[0])
-        users = consumers.get(node.output[0], [])
-        if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
-            continue
-        q = users[0]
+    for node, dq, q in _between_dq_and_q(graph, "Resize"):
         a, b = _qparams(dq, init), _qparams(q, init)
         if a is None or b is None or not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])):
             continue
