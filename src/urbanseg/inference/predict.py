@@ -62,7 +62,8 @@ def predict(config: PredictConfig) -> int:
         checkpoint = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
     predictor = load_engine(checkpoint=checkpoint, model=config.model, engine=config.engine, device=config.device)
     print(
-        f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
+        f"model: {predictor.info.get('checkpoint') or predictor.source} "
+        f"({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})"
     )
     for label, value in provenance(predictor.info.get("source"), predictor.info.get("metrics")):

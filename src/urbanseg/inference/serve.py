@@ -33,7 +33,8 @@ def serve(config: ServeConfig) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(
-        f"model: {predictor.source} ({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
+        f"model: {predictor.info.get('checkpoint') or predictor.source} "
+        f"({type(predictor).__name__}, {predictor.label_set.num_classes} classes "
         f"{predictor.label_set.name}, input {predictor.input_size[0]}x{predictor.input_size[1]})\n"
         f"serving on {url}/  (page: {url}/, API: POST {url}/v1/segment, metrics: {url}/metrics)"
         + (", bearer token required on /v1/* and /metrics" if token else ""),
