@@ -3,9 +3,9 @@ caller) runs a `Predictor` through, so that a figure `evaluate` reports is what
 `predict` writes for the same image and options.
 
 `Plan` holds the options (resolution mode, tile window and overlap, batch size,
-test-time augmentation); the
-work is `urbanseg.inference.segment.segment`'s (resizing, tiling, bilinear upsampling
-of the logits and argmax, identical for every engine).
+test-time augmentation), chosen by `Plan.from_config` from a command's flags and the
+model's recorded protocol; the work is `urbanseg.inference.segment.segment`'s (resizing,
+tiling, bilinear upsampling of the logits and argmax, identical for every engine).
 """
 
 from __future__ import annotations
