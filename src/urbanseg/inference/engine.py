@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,21 +119,9 @@ def _export_cache(checkpoint: Path, digest: str, target: Path) -> None:
     model = model_from_checkpoint(ckpt).eval()
     meta = OnnxMetadata.from_checkpoint(ckpt, checkpoint, CACHE_OPSET, True).to_dict()
     meta[CACHE_KEY] = {"format": CACHE_FORMAT, "checkpoint": checkpoint.name, "sha256": digest}
-    with atomic_path(target) as tmp, _scratch_cwd():
+    with atomic_path(target) as tmp:
         export_onnx(model, tmp, tuple(ckpt["input_size"]), opset=CACHE_OPSET, dynamic=True, metadata=meta)
         verify_onnx(model, tmp, tuple(ckpt["input_size"]), dynamic=True)
-
-
-@contextlib.contextmanager
-def _scratch_cwd() -> Iterator[None]:
-    """Run in a temporary working directory: ONNX tooling may drop files into the current one."""
-    before = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="urbanseg-export-") as tmp:
-        os.chdir(tmp)
-        try:
-            yield
-        finally:
-            os.chdir(before)
 
 
 # --------------------------------------------------------------------------- choosing
