@@ -452,6 +452,12 @@ class TrainConfig:
             check(ok, f"--model-args {self.model_args!r} is not a JSON object; use e.g. '{{\"width\": 8}}'")
 
 
+CHECKPOINT_HELP = (
+    "best or last (in --run), a checkpoint .pt path, or a pretrained model (an smp hub id, hf:ID or a "
+    "save_pretrained folder, converted on first use: docs/pretrained.md); default best"
+)
+ONNX_MODEL_HELP = "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
+
 ENGINE_HELP = (
     "inference engine: torch (PyTorch, batch norms folded, channels-last on a CPU), onnxruntime (the "
     "checkpoint exported to ONNX, cached beside it as a hidden .engine.onnx file), or auto: onnxruntime on "
@@ -459,8 +465,9 @@ ENGINE_HELP = (
 )
 
 
-def check_engine(engine: str, model: Path | None) -> None:
-    """--engine torch needs a checkpoint, not an ONNX --model."""
+def check_model_flags(engine: str, model: Path | None, checkpoint: str | None) -> None:
+    """One of --model and --checkpoint; --engine torch needs a checkpoint, not an ONNX --model."""
+    check(model is None or checkpoint is None, "give --model model.onnx or --checkpoint, not both")
     check(
         model is None or engine != "torch",
         "--engine torch runs a checkpoint; --model is an ONNX model (run by ONNX Runtime): drop one of them",
@@ -480,14 +487,8 @@ class PredictConfig:
     num: int = opt(20, "with --split: number of pictures to write")
     data: Path | None = opt(None, "with --split: shards folder (default: the run's `data` in config.yaml)")
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
-    checkpoint: str | None = opt(
-        None,
-        "best or last (in --run), a checkpoint .pt path, or a pretrained model (an smp hub id, hf:ID or a "
-        "save_pretrained folder, converted on first use: docs/pretrained.md); default best",
-    )
-    model: Path | None = opt(
-        None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
-    )
+    checkpoint: str | None = opt(None, CHECKPOINT_HELP)
+    model: Path | None = opt(None, ONNX_MODEL_HELP)
     labels: str | None = opt(
         None,
         "write the predictions in this coarser label set (categories8 or categories7 for a classes19 model), "
@@ -522,8 +523,7 @@ class PredictConfig:
         check(
             bool(self.input) != (self.split is not None), "give either --input FILE|DIR|GLOB|VIDEO ... or --split SPLIT"
         )
-        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
-        check_engine(self.engine, self.model)
+        check_model_flags(self.engine, self.model, self.checkpoint)
         check(
             self.model is not None or self.run is not None or self.checkpoint is not None,
             "give --run runs/NAME, --checkpoint PATH or --model model.onnx",
@@ -551,11 +551,7 @@ class ExportConfig:
     """`urbanseg export`: write a checkpoint as an ONNX model carrying its label set and input size."""
 
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt")
-    checkpoint: str | None = opt(
-        None,
-        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
-        "save_pretrained folder); default best",
-    )
+    checkpoint: str | None = opt(None, CHECKPOINT_HELP)
     format: Literal["onnx"] = opt("onnx", "export format")
     out: Path | None = opt(
         None,
@@ -670,11 +666,7 @@ class EvaluateConfig:
         "(without it: --checkpoint and --data)",
     )
     split: str = opt("val", "split of the shards to evaluate")
-    checkpoint: str | None = opt(
-        None,
-        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
-        "save_pretrained folder, converted on first use); default best",
-    )
+    checkpoint: str | None = opt(None, CHECKPOINT_HELP)
     model: Path | None = opt(
         None,
         "score this ONNX model (from `urbanseg export`, fp32 or int8) with ONNX Runtime instead of a checkpoint; "
@@ -702,8 +694,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
-        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
-        check_engine(self.engine, self.model)
+        check_model_flags(self.engine, self.model, self.checkpoint)
         check(self.gallery >= 0, f"--gallery {self.gallery} must be >= 0")
         check(self.workers >= 0, f"--workers {self.workers} must be >= 0")
         check(bool(self.split.strip()), "--split must name a split, e.g. --split val")
@@ -737,14 +728,8 @@ class ServeConfig:
     """`urbanseg serve`: a segmentation web service (HTTP API, metrics, a page to try it) for one model."""
 
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
-    checkpoint: str | None = opt(
-        None,
-        "best or last (in --run), a checkpoint .pt path, or a pretrained model (smp hub id, hf:ID or a "
-        "save_pretrained folder, converted on first use); default best",
-    )
-    model: Path | None = opt(
-        None, "an ONNX model from `urbanseg export`, run with ONNX Runtime instead of a checkpoint"
-    )
+    checkpoint: str | None = opt(None, CHECKPOINT_HELP)
+    model: Path | None = opt(None, ONNX_MODEL_HELP)
     host: str = opt(
         "127.0.0.1", "address to listen on; 127.0.0.1 keeps it to this machine, 0.0.0.0 opens it to the network"
     )
@@ -774,7 +759,7 @@ class ServeConfig:
     engine: Literal["auto", "torch", "onnxruntime"] = opt("auto", ENGINE_HELP)
 
     def __post_init__(self) -> None:
-        check(self.model is None or self.checkpoint is None, "give --model model.onnx or --checkpoint, not both")
+        check_model_flags(self.engine, self.model, self.checkpoint)
         check(self.model is None or self.run is None, "give --model model.onnx or --run, not both")
         check(
             self.model is not None or self.run is not None or self.checkpoint is not None,
@@ -783,7 +768,6 @@ class ServeConfig:
         check(0 <= self.port <= 65535, f"--port {self.port} must be in 0..65535")
         check(bool(self.host.strip()), "--host must name an address, e.g. --host 127.0.0.1")
         check(self.token is None or len(self.token) >= 8, "--token must be at least 8 characters")
-        check_engine(self.engine, self.model)
         check(self.max_batch >= 1, f"--max-batch {self.max_batch} must be >= 1")
         check(self.batch_wait_ms >= 0, f"--batch-wait-ms {self.batch_wait_ms} must be >= 0")
         check(self.max_queue >= 1, f"--max-queue {self.max_queue} must be >= 1")
