@@ -97,17 +97,10 @@ def dominant_members(projection: Projection, counts: Sequence[int]) -> list[int]
     return [max(group, key=lambda k: counts[k]) if group else 0 for group in projection.members()]
 
 
-def set_encoder_frozen(model: Any, frozen: bool, *, toggle_grad: bool) -> None:
-    """Freeze or unfreeze `model.encoder`'s parameters. With `toggle_grad` (a single
-    process) their `requires_grad` follows, which also skips their backward; under
-    DistributedDataParallel it stays on (DDP expects every gradient it was built with),
-    and `drop_encoder_grads` keeps the optimizer from moving them."""
-    if toggle_grad:
-        model.encoder.requires_grad_(not frozen)
-
-
-def drop_encoder_grads(model: Any) -> None:
-    """Forget the encoder's gradients: AdamW and SGD skip a parameter whose grad is None
-    (no step, no weight decay, no optimizer state), so a frozen encoder stays bit-exact."""
-    for p in model.encoder.parameters():
-        p.grad = None
+def set_encoder_frozen(model: Any, frozen: bool) -> None:
+    """Freeze or unfreeze `model.encoder`'s parameters (`requires_grad`): a frozen encoder
+    gets no gradient, so AdamW and SGD skip it (no step, no weight decay, no optimizer
+    state) and it stays bit-exact; its backward is skipped too. Under
+    DistributedDataParallel the model is wrapped with `find_unused_parameters` for this
+    (`urbanseg.training.train`)."""
+    model.encoder.requires_grad_(not frozen)

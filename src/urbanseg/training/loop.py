@@ -21,7 +21,7 @@ from urbanseg.config import TrainConfig, parse_size
 from urbanseg.data.loader import EpochSampler
 from urbanseg.evaluation.metrics import ConfusionMatrix
 from urbanseg.training import distributed as dist_
-from urbanseg.training.finetune import drop_encoder_grads, set_encoder_frozen
+from urbanseg.training.finetune import set_encoder_frozen
 from urbanseg.training.runlog import RunLog
 from urbanseg.training.trainer import LoopState, Trainer
 
@@ -71,8 +71,6 @@ def train_step(t: Trainer, batch: dict[str, Any], stop_requested: bool) -> tuple
     loss = t.criterion(logits, labels)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
-    if t.encoder_frozen:
-        drop_encoder_grads(t.model)
     t.scaler.unscale_(t.optimizer)  # a no-op without fp16
     grads = [p.grad for p in t.model.parameters() if p.grad is not None]
     norm = nn.utils.get_total_norm(grads)  # (all-reduced by DDP already: the same on every process)
@@ -177,7 +175,7 @@ def freeze_encoder(t: Trainer, step: int) -> None:
     if frozen == t.encoder_frozen:
         return
     t.encoder_frozen = frozen
-    set_encoder_frozen(t.model, frozen, toggle_grad=not t.info.enabled)
+    set_encoder_frozen(t.model, frozen)
     if t.info.is_main and frozen:
         print(f"encoder frozen until step {t.config.freeze_encoder}", file=sys.stderr)
     elif t.info.is_main:

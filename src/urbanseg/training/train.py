@@ -265,7 +265,13 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # --freeze-encoder switches the encoder's requires_grad off for its first steps: DDP must
+        # then look for the parameters that get no gradient instead of waiting for them.
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.freeze_encoder > 0,
+        )
     if config.compile:
         wrapped = cast(nn.Module, torch.compile(wrapped))
     counts = pixel_count_array(train_set.spec.pixel_counts, label_set.classes)
