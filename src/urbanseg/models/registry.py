@@ -97,7 +97,12 @@ class SegmentationModel(nn.Module):
         if not images.is_floating_point():
             images = images.float()
         h, w = images.shape[-2:]
-        x = (images - self.mean) / self.std
+        # (images - mean) / std as one batch-norm pass (running var = std^2, eps 0): the same
+        # values (to float rounding), but one ONNX BatchNormalization instead of a Sub and
+        # a Div over the whole picture (half the time of that step in ONNX Runtime).
+        x = F.batch_norm(images, self.mean.view(-1), self.std.view(-1) ** 2, eps=0.0)
+        if self.stride == 1:  # nothing to pad, nothing to crop (no copies in an ONNX export)
+            return self.net(x)
         pad_h, pad_w = (-h) % self.stride, (-w) % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
