@@ -8,10 +8,13 @@ docs/benchmarks.md#int8):
 - before quantizing (float graph): ONNX Runtime's basic optimisations (`quant_pre_process`:
   shared biases behind Identity nodes become initializers, so every Conv can be quantized);
   HardSwish written as x * HardSigmoid(x) (ONNX Runtime has no integer HardSwish);
-  convolutions over <= 4 input channels (the stem) stay float: int8 is slower there; so
-  does the last Resize before the output with its crops (the full-resolution upsampling
-  of the logits), where ONNX Runtime's uint8 Resize is no faster and Q/DQ would cost a
-  pass over every output pixel.
+  the layers from the input on that stay at <= 16 channels (normalisation, padding,
+  MobileNetV3's stem with its HardSwish fused again and its first block) and any other
+  convolution over <= 4 input channels (the stem) stay float: ONNX Runtime's blocked
+  float kernels beat its int8 ones there, and no Q/DQ pair is spent around them; so does
+  the last Resize before the output with its crops (the full-resolution upsampling of the
+  logits), where ONNX Runtime's uint8 Resize is no faster and Q/DQ would cost a pass over
+  every output pixel.
 - after quantizing (QDQ graph): HardSigmoid(x) = clip(alpha x + beta, 0, 1) becomes a
   requantization: DQ(x, scale * alpha) + beta -> Q(scale 1/255, zero point 0), which ONNX
   Runtime fuses into one integer QLinearAdd (uint8 saturation is the clip); the other
@@ -34,12 +37,13 @@ from typing import Any
 import numpy as np
 
 STEM_MAX_CHANNELS = 4  # convolutions over this few input channels stay float
+NARROW_CHANNELS = 16  # the layers from the input on up to this many channels stay float
 DEPTHWISE_ALIGN = 16  # channel multiple of ONNX Runtime's fast int8 depthwise kernel (MLAS ConvSym)
 INT8_SUFFIX = ".int8.onnx"
 METHOD = (
     "onnxruntime quantize_static, QDQ, per-channel symmetric int8 weights, uint8 activations, MinMax calibration; "
-    "depthwise channels padded to 16, HardSigmoid as requantization, uint8 Resize inside, stem and "
-    "full-resolution tail in float"
+    "depthwise channels padded to 16, HardSigmoid as requantization, uint8 Resize inside, the 16-channel "
+    "layers from the input on and the full-resolution tail in float"
 )
 
 
@@ -123,9 +127,13 @@ def prepare_float(fp32: Path, out: Path) -> tuple[list[str], int]:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
-    _split_hardswish(model.graph)
+    _name_nodes(model.graph)
+    prefix = _float_prefix(onnx.shape_inference.infer_shapes(model).graph)
+    prefix = _fuse_hardswish(model.graph, prefix)
+    _split_hardswish(model.graph, keep=set(prefix))
     padded = _pad_depthwise_channels(model.graph)
-    float_nodes = _stem_convs(model.graph) + _float_tail(model.graph)
+    stem = [name for name in _stem_convs(model.graph) if name not in prefix]
+    float_nodes = prefix + stem + _float_tail(model.graph)
     onnx.save(model, str(out))
     return float_nodes, padded
 
@@ -167,13 +175,57 @@ def _initializers(graph: Any) -> dict[str, Any]:
     return {t.name: t for t in graph.initializer}
 
 
-def _split_hardswish(graph: Any) -> None:
-    """HardSwish(x) -> Mul(x, HardSigmoid(x; 1/6, 1/2)) (its definition), in place."""
+def _name_nodes(graph: Any) -> None:
+    """Give every unnamed node a unique name (ONNX Runtime's pre-processing inlines
+    HardSwish as unnamed HardSigmoid and Mul nodes; the quantizer excludes nodes by name)."""
+    taken = {node.name for node in graph.node}
+    for k, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{k}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+
+
+def _fuse_hardswish(graph: Any, names: list[str]) -> list[str]:
+    """Among the nodes named in `names`, Mul(x, HardSigmoid(x; 1/6, 1/2)) becomes one
+    HardSwish(x) again (named as the Mul), which ONNX Runtime fuses into the float
+    convolution before it. Returns `names` without the removed HardSigmoids."""
+    from onnx import helper
+
+    chosen = set(names)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = _consumers(graph)
+    removed = set()
+    for mul in list(graph.node):
+        if mul.op_type != "Mul" or mul.name not in chosen or len(mul.input) != 2:
+            continue
+        for x, gate in (mul.input, reversed(mul.input)):
+            hs = producer.get(gate)
+            if hs is None or hs.op_type != "HardSigmoid" or hs.name not in chosen or hs.input[0] != x:
+                continue
+            if len(consumers.get(gate, [])) != 1 or not np.isclose(_attr(hs, "alpha", 0.2), 1 / 6):
+                continue
+            if not np.isclose(_attr(hs, "beta", 0.5), 0.5):
+                continue
+            position = list(graph.node).index(mul)
+            graph.node.remove(mul)
+            graph.node.insert(position, helper.make_node("HardSwish", [x], list(mul.output), name=mul.name))
+            graph.node.remove(hs)
+            removed.add(hs.name)
+            break
+    return [name for name in names if name not in removed]
+
+
+def _split_hardswish(graph: Any, keep: set[str]) -> None:
+    """HardSwish(x) -> Mul(x, HardSigmoid(x; 1/6, 1/2)) (its definition), in place, except
+    the nodes named in `keep` (float: ONNX Runtime fuses a float HardSwish into its convolution)."""
     from onnx import helper
 
     nodes = []
     for node in graph.node:
-        if node.op_type != "HardSwish":
+        if node.op_type != "HardSwish" or node.name in keep:
             nodes.append(node)
             continue
         gate = node.output[0] + "_hardsigmoid"
@@ -320,6 +372,42 @@ def _float_tail(graph: Any) -> list[str]:
         names.append(node.name)
         node = producer.get(node.input[0])
     return names + [node.name] if node is not None and node.op_type == "Resize" else []
+
+
+# Ops whose output has the channels of their first input.
+_KEEP_CHANNELS = _PER_CHANNEL | {"Pad", "Add", "BatchNormalization", "Sub", "Div"}
+
+
+def _channels(value_info: Any) -> int | None:
+    """Channel count of a 4-D tensor's recorded type (None for other ranks or when unknown)."""
+    dims = value_info.type.tensor_type.shape.dim
+    return dims[1].dim_value or None if len(dims) == 4 else None
+
+
+def _float_prefix(graph: Any) -> list[str]:
+    """Names of the compute nodes that run on the input before any tensor is wider than
+    NARROW_CHANNELS: the input normalisation, the padding, and for MobileNetV3 the stem, its
+    HardSwish and the first 16-channel block (at half resolution: a third of the int8 model's
+    time at 2048x1024). They stay float: ONNX Runtime runs them in its blocked float layout
+    with the activations fused, while int8 kernels gain nothing over so few channels and
+    a Q/DQ pair would be added around each. `graph` needs inferred shapes. Nodes without
+    a 4-D output (shape arithmetic) extend the prefix but are not listed."""
+    types = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    width = {name: _channels(v) for name, v in types.items()}
+    names = []
+    for node in graph.node:
+        if not all(name in known for name in node.input if name):
+            continue
+        if node.op_type in _KEEP_CHANNELS and node.input[0] in width:  # shape inference loses them after a Pad
+            width.update({o: width[o] or width[node.input[0]] for o in node.output})
+        outputs = [o for o in node.output if o in types and len(types[o].type.tensor_type.shape.dim) == 4]
+        if any((width.get(o) or NARROW_CHANNELS + 1) > NARROW_CHANNELS for o in outputs):  # unknown = wide
+            continue
+        known.update(node.output)
+        if node.name and outputs:
+            names.append(node.name)
+    return names
 
 
 def _stem_convs(graph: Any) -> list[str]:
