@@ -86,7 +86,7 @@ def test_auto_on_cpu_exports_once_reuses_and_rebuilds_when_the_checkpoint_change
     first = tmp_path / f".best.pt.{digest[:16]}.engine.onnx"
     assert isinstance(predictor, OnnxPredictor) and predictor.source == first
     assert "exporting" in out and "engine: onnxruntime (cached ONNX export" in out
-    assert eng.cache_marker(first) == {"format": 1, "checkpoint": "best.pt", "sha256": digest}
+    assert eng.cache_marker(first) == {"format": eng.CACHE_FORMAT, "checkpoint": "best.pt", "sha256": digest}
     mtime = first.stat().st_mtime_ns
 
     eng.load_engine(checkpoint=ckpt, engine="auto", device="cpu")  # reused: no export
@@ -109,6 +109,20 @@ def test_auto_on_cpu_exports_once_reuses_and_rebuilds_when_the_checkpoint_change
     # The rebuilt cache is the new checkpoint's: its logits are PyTorch's.
     x = np.random.default_rng(0).uniform(0, 255, (1, 3, 32, 64)).astype(np.float32)
     np.testing.assert_allclose(predictor.logits(x), TorchPredictor(ckpt, "cpu").logits(x), atol=1e-4)
+
+
+def test_an_own_cache_of_an_older_format_is_exported_again(tmp_path, capsys, monkeypatch):
+    """A cache an older urbanseg wrote (same checkpoint, same hash, older export format) is
+    ours: replaced by a new export, not reused and not 'in the way'."""
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    monkeypatch.setattr(eng, "CACHE_FORMAT", eng.CACHE_FORMAT - 1)
+    old = eng.load_engine(checkpoint=ckpt, engine="onnxruntime", device="cpu").source
+    assert eng.cache_marker(old)["format"] == eng.CACHE_FORMAT
+    monkeypatch.undo()
+    capsys.readouterr()
+    new = eng.load_engine(checkpoint=ckpt, engine="onnxruntime", device="cpu").source
+    assert new == old and "exporting" in capsys.readouterr().out
+    assert eng.cache_marker(new)["format"] == eng.CACHE_FORMAT and _caches(tmp_path) == [new.name]
 
 
 def test_a_file_in_the_caches_place_that_is_not_a_cache_is_an_error_or_a_fallback(tmp_path, capsys):

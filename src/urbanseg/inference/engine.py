@@ -31,7 +31,9 @@ Engine = Literal["auto", "torch", "onnxruntime"]
 
 CACHE_SUFFIX = ".engine.onnx"
 CACHE_KEY = "engine_cache"  # inside the urbanseg metadata entry: {"format", "checkpoint", "sha256"}
-CACHE_FORMAT = 1
+# 2: exports of urbanseg >= this change (LR-ASPP without its pad and crops, one
+# BatchNormalization for the input normalisation); a cache of format 1 is exported again.
+CACHE_FORMAT = 2
 CACHE_OPSET = 18
 
 
@@ -69,25 +71,25 @@ def cache_marker(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _is_cache_of(path: Path, checkpoint: Path, digest: str | None = None) -> bool:
-    """Whether `path` is named and marked as an engine cache of `checkpoint` (of content
-    hash `digest` when given)."""
+def _own_marker(path: Path, checkpoint: Path, digest: str | None = None) -> dict[str, Any] | None:
+    """The marker of `path` when it is named and marked as an engine cache of `checkpoint`
+    (of content hash `digest` when given; of any cache format), else None."""
     if not (path.name.startswith(f".{checkpoint.name}.") and path.name.endswith(CACHE_SUFFIX)):
-        return False
+        return None
     marker = cache_marker(path)
-    return (
+    ours = (
         marker is not None
-        and marker.get("format") == CACHE_FORMAT
         and marker.get("checkpoint") == checkpoint.name
         and (digest is None or marker.get("sha256") == digest)
     )
+    return marker if ours else None
 
 
 def stale_caches(checkpoint: Path, digest: str) -> list[Path]:
     """This checkpoint's cache files for other contents (named and marked as such)."""
     keep = cache_path(checkpoint, digest)
     found = checkpoint.parent.glob(f".{checkpoint.name}.*{CACHE_SUFFIX}")
-    return sorted(p for p in found if p != keep and p.is_file() and _is_cache_of(p, checkpoint))
+    return sorted(p for p in found if p != keep and p.is_file() and _own_marker(p, checkpoint) is not None)
 
 
 def cached_onnx(checkpoint: Path) -> Path:
@@ -97,9 +99,10 @@ def cached_onnx(checkpoint: Path) -> Path:
     checkpoint = Path(checkpoint)
     digest = checkpoint_hash(checkpoint)
     target = cache_path(checkpoint, digest)
-    if target.is_file() and _is_cache_of(target, checkpoint, digest):
+    marker = _own_marker(target, checkpoint, digest) if target.is_file() else None
+    if marker is not None and marker.get("format") == CACHE_FORMAT:
         return target
-    if target.exists():
+    if target.exists() and marker is None:  # (an own export of an older format is replaced below)
         raise UserError(
             f"{target} is in the way of the ONNX export urbanseg caches for {checkpoint} but is not one "
             "(its metadata says otherwise); remove it, or run with --engine torch"
