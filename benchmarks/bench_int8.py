@@ -2,9 +2,10 @@
 (`urbanseg export --quantize int8`, `urbanseg.inference.quantize`).
 
     python benchmarks/bench_int8.py [--models NAME ...] [--sizes 512x256 2048x1024]
-                                    [--threads 2] [--repeats 5] [--train-iters 300]
+                                    [--classes 8] [--threads 2] [--repeats 5] [--train-iters 300]
 
-Speed: each model with random weights (latency does not depend on the values), exported
+Speed: each model with random weights (latency does not depend on the values) and a
+`--classes`-way head (default: the default label set's, categories8's 8 classes), exported
 at 512x256 with dynamic sizes, quantized with the same code as the command (calibrated on
 4 synthetic pictures: the ranges do not change the speed). Batch 1; for every size the
 fp32 and int8 sessions run in turn, `--repeats` rounds after one warm-up each, and the
@@ -39,7 +40,7 @@ DEFAULT_MODELS = [
 ]
 
 
-def export_pair(name: str, folder: Path) -> tuple[Path, Path, dict]:
+def export_pair(name: str, folder: Path, classes: int) -> tuple[Path, Path, dict]:
     """(fp32 path, int8 path, what quantize_onnx did) for model `name`, random weights."""
     import torch
 
@@ -48,7 +49,7 @@ def export_pair(name: str, folder: Path) -> tuple[Path, Path, dict]:
     from urbanseg.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(name, 19).eval()
+    model = create_model(name, classes).eval()
     fp32, int8 = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
     export_onnx(model, fp32, (512, 256), opset=18, dynamic=True, metadata={})
     images = [probe_picture(512, 256, seed=k) for k in range(4)]
@@ -127,11 +128,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--sizes", nargs="+", default=["512x256", "2048x1024"])
+    parser.add_argument("--classes", type=int, default=0, help="head size; 0: the default label set's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-iters", type=int, default=300, help="0: skip the accuracy part")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    if not args.classes:
+        from urbanseg.labels import DEFAULT_LABEL_SET, get_label_set
+
+        args.classes = get_label_set(DEFAULT_LABEL_SET).num_classes
+    print(f"{args.classes} classes, {args.threads} threads, median of {args.repeats} rounds")
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         os.chdir(tmp)  # ONNX tooling writes into the working directory: let it be this one
@@ -140,7 +147,7 @@ def main() -> int:
             print(f"| model | size | {head} |")
             print("|-|-|-|-|-|-|-|-|")
             for name in args.models:
-                fp32, int8, did = export_pair(name, Path(tmp))
+                fp32, int8, did = export_pair(name, Path(tmp), args.classes)
                 for size in sizes:
                     r = speed(fp32, int8, size, args.threads, args.repeats)
                     print(
