@@ -49,11 +49,25 @@ def from_env() -> DistInfo:
 def setup(info: DistInfo, device: torch.device) -> None:
     """Join the process group: NCCL between GPUs, gloo on the CPU."""
     if info.enabled and not dist.is_initialized():
+        # Before init_process_group, not after: torch.distributed.nn.functional binds
+        # `group.WORLD` as the default argument of its collectives when first imported, and
+        # DistributedDataParallel's constructor imports it. Imported after the group exists it
+        # keeps it alive for good, so destroy_process_group cannot free it: gloo's worker
+        # threads then outlive `cleanup` into interpreter shutdown, and one still releasing the
+        # tensors of the last collective there (rank 1's gather in the final save) takes the
+        # GIL during finalization, which ends the thread inside a C++ destructor: the process
+        # aborts with "terminate called without an active exception" (about 1 run in 15).
+        # Imported now, the defaults are None (the default group, looked up at each call).
+        import torch.distributed.nn  # noqa: F401
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
 
 
 def cleanup() -> None:
+    """Leave the process group. Once nothing else holds it (the DDP wrapper is gone with its
+    Trainer), this frees it and joins its backend's threads before the interpreter shuts
+    down (see `setup`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

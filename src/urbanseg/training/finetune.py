@@ -100,6 +100,7 @@ def dominant_members(projection: Projection, counts: Sequence[int]) -> list[int]
 def set_encoder_frozen(model: Any, frozen: bool) -> None:
     """Freeze or unfreeze `model.encoder`'s parameters (`requires_grad`): a frozen encoder
     gets no gradient, so AdamW and SGD skip it (no step, no weight decay, no optimizer
-    state) and it stays bit-exact; its backward is skipped too. One process only: train
-    refuses it under torchrun (`urbanseg.training.train.preflight`)."""
+    state) and it stays bit-exact; its backward is skipped too. Under
+    DistributedDataParallel the model is wrapped with `find_unused_parameters` for this
+    (`urbanseg.training.train.setup`)."""
     model.encoder.requires_grad_(not frozen)

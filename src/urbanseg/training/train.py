@@ -265,7 +265,16 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # --freeze-encoder switches the encoder's requires_grad off for its first steps
+        # (`loop.freeze_encoder`): DDP must then find the parameters that get no gradient
+        # instead of waiting for them. It hands them none (not zeros), so the optimizer skips
+        # them as in one process. The cost, one walk of the autograd graph per step, is paid
+        # only with the flag.
+        wrapped = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=config.freeze_encoder > 0,
+        )
     if config.compile:
         wrapped = cast(nn.Module, torch.compile(wrapped))
     counts = pixel_count_array(train_set.spec.pixel_counts, label_set.classes)
@@ -308,14 +317,7 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
 def preflight(config: TrainConfig, info: dist_.DistInfo, device: torch.device, train_set: ShardDataset) -> None:
     """What must hold before the first step, checked in seconds rather than found hours in:
     the batch fits in memory (`check_memory`), a --crop no larger than the images (a
-    warning), every record of both splits intact (`verify_data`); no --freeze-encoder under torchrun."""
-    if info.enabled and config.freeze_encoder:
-        # Under DistributedDataParallel a rank aborted at the end of such runs now and then
-        # ("terminate called without an active exception"): refused until that is understood.
-        raise UserError(
-            f"--freeze-encoder {config.freeze_encoder} is not supported under torchrun yet (a process may abort "
-            "at the end of the run); train it in one process, or drop --freeze-encoder"
-        )
+    warning), every record of both splits intact (`verify_data`)."""
     data = (train_set.spec.width, train_set.spec.height)
     size = parse_size(config.crop, "--crop") if config.crop else data
     check_memory(config, info, device, size, data, train_set.label_set.num_classes)
