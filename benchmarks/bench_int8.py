@@ -2,14 +2,15 @@
 (`urbanseg export --quantize int8`, `urbanseg.inference.quantize`).
 
     python benchmarks/bench_int8.py [--models NAME ...] [--sizes 512x256 2048x1024]
-                                    [--classes 8] [--threads 2] [--repeats 5] [--train-iters 300]
+                                    [--classes 8] [--threads 2] [--repeats 9] [--train-iters 300]
 
 Speed: each model with random weights (latency does not depend on the values) and a
 `--classes`-way head (default: the default label set's, categories8's 8 classes), exported
 at 512x256 with dynamic sizes, quantized with the same code as the command (calibrated on
 4 synthetic pictures: the ranges do not change the speed). Batch 1; for every size the
-fp32 and int8 sessions run in turn, `--repeats` rounds after one warm-up each, and the
-median is shown: ms/image with `--threads` intra-op threads (wall time), the speed-up, and
+fp32 and int8 sessions run in turn, `--repeats` rounds after one warm-up each (at every
+size: with 2 rounds the 2048x1024 median wandered by 20 % between runs on this VM), and
+the median is shown: ms/image with `--threads` intra-op threads (wall time), the speed-up, and
 the same for one thread in CPU time of the calling thread (`time.thread_time`), which a
 loaded machine disturbs much less than wall time.
 
@@ -89,12 +90,10 @@ def speed(fp32: Path, int8: Path, size: tuple[int, int], threads: int, repeats: 
     from urbanseg.inference.export import probe_picture
 
     x = probe_picture(*size)
-    large = size[0] * size[1] > 1024 * 512
-    reps = max(2, repeats // 2) if large else repeats
     wall = sessions([fp32, int8], threads)
-    fp32_ms, int8_ms = rotated([lambda s=s: s.run(None, {"image": x}) for s in wall], reps, time.perf_counter)
+    fp32_ms, int8_ms = rotated([lambda s=s: s.run(None, {"image": x}) for s in wall], repeats, time.perf_counter)
     one = sessions([fp32, int8], 1)
-    fp32_cpu, int8_cpu = rotated([lambda s=s: s.run(None, {"image": x}) for s in one], reps, time.thread_time)
+    fp32_cpu, int8_cpu = rotated([lambda s=s: s.run(None, {"image": x}) for s in one], repeats, time.thread_time)
     return {"fp32": fp32_ms, "int8": int8_ms, "fp32_cpu": fp32_cpu, "int8_cpu": int8_cpu}
 
 
@@ -130,7 +129,7 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["512x256", "2048x1024"])
     parser.add_argument("--classes", type=int, default=0, help="head size; 0: the default label set's")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--train-iters", type=int, default=300, help="0: skip the accuracy part")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
