@@ -191,6 +191,23 @@ def test_video_in_video_out(tmp_path, ckpt):
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
 
 
+def test_a_foreign_output_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    """An --out that urbanseg predict did not write: exit 2 naming it, before any model work
+    (with `--engine auto` that would be an ONNX export cached beside the checkpoint)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt" / "best.pt")
+    image = tmp_path / "a.png"
+    Image.fromarray(scene(20, 20)).save(image)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    for mode in (["-i", str(image)], ["--split", "val", "--data", str(tmp_path / "no-shards")]):
+        assert main(["predict", "--checkpoint", str(ckpt), *mode, "--out", str(theirs)]) == 2
+        err = capsys.readouterr()
+        assert f"--out {theirs} is not empty" in err.err and "model:" not in err.out
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["best.pt"]  # no engine cache
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(scene(20, 20)).save(image)

@@ -34,7 +34,7 @@ from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, provenance
 from urbanseg.labels import get_label_set
-from urbanseg.outputs import claim
+from urbanseg.outputs import check_owner, claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
 
@@ -60,6 +60,8 @@ def predict(config: PredictConfig) -> int:
         from urbanseg.models.convert import resolve_model_checkpoint
 
         checkpoint = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
+    out = output_folder(config)
+    check_owner(out, "predict")  # before the model loads (seconds, maybe an export): claim checks again
     predictor = load_engine(checkpoint=checkpoint, model=config.model, engine=config.engine, device=config.device)
     print(
         f"model: {predictor.info.get('checkpoint') or predictor.source} "
@@ -76,8 +78,7 @@ def predict(config: PredictConfig) -> int:
     if not plan.tta.plain:
         print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the output size")
     if config.split is not None:
-        return predict_split(config, predictor)
-    out = config.out or (config.run / "predict" / "input" if config.run else Path("predictions"))
+        return predict_split(config, predictor, out)
     files, failures = collect_inputs(config.input, out)
     total = len(files) + len(failures)  # every input counts once: a missing one fails in collect_inputs
     id_lut = predictor.label_set.cityscapes_ids() if config.cityscapes_ids else None
@@ -93,6 +94,17 @@ def predict(config: PredictConfig) -> int:
         lines = "\n".join(f"  {src}: {why}" for src, why in failures)
         raise UserError(f"{len(failures)} of {total} inputs failed (the others were written):\n{lines}")
     return 0
+
+
+def output_folder(config: PredictConfig) -> Path:
+    """--out, or the default: `RUN/predict/input` (or `RUN/predict/SPLIT` with --split),
+    else `predictions` (`predictions/SPLIT`)."""
+    if config.out is not None:
+        return config.out
+    leaf = "input" if config.split is None else config.split
+    if config.run is not None:
+        return config.run / "predict" / leaf
+    return Path("predictions") if config.split is None else Path("predictions") / leaf
 
 
 def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list[tuple[str, str]]]:
@@ -237,8 +249,9 @@ def _read_frames(cap: Any, n: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- --split
 
 
-def predict_split(config: PredictConfig, predictor: Predictor) -> int:
-    """The original's mode: `--num` pictures from the split's shards, image | prediction."""
+def predict_split(config: PredictConfig, predictor: Predictor, out: Path) -> int:
+    """The original's mode: `--num` pictures from the split's shards, image | prediction,
+    into folder `out`."""
     from tqdm import tqdm
 
     from urbanseg.data.loader import ShardDataset
@@ -251,7 +264,6 @@ def predict_split(config: PredictConfig, predictor: Predictor) -> int:
     else:  # PredictConfig refuses --split without --run or --data
         raise UserError("--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data")
     dataset = ShardDataset(root, split)
-    out = config.out or (config.run / "predict" / split if config.run else Path("predictions") / split)
     n = min(config.num, len(dataset))
     title = _model_title(predictor)
     with claim(out, "predict"):
