@@ -95,37 +95,36 @@ def pretrain(work: Path, shards: Path, init: Path, steps: int) -> Path:
 
 
 def miou(model, shards: Path, labels: str, class_map=None) -> float:
+    """Val mIoU of in-memory `model` on `labels` (predicted classes mapped by `class_map`
+    first), scored by evaluate's own `run_evaluation`."""
     from urbanseg.data.loader import ShardDataset
     from urbanseg.evaluation.evaluate import run_evaluation
+    from urbanseg.inference.predictor import Predictor
     from urbanseg.labels import get_label_set
 
+    class ModulePredictor(Predictor):
+        def logits(self, batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch)).numpy()
+
+    model.eval()
     dataset = ShardDataset(shards, "val")
-    state = run_evaluation(
-        model.eval(), dataset, get_label_set(labels), device=torch.device("cpu"), gallery=0, class_map=class_map
-    )
+    label_set = get_label_set(labels)
+    predictor = ModulePredictor(label_set, (dataset.spec.width, dataset.spec.height), Path("in-memory"))
+    predictor.class_map = class_map
+    state = run_evaluation(predictor, dataset, label_set, gallery=0)
     return float(state.confusion.compute()["miou"])
 
 
-def predicted_counts(model, shards: Path, num_classes: int) -> np.ndarray:
-    """How often the model predicts each class on the train split's pixels."""
-    from urbanseg.data.loader import ShardDataset
-
-    counts = np.zeros(num_classes, np.int64)
-    dataset = ShardDataset(shards, "train")
-    with torch.inference_mode():
-        for i in range(len(dataset)):
-            pred = model(dataset[i]["image"][None].float()).argmax(1)
-            counts += np.bincount(pred.flatten().numpy(), minlength=num_classes)
-    return counts
-
-
-def step0_scores(checkpoint: Path, shards: dict[str, Path], target: str) -> dict[str, float]:
+def step0_scores(checkpoint: Path, shards: dict[str, Path], target: str, counts: np.ndarray) -> dict[str, float]:
+    """The step-0 val mIoU of each way to start on `target`; `counts`: how often the
+    classes19 model predicts each class on its train split (for the dominant rule)."""
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
     from urbanseg.data.loader import ShardDataset
     from urbanseg.labels import get_label_set
     from urbanseg.models import create_model
     from urbanseg.projection import find_projection
-    from urbanseg.training.finetune import project_head
+    from urbanseg.training.finetune import dominant_members, project_head
     from urbanseg.training.train import init_sample, load_init_weights
 
     ckpt = load_checkpoint(checkpoint)
@@ -143,9 +142,7 @@ def step0_scores(checkpoint: Path, shards: dict[str, Path], target: str) -> dict
     out["train --init"] = miou(head, shards[target], target)
     project_head(head, ckpt["model_state"], projection, rule="mean")
     out["head mean"] = miou(head, shards[target], target)
-    counts = predicted_counts(model19, shards["classes19"], 19)
-    dominant = [max(m, key=lambda k: counts[k]) if m else 0 for m in projection.members()]
-    project_head(head, ckpt["model_state"], projection, rule="dominant", dominant=dominant)
+    project_head(head, ckpt["model_state"], projection, rule="dominant", dominant=dominant_members(projection, counts))
     out["head dominant"] = miou(head, shards[target], target)
     torch.manual_seed(0)
     fresh = create_model(ckpt["model"]["name"], labels.num_classes, **kwargs)
@@ -170,8 +167,15 @@ def main() -> None:
     columns = ("projected", "train --init", "head dominant", "head mean", "fresh head")
     print("| data | " + " | ".join(columns) + " |")
     print("|-|" + "-|" * len(columns))
+    from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.training.finetune import predicted_counts
+
+    train19 = ShardDataset(shards["classes19"], "train")
+    model19 = model_from_checkpoint(load_checkpoint(checkpoint))
+    counts = predicted_counts(model19, [train19[i]["image"] for i in range(len(train19))], 19)  # once, for both
     for target in ("categories8", "categories7"):
-        scores = step0_scores(checkpoint, shards, target)
+        scores = step0_scores(checkpoint, shards, target, counts)
         print(f"| {target} | " + " | ".join(f"{scores[c]:.3f}" for c in columns) + " |")
 
 
