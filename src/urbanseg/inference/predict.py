@@ -78,15 +78,15 @@ def predict(config: PredictConfig) -> int:
     if not plan.tta.plain:
         print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the output size")
     if config.split is not None:
-        return predict_split(config, predictor, out)
+        return predict_split(config, predictor, plan, out)
     files, failures = collect_inputs(config.input, out)
     total = len(files) + len(failures)  # every input counts once: a missing one fails in collect_inputs
     id_lut = predictor.label_set.cityscapes_ids() if config.cityscapes_ids else None
     with claim(out, "predict") if files else contextlib.nullcontext():
-        failures += predict_images(config, predictor, [j for j in files if not j.is_video], id_lut)
+        failures += predict_images(config, predictor, plan, [j for j in files if not j.is_video], id_lut)
         for file in (j for j in files if j.is_video):
             try:
-                predict_video(config, predictor, file)
+                predict_video(config, predictor, plan, file)
             except ValueError as e:
                 failures.append((str(file.source), str(e)))
     print(f"wrote predictions for {total - len(failures)} of {total} inputs to {out}")
@@ -142,10 +142,6 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
     return unique, failures
 
 
-def _segment(config: PredictConfig, predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    return label_maps(predictor, images, Plan.from_config(config, predictor.info))
-
-
 def _read(file: InputFile) -> np.ndarray | str:
     try:
         return read_image(file.source)
@@ -154,7 +150,7 @@ def _read(file: InputFile) -> np.ndarray | str:
 
 
 def predict_images(
-    config: PredictConfig, predictor: Predictor, files: list[InputFile], id_lut: np.ndarray | None
+    config: PredictConfig, predictor: Predictor, plan: Plan, files: list[InputFile], id_lut: np.ndarray | None
 ) -> list[tuple[str, str]]:
     """Segment still images `batch_size` at a time, reading the next batch on a thread
     while the model runs. Returns the failures as (file, reason)."""
@@ -170,7 +166,7 @@ def predict_images(
             ok = [(j, im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, np.ndarray)]
             failures += [(str(j.source), im) for j, im in zip(chunk, loaded, strict=False) if isinstance(im, str)]
             if ok:
-                labels = _segment(config, predictor, [im for _, im in ok])
+                labels = label_maps(predictor, [im for _, im in ok], plan)
                 for (file, image), lab in zip(ok, labels, strict=False):
                     write_outputs(file.prefix, image, lab, predictor, config, id_lut)
             bar.update(len(chunk))
@@ -198,7 +194,7 @@ def write_outputs(
         save_png(prefix.with_name(f"{name}_labelIds.png"), id_lut[labels])
 
 
-def predict_video(config: PredictConfig, predictor: Predictor, file: InputFile) -> Path:
+def predict_video(config: PredictConfig, predictor: Predictor, plan: Plan, file: InputFile) -> Path:
     """Segment every frame of a video; write `<prefix>_overlay.mp4` (mp4v) at the same
     size and frame rate. ValueError if the video cannot be opened or has no frames."""
     import cv2
@@ -223,7 +219,7 @@ def predict_video(config: PredictConfig, predictor: Predictor, file: InputFile) 
                         writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), fps, (w, h))
                         if not writer.isOpened():
                             raise ValueError(f"OpenCV cannot write an mp4v video to {target}")
-                    for frame, lab in zip(batch, _segment(config, predictor, batch), strict=False):
+                    for frame, lab in zip(batch, label_maps(predictor, batch, plan), strict=False):
                         mixed = overlay(frame, predictor.label_set.colorize(lab), config.alpha)
                         writer.write(np.ascontiguousarray(mixed[..., ::-1]))
                     bar.update(len(batch))
@@ -249,7 +245,7 @@ def _read_frames(cap: Any, n: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- --split
 
 
-def predict_split(config: PredictConfig, predictor: Predictor, out: Path) -> int:
+def predict_split(config: PredictConfig, predictor: Predictor, plan: Plan, out: Path) -> int:
     """The original's mode: `--num` pictures from the split's shards, image | prediction,
     into folder `out`."""
     from tqdm import tqdm
@@ -270,7 +266,7 @@ def predict_split(config: PredictConfig, predictor: Predictor, out: Path) -> int
         for start in tqdm(range(0, n, config.batch_size), desc=f"predict {split}", unit="batch"):
             items = [dataset[i] for i in range(start, min(n, start + config.batch_size))]
             images = [item["image"].permute(1, 2, 0).numpy() for item in items]
-            for item, image, lab in zip(items, images, _segment(config, predictor, images), strict=False):
+            for item, image, lab in zip(items, images, label_maps(predictor, images, plan), strict=False):
                 picture = side_by_side(image, predictor.label_set.colorize(lab), str(item["name"]), title, predictor)
                 save_png(out / f"{Path(str(item['name'])).stem}.png", picture)
     print(f"wrote {n} pictures (image | prediction) from {root}/{split} to {out}")
