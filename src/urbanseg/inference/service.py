@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -43,6 +42,7 @@ from urbanseg.config import parse_scales, parse_size
 from urbanseg.errors import UserError
 from urbanseg.imaging import decode_image, overlay
 from urbanseg.inference.batching import MicroBatcher, QueueFull
+from urbanseg.inference.engine import checkpoint_hash
 from urbanseg.inference.metrics import Guard, Metrics
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, TorchPredictor
@@ -86,15 +86,11 @@ def run_model(predictor: Predictor, images: list[np.ndarray], plan: Plan) -> lis
 def model_identity(predictor: Predictor) -> dict[str, Any]:
     """Who answers: architecture, file name (not its path), SHA-256 prefix, training step, engine."""
     source = Path(predictor.info.get("checkpoint") or predictor.source)  # not the engine's cached export
-    digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     model = predictor.info.get("model") or {}
     return {
-        "name": model.get("name", source.stem) if isinstance(model, dict) else str(model),
+        "name": model.get("name", source.stem),
         "file": source.name,
-        "sha256": digest.hexdigest()[:16],
+        "sha256": checkpoint_hash(source)[:16],
         "step": predictor.info.get("step"),
         "engine": predictor.info.get("engine")
         or (f"pytorch ({predictor.device})" if isinstance(predictor, TorchPredictor) else "onnxruntime"),
@@ -182,7 +178,7 @@ def create_app(predictor: Predictor, limits: Limits) -> Starlette:
         lifespan=lifespan,
     )
     app.add_middleware(Guard, metrics=metrics, token=limits.token)
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher = batcher
     return app
 
 
