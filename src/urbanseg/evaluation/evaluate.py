@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from urbanseg import __version__
-from urbanseg.config import EvaluateConfig, parse_scales
+from urbanseg.config import EvaluateConfig
 from urbanseg.data.annotations import ID_SOURCES, INSTANCE_SOURCES, read_truth
 from urbanseg.data.formats import Manifest, ShardSpec
 from urbanseg.data.sources import raw_annotations
@@ -74,7 +74,7 @@ def evaluate(config: EvaluateConfig) -> int:
         model_path = Path(config.model)
     else:
         checkpoint = resolve_model_checkpoint(config.checkpoint)  # a pretrained source: its converted checkpoint
-        model_path = run.checkpoint(checkpoint) if run is not None else resolve_checkpoint(None, checkpoint)
+        model_path = resolve_checkpoint(config.run, checkpoint)
     predictor = load_engine(
         checkpoint=None if config.model else model_path, model=config.model, engine=config.engine, device=config.device
     )
@@ -117,8 +117,7 @@ def evaluate(config: EvaluateConfig) -> int:
         official = state.official.compute() if state.official is not None else None
         if official and raw is not None and not raw.has_instances:
             official = _without_iiou(official)
-        info = _info(config, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
-        info["model_run"] = plan.why
+        info = _info(config, plan, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
         info["projection"] = projection.describe() if projection is not None else None
         info["pretrained"] = dict(provenance(predictor.info.get("source"), predictor.info.get("metrics"))) or None
         name = run.path.name if run is not None else (predictor.info.get("source") or {}).get("id", model_path.stem)
@@ -518,6 +517,7 @@ def environment(device: Any) -> dict[str, Any]:
 
 def _info(
     config: EvaluateConfig,
+    plan: Plan,
     summary: dict[str, Any],
     training: dict | None,
     ckpt_path: Path,
@@ -537,7 +537,7 @@ def _info(
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "split": config.split,
         "protocol": "full-res" if config.full_res else "prepared",
-        "tta": {"flip": config.tta == "flip", "scales": list(parse_scales(config.scales))},
+        "tta": {"flip": plan.tta.flip, "scales": list(plan.tta.scales)},
         "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
@@ -556,6 +556,7 @@ def _info(
         "engine": predictor.info.get("engine", type(predictor).__name__),
         "environment": environment(getattr(predictor, "device", "cpu")),
         "training_config": training,
+        "model_run": plan.why,
     }
 
 
