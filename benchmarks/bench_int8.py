@@ -132,7 +132,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--train-iters", type=int, default=300, help="0: skip the accuracy part")
     args = parser.parse_args()
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes]
+    from urbanseg.config import parse_size
+
+    sizes = [parse_size(s, "--sizes") for s in args.sizes]
     if not args.classes:
         from urbanseg.labels import DEFAULT_LABEL_SET, get_label_set
 

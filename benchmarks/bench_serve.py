@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def make_checkpoint(folder: Path, model_name: str) -> Path:
     import torch

@@ -15,7 +15,7 @@ Only the standard library and numpy are imported: ONNX Runtime users need no PyT
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +54,7 @@ class Quantization:
     float_nodes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "dtype": self.dtype,
-            "method": self.method,
-            "calibration_split": self.calibration_split,
-            "calibration_images": self.calibration_images,
-            "val_split": self.val_split,
-            "val_images": self.val_images,
-            "miou_fp32": self.miou_fp32,
-            "miou_int8": self.miou_int8,
-            "agreement": self.agreement,
-            "float_nodes": list(self.float_nodes),
-        }
+        return asdict(self)
 
     @classmethod
     def read(cls, doc: Node) -> Quantization:
