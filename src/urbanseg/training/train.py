@@ -195,16 +195,16 @@ def resolve_init(config: TrainConfig, info: dist_.DistInfo) -> TrainConfig:
     (on first use) and tells the others."""
     if config.init is None:
         return config
-    answer: tuple[str, str | None] | None = None
+    path, problem = None, None
     if info.is_main:
         try:
-            answer = ("ok", resolve_model_checkpoint(config.init))
+            path = resolve_model_checkpoint(config.init)
         except UserError as e:
-            answer = ("error", str(e))
-    answer = dist_.broadcast_from_main(answer)
-    if answer is None or answer[0] == "error":
-        raise UserError(answer[1] if answer else "--init could not be resolved")
-    return dataclasses.replace(config, init=answer[1])
+            problem = str(e)
+    path, problem = dist_.broadcast_from_main((path, problem))
+    if problem:
+        raise UserError(problem)
+    return dataclasses.replace(config, init=path)
 
 
 def build_optimizer(
