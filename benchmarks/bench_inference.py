@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the benchmarks' shared timing
+
+from helpers.timing import rotated
 
 MODELS = ["lraspp-mobilenetv3", "fpn-resnet18", "deeplabv3plus-mobilenetv4"]
 ENGINES = ["torch NCHW", "torch folded CL", "ORT", "auto"]
@@ -132,17 +135,9 @@ def _time_engines(x: Any, torch_models: dict[str, Any], session: Any, auto: Any,
     }
     calls["ORT"] = lambda: session.run(None, {"image": x})
     calls["auto"] = lambda: auto.logits(x)
-    times: dict[str, list[float]] = {engine: [] for engine in calls}
     with torch.inference_mode():
-        for fn in calls.values():  # warm-up
-            fn()
-        for _ in range(repeats):
-            for engine, fn in calls.items():
-                time.sleep(0.2)
-                start = time.perf_counter()
-                fn()
-                times[engine].append((time.perf_counter() - start) * 1000.0)
-    row: dict[str, Any] = {engine: statistics.median(ms) for engine, ms in times.items()}
+        medians = rotated(list(calls.values()), repeats)
+    row: dict[str, Any] = dict(zip(calls, medians, strict=True))
     row["auto engine"] = auto.info.get("engine", type(auto).__name__)
     return row
 

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the benchmarks' shared timing
+
+from helpers.timing import rotated
 
 DEFAULT_MODELS = [
     "lraspp-mobilenetv3",
@@ -68,22 +71,6 @@ def sessions(paths: list[Path], threads: int) -> list:
         options.log_severity_level = 3
         out.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     return out
-
-
-def rotated(runs: list, repeats: int, clock) -> list[float]:
-    """Median ms of each callable in `runs`, timed in turn for `repeats` rounds (one warm-up),
-    each after a short pause: ONNX Runtime's intra-op threads spin for a while after a run,
-    and a session timed right after another one's shares the cores with that spinning."""
-    for run in runs:
-        run()
-    times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for k, run in enumerate(runs):
-            time.sleep(0.2)
-            start = clock()
-            run()
-            times[k].append((clock() - start) * 1000.0)
-    return [statistics.median(t) for t in times]
 
 
 def speed(fp32: Path, int8: Path, size: tuple[int, int], threads: int, repeats: int) -> dict[str, float]:
