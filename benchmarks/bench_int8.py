@@ -87,10 +87,8 @@ def speed(fp32: Path, int8: Path, size: tuple[int, int], threads: int, repeats: 
 def accuracy(folder: Path, iters: int) -> dict:
     """Train the default model briefly on synthetic scenes, export --quantize int8, return
     the metadata's quantization entry."""
-    import onnx
-
     from urbanseg.cli import main
-    from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
+    from urbanseg.inference.metadata import OnnxMetadata, read_entry
 
     raw, prepared, shards, run = (folder / n for n in ("raw", "prepared", "shards", "run"))
     steps = [
@@ -103,9 +101,7 @@ def accuracy(folder: Path, iters: int) -> dict:
     for argv in steps:
         if main(argv) != 0:
             raise SystemExit(f"`urbanseg {' '.join(argv)}` failed")
-    proto = onnx.load(str(run / "best.int8.onnx"))
-    text = {p.key: p.value for p in proto.metadata_props}[ONNX_META_KEY]
-    q = OnnxMetadata.parse(text, run / "best.int8.onnx").quantization
+    q = OnnxMetadata.parse(read_entry(run / "best.int8.onnx"), run / "best.int8.onnx").quantization
     assert q is not None
     return q.to_dict()
 

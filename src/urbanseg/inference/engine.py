@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from urbanseg.errors import UserError
 from urbanseg.inference.export import export_onnx, verify_onnx
-from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata
+from urbanseg.inference.metadata import OnnxMetadata, read_entry
 from urbanseg.inference.predictor import OnnxPredictor, Predictor, TorchPredictor
 from urbanseg.util import atomic_path
 
@@ -57,17 +57,11 @@ def cache_path(checkpoint: Path, digest: str) -> Path:
 def cache_marker(path: Path) -> dict[str, Any] | None:
     """The engine-cache entry of ONNX file `path`'s urbanseg metadata, None when it has
     none (not a cache, or not readable as ONNX)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return None
-    for entry in proto.metadata_props:
-        if entry.key == ONNX_META_KEY:
-            with contextlib.suppress(ValueError):
-                marker = json.loads(entry.value).get(CACHE_KEY)
-                return marker if isinstance(marker, dict) else None
+    entry = read_entry(path)
+    if entry is not None:
+        with contextlib.suppress(ValueError):
+            marker = json.loads(entry).get(CACHE_KEY)
+            return marker if isinstance(marker, dict) else None
     return None
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from urbanseg import __version__
 from urbanseg.config import ExportConfig
 from urbanseg.errors import UserError
-from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata, Quantization
+from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata, Quantization, read_entry
 from urbanseg.inference.quantize import METHOD, int8_path, pick_images, quantize_onnx, score_pair, session
 from urbanseg.outputs import check_file
 from urbanseg.rundir import RunDir, resolve_checkpoint
@@ -170,13 +170,7 @@ def _fmt(value: float | None) -> str:
 
 def is_urbanseg_onnx(path: Path) -> bool:
     """Whether `path` is an ONNX model carrying urbanseg's metadata (one `export` wrote)."""
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return False
-    return any(entry.key == ONNX_META_KEY for entry in proto.metadata_props)
+    return read_entry(path) is not None
 
 
 def export_onnx(

@@ -28,6 +28,18 @@ FORMAT_VERSION = 2
 _FIX = "export it again with `urbanseg export`, or predict from the checkpoint with --checkpoint"
 
 
+def read_entry(path: Path) -> str | None:
+    """The text of ONNX file `path`'s urbanseg metadata entry; None when the file is not
+    an ONNX model or has none (not one urbanseg wrote)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    return next((entry.value for entry in proto.metadata_props if entry.key == ONNX_META_KEY), None)
+
+
 def _current_version() -> str:
 
     return __version__
