@@ -454,7 +454,9 @@ def _model_summary(predictor: Predictor, path: Path, is_onnx: bool) -> tuple[dic
     for an ONNX model the same facts from its metadata (parameters: the graph's weights)."""
     from urbanseg.checkpoint import load_checkpoint, summarize_checkpoint
 
-    if not is_onnx:
+    if "summary" in predictor.info:  # a TorchPredictor read them from the checkpoint already
+        return predictor.info["summary"], predictor.info["training_config"]
+    if not is_onnx:  # the checkpoint behind a cached ONNX export
         ckpt = load_checkpoint(path)
         return summarize_checkpoint(ckpt), ckpt.get("config")
     info, label_set = predictor.info, predictor.label_set

@@ -89,7 +89,7 @@ class TorchPredictor(Predictor):
     def __init__(self, path: Path, device: str = "auto", *, optimize: bool = True) -> None:
         import torch
 
-        from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
+        from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint, summarize_checkpoint
         from urbanseg.device import pick_device
 
         ckpt = load_checkpoint(path)
@@ -114,6 +114,9 @@ class TorchPredictor(Predictor):
             "metrics": ckpt.get("metrics"),
             "source": ckpt.get("source"),  # a converted pretrained model's origin and licence
             "inference": ckpt.get("inference"),  # its recorded protocol (urbanseg.inference.protocol)
+            # for evaluate's report, so it need not read the checkpoint again
+            "summary": summarize_checkpoint(ckpt),
+            "training_config": ckpt.get("config"),
         }
         super().__init__(label_set, input_size, Path(path), info)
 
