@@ -55,7 +55,7 @@ def segment_options(info: Mapping[str, Any], config: Any, default: Mode = "resiz
     """The options to segment with, from a predictor's `info` (its "inference" record)
     and a command's config: its `native`/`tile`/`tile_size`/`tile_overlap` flags when
     given (predict has them), else the recorded protocol unless `config.protocol` is
-    False (--no-protocol), else `default` (predict: resize; evaluate: the shards' size)."""
+    False (--no-protocol), else `default` (resize: what predict and evaluate use)."""
     overlap = float(getattr(config, "tile_overlap", 0.25))
     if getattr(config, "tile", False):
         size = getattr(config, "tile_size", "")

@@ -413,15 +413,12 @@ def _float_prefix(graph: Any) -> list[str]:
 def _stem_convs(graph: Any) -> list[str]:
     """Names of Conv nodes over <= STEM_MAX_CHANNELS input channels (weights are
     (O, I / group, kh, kw))."""
-    from onnx import helper
-
     init = _initializers(graph)
     names = []
     for node in graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in init:
             dims = init[node.input[1]].dims
-            group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
-            if len(dims) == 4 and dims[1] * group <= STEM_MAX_CHANNELS:
+            if len(dims) == 4 and dims[1] * _attr(node, "group", 1) <= STEM_MAX_CHANNELS:
                 names.append(node.name)
     return names
 
