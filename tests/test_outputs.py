@@ -476,6 +476,21 @@ def test_every_command_reports_a_read_only_folder(name, world, tmp_path, capsys)
         assert snapshot(base) == before
 
 
+@pytest.mark.parametrize("name", [n for n in WRITING if n != "evaluate"])  # evaluate writes inside its --run
+def test_every_command_reports_an_output_path_it_cannot_make(name, world, tmp_path, capsys):
+    """--out under a file, or where the system makes no folders (/proc): exit 2 naming the
+    path, no traceback, nothing written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    args, _target = invocation(name, world, blocker)
+    assert main(args) == 2
+    assert f"{blocker} is a file, not a folder" in _err(capsys)
+    assert blocker.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["a-file"]
+    args, _target = invocation(name, world, Path(f"/proc/urbanseg-test-{os.getpid()}"))
+    assert main(args) == 2
+    assert "/proc/urbanseg-test-" in _err(capsys)
+
+
 def test_full_disk_while_training_keeps_the_last_checkpoint(world, tmp_path):
     """The disk fills up after the first last.pt (256 KiB stay free: less than a last.pt
     of 1.5 MB, enough for curves.png): the next save fails inside torch.save, exit 2 naming

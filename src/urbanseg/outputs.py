@@ -158,12 +158,19 @@ def is_owned(folder: Path, command: str) -> bool:
     return marker == command if marker is not None else LEGACY_PROOFS[command](folder)
 
 
+def _check_parents(path: Path, what: str) -> None:
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{what} {path} cannot be made: {blocking} is a file, not a folder; give another path")
+
+
 def check_owner(folder: Path | str, command: str, what: str = "--out") -> None:
     """UserError unless `urbanseg <command>` may write into `folder`: new, empty, or its
     own output (`is_owned`). `what` names the folder in the message (a flag or a word)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder} is a file; give a folder")
+    _check_parents(folder, what)
     found = _contents(folder)
     if not found or is_owned(folder, command):
         return
@@ -182,6 +189,7 @@ def check_file(path: Path | str, command: str, is_ours: Callable[[Path], bool], 
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder; give a file name")
+    _check_parents(path, what)
     if path.exists() and not is_ours(path):
         raise UserError(
             f"{what} {path} exists and was not written by `urbanseg {command}`; urbanseg replaces "
@@ -264,6 +272,19 @@ def _remove_if_untouched(folder: Path, top: Path | None) -> None:
             path = path.parent
 
 
+def make_folder(folder: Path, what: str = "--out") -> None:
+    """mkdir -p, with a UserError where the system has no such place to make it (a path
+    under /proc, or a parent replaced by a file meanwhile); other OSErrors (read-only,
+    no permission, disk full) are named by `urbanseg.cli`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UserError(
+            f"{what} {folder} cannot be made ({e.strerror}: {e.filename}); choose a folder on a "
+            "writable file system"
+        ) from None
+
+
 def _probe(folder: Path) -> None:
     """Write and remove a small file: a read-only folder or a full disk shows now."""
     fd, path = tempfile.mkstemp(prefix=".urbanseg-probe.", dir=folder)
@@ -295,7 +316,7 @@ def claim(
         check()
     fd, created = -1, _first_missing(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, what)
         fd = _lock(folder, command)
         check_owner(folder, command, what)
         result = check() if check else None

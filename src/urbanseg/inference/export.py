@@ -34,7 +34,7 @@ from urbanseg.config import ExportConfig
 from urbanseg.errors import UserError
 from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata, Quantization, read_entry
 from urbanseg.inference.quantize import METHOD, int8_path, pick_images, quantize_onnx, score_pair, session
-from urbanseg.outputs import check_file
+from urbanseg.outputs import check_file, make_folder
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
 
@@ -51,6 +51,7 @@ def export(config: ExportConfig) -> int:
     source = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
     target = Path(config.out or source.with_suffix(".onnx"))
     check_file(target, "export", is_urbanseg_onnx)
+    make_folder(target.parent)  # now: a place where no folder can be made is named before the work
     int8_target = int8_path(target) if config.quantize == "int8" else None
     if int8_target is not None:
         check_file(int8_target, "export", is_urbanseg_onnx, what="int8 model")
