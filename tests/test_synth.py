@@ -154,6 +154,22 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "pixel shares" in capsys.readouterr().out
 
 
+def test_rerun_removes_a_killed_runs_temporary_files(tmp_path):
+    """A run killed mid-write leaves `atomic_path`'s temporary file; rerunning the same
+    command completes the folder and removes it (it is no scene of another run)."""
+    from urbanseg.util import temporary_glob
+
+    out = tmp_path / "d"
+    args = ["synth", "--out", str(out), "--train", "1", "--val", "1", "--size", SIZE, "--workers", "1"]
+    assert main(args) == 0
+    before = files(out)
+    label = next(out.glob("gtFine/train/*/*_labelIds.png"))
+    leftover = label.with_name(temporary_glob(label.name).replace("*", "x7k2"))
+    leftover.write_bytes(label.read_bytes()[:100])
+    assert main(args) == 0
+    assert not leftover.exists() and files(out) == before
+
+
 def test_rerun_extends_and_refuses_to_mix(tmp_path, capsys):
     out = tmp_path / "d"
     args = ["synth", "--out", str(out), "--val", "1", "--size", SIZE, "--workers", "1"]

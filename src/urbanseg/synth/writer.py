@@ -25,6 +25,7 @@ json2labelImg / json2instanceImg do (license plates, id -1, are listed but not d
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import zlib
@@ -41,7 +42,7 @@ from urbanseg.labels import CATEGORIES, LABELS, categories8, polygon_values
 from urbanseg.memory import check_synth as check_synth_memory
 from urbanseg.synth.layout import compose
 from urbanseg.synth.render import clip_polygon, render
-from urbanseg.util import default_workers, progress_map, write_if_changed
+from urbanseg.util import default_workers, progress_map, temporary_glob, write_if_changed
 
 SPLITS = ("train", "val", "test")
 # Fake city names: a few per split, so the folder structure looks like Cityscapes'.
@@ -179,6 +180,16 @@ def _make_one(job: tuple) -> np.ndarray:
     return scene["categories"]
 
 
+def _scene_files(config: SynthConfig) -> list[Path]:
+    out = Path(config.out)
+    return [p for d in LAYOUT_FOLDERS[config.layout] for p in (out / d).rglob("*") if p.is_file()]
+
+
+def _is_leftover(path: Path) -> bool:
+    """A temporary file of `atomic_path`'s, left by a killed run (removed by the next one)."""
+    return fnmatch.fnmatchcase(path.name, temporary_glob())
+
+
 def _check_output(config: SynthConfig, planned: set[Path]) -> None:
     """Refuse to mix into a synth folder (`outputs.claim` checked it is one) holding
     something else: it must have been made with the same --seed and --size (then it is
@@ -200,8 +211,7 @@ def _check_output(config: SynthConfig, planned: set[Path]) -> None:
             f"{old.get('size')} --layout {layout}, not --seed {config.seed} --size {config.size} --layout "
             f"{config.layout}; rerun with those flags to complete or extend it, or choose a new folder"
         )
-    folders = LAYOUT_FOLDERS[config.layout]
-    existing = {p for d in folders for p in (out / d).rglob("*") if p.is_file()}
+    existing = {p for p in _scene_files(config) if not _is_leftover(p)}
     extra = sorted(existing - planned)
     if extra:
         raise UserError(
@@ -222,6 +232,8 @@ def synthesize(config: SynthConfig) -> int:
     planned = {p for job in jobs for p in scene_paths(out, job[2], job[3], config.layout).values()}
     with outputs.claim(out, "synth", check=lambda: _check_output(config, planned)):
         save_config(config, out / CONFIG_NAME)  # first: an interrupted run can be resumed by rerunning it
+        for leftover in filter(_is_leftover, _scene_files(config)):
+            leftover.unlink()
         workers = config.workers or default_workers()
         results = progress_map(_make_one, jobs, workers=workers, desc=f"synth {width}x{height}")
     print(f"wrote {len(jobs)} scenes to {out}")
