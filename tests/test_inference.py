@@ -55,6 +55,28 @@ def test_read_image_any_format(tmp_path, kind):
         assert (got == expected).all()
 
 
+@pytest.mark.parametrize("kind", ["jpg", "png", "webp"])
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_read_image_turns_a_photo_upright(tmp_path, kind, orientation):
+    """A camera's EXIF orientation is applied, as viewers, labelme and `prepare` (for
+    training photos) do: `predict` and `serve` see the picture the user sees."""
+    from PIL import ImageOps
+
+    rgb = scene(24, 40)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo.{kind}"
+    Image.fromarray(rgb).save(
+        path,
+        exif=exif.tobytes(),
+        **({"quality": 95} if kind == "jpg" else {"lossless": True} if kind == "webp" else {}),
+    )
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")).astype(int)
+    got = read_image(path)
+    assert got.shape == upright.shape and got.shape[:2] == ((24, 40) if orientation == 3 else (40, 24))
+    assert np.abs(got.astype(int) - upright).max() <= 2
+
+
 def test_read_image_names_a_corrupt_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")

@@ -537,3 +537,86 @@ for _ in range(6):
         proc.communicate()
         pytest.fail("prepare with --workers 2 hung")
     assert proc.returncode == 0, err[-2000:]
+
+
+def test_damaged_output_is_redone_even_with_its_size_and_time(raw, tmp_path):
+    """A prepared image whose bytes changed (same length, same mtime) is not up to date:
+    `pack` copies the bytes as they are, so the damage would reach the shards."""
+    out = tmp_path / "out"
+    assert prepare(raw, out, "--size", "32x16") == 0
+    before = pngs(out)
+    split, city, stem, *_ = next(raw_pairs(raw))
+    target = out / f"images/{split}/{city}/{stem}.png"
+    stat, data = target.stat(), bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(16)
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prepare(raw, out, "--size", "32x16") == 0
+    assert pngs(out) == before
+
+
+def _paired(root: Path, count: int) -> list[str]:
+    """`count` random pictures with index masks in flat paired folders; the prepare flags."""
+    rng = np.random.default_rng(0)
+    (root / "i").mkdir(parents=True)
+    (root / "m").mkdir()
+    for k in range(count):
+        Image.fromarray(rng.integers(0, 256, (16, 32, 3), np.uint8)).save(root / "i" / f"p{k}.png")
+        Image.fromarray(rng.integers(0, 8, (16, 32), np.uint8)).save(root / "m" / f"p{k}.png")
+    return ["--images", str(root / "i"), "--masks", str(root / "m"), "--source", "indices", "--size", "32x16"]
+
+
+def test_a_pair_in_a_kept_split_is_refused(tmp_path, capsys):
+    """A split not in `--splits` stays as an earlier run prepared it; a picture of it that
+    this run puts in train would be in both splits: refused before anything is written.
+    A stem alone proves nothing (train/0001.png and val/0001.png may be two pictures)."""
+    flags, out = _paired(tmp_path, 12), tmp_path / "out"
+    assert main(["prepare", *flags, "--out", str(out), "--val-fraction", "0.25"]) == 0
+    val = json.loads((out / "manifest.json").read_text())["splits"]["val"]["stems"]
+    before = mtimes(out)
+    assert main(["prepare", *flags, "--out", str(out), "--splits", "train"]) == 2
+    err = _err(capsys)
+    assert f"{val[0]} (val -> train)" in err and "in two splits" in err
+    assert mtimes(out) == before
+    # the same stem for another picture is no move
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(tmp_path / "i" / f"{val[0]}.png")
+    for stem in val[1:]:
+        (tmp_path / "i" / f"{stem}.png").unlink()
+        (tmp_path / "m" / f"{stem}.png").unlink()
+    assert main(["prepare", *flags, "--out", str(out), "--splits", "train"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())["splits"]
+    assert val[0] in manifest["train"]["stems"] and manifest["val"]["stems"] == val
+
+
+def test_a_split_asked_for_without_pairs_now_is_removed(raw, tmp_path):
+    out = tmp_path / "out"
+    assert prepare(raw, out, "--size", "32x16", "--splits", "train", "val") == 0
+    shutil.rmtree(raw / "leftImg8bit" / "val")
+    shutil.rmtree(raw / "gtFine" / "val")
+    assert prepare(raw, out, "--size", "32x16", "--splits", "train", "val") == 0
+    assert set(json.loads((out / "manifest.json").read_text())["splits"]) == {"train"}
+    assert not (out / "images/val").exists() and not (out / "labels/val").exists()
+
+
+def test_photo_exif_orientation_is_applied_and_checked_first(tmp_path, capsys):
+    """A photo is read upright as its EXIF orientation says (as labelme, viewers and
+    `predict` show it); its annotation as stored. The header check uses the upright size,
+    so a mask of the stored size is refused before anything is written."""
+    images, masks = tmp_path / "i", tmp_path / "m"
+    images.mkdir()
+    masks.mkdir()
+    stored = np.zeros((32, 64, 3), np.uint8)
+    stored[:, :32] = 255  # left half white as stored; upright (orientation 6: 90 degrees clockwise) the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(images / "a.png", exif=exif.tobytes())
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(masks / "a.png")  # the stored size: wrong
+    args = ["--images", str(images), "--masks", str(masks), "--source", "indices", "--splits", "train"]
+    assert main(["prepare", *args, "--out", str(tmp_path / "o"), "--size", "32x64"]) == 2
+    err = _err(capsys)
+    assert "is 32x64 (turned upright as its EXIF orientation says)" in err and "found before writing" in err
+    Image.fromarray(np.zeros((64, 32), np.uint8)).save(masks / "a.png")  # the upright size
+    assert main(["prepare", *args, "--out", str(tmp_path / "o"), "--size", "32x64"]) == 0
+    upright = np.asarray(Image.open(tmp_path / "o/images/train/all/a.png"))
+    assert upright[:32].min() == 255 and upright[32:].max() == 0

@@ -208,10 +208,25 @@ def test_rerun_replaces_split_and_failure_keeps_previous(tmp_path):
     # a broken input on the next run: the error names it, the packed split is untouched
     label = next((prepared / "labels" / "train").glob("*/*.png"))
     label.write_bytes(b"not a png")
-    with pytest.raises(UserError, match=rf"{label.name} is not a PNG"):
+    with pytest.raises(UserError, match=rf"{label.name}: not a PNG file"):
         pack(PackConfig(prepared=prepared, out=out, shards=1))
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == [MARKER, LOCK, "train"]  # no partial folders left
+
+
+def test_damaged_or_short_png_is_named_not_packed(tmp_path):
+    """pack copies PNG bytes into the records without decoding them: every chunk's checksum
+    is verified first, so changed bytes or a file cut short are named, not packed."""
+    prepared, out = pack_dir(tmp_path, {"train": 3}, shards=1)
+    image = next((prepared / "images" / "train").glob("*/*.png"))
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 16] = bytes(16)
+    image.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"{image.name}: damaged PNG .*re-run `urbanseg prepare`"):
+        pack(PackConfig(prepared=prepared, out=out, shards=1))
+    image.write_bytes(bytes(data[:20]))  # shorter than the IHDR chunk
+    with pytest.raises(UserError, match=rf"{image.name}: damaged PNG"):
+        pack(PackConfig(prepared=prepared, out=out, shards=1))
 
 
 def test_pack_is_deterministic(tmp_path):

@@ -304,9 +304,10 @@ class PrepareConfig:
         check(len(set(self.splits)) == len(self.splits), f"--splits {' '.join(self.splits)} repeats a split")
         bad = [s for s in self.splits if not s or s.startswith(".") or "/" in s or "\\" in s]
         check(not bad, f"--splits {bad[0]!r} is not a folder name like train, val or test" if bad else "")
+        both = "not both" if self.data is not None else "one of them"
         check(
             (self.data is None) != (self.images is None),
-            "give --data DIR (a Cityscapes-layout dataset) or --images DIR [--masks DIR] (paired folders), not both",
+            f"give --data DIR (a Cityscapes-layout dataset) or --images DIR [--masks DIR] (paired folders), {both}",
         )
         if self.data is not None:
             self._check_cityscapes()

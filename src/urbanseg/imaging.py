@@ -52,21 +52,24 @@ def decode_image(data: bytes | np.ndarray, source: str = "image") -> np.ndarray:
     """The bytes of a still image file -> (H, W, 3) uint8 RGB. ValueError naming `source`
     if they are not a decodable image.
 
-    OpenCV first (keeps 16 bits), Pillow for what OpenCV cannot decode (GIF, ...). Files
-    (`read_image`) and uploads (`urbanseg serve`) take this one path: the same pixels."""
+    OpenCV first (keeps 16 bits), Pillow for what OpenCV cannot decode (GIF, ...); both
+    turn the picture as its EXIF orientation says, as viewers show it and as `prepare`
+    reads training photos. Files (`read_image`) and uploads (`urbanseg serve`) take this
+    one path: the same pixels."""
     import cv2
 
     buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
-    img = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED) if buffer.size else None
+    # Not IMREAD_UNCHANGED: it ignores the EXIF orientation (alpha, which it keeps, is dropped anyway).
+    img = cv2.imdecode(buffer, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if buffer.size else None
     if img is not None:
         if img.ndim == 3 and img.shape[2] >= 3:  # OpenCV decodes to BGR(A)
             img = img[..., [2, 1, 0] + ([3] if img.shape[2] == 4 else [])]
         return to_rgb8(img, source)
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(buffer.tobytes())) as im:
-            return to_rgb8(np.asarray(im.convert("RGB")), source)
+            return to_rgb8(np.asarray(ImageOps.exif_transpose(im).convert("RGB")), source)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot decode {source} as an image ({e}); is it a corrupt or non-image file?") from None
 
@@ -136,6 +139,22 @@ def draw_polygons(
 ) -> np.ndarray:
     """`draw_shapes` of polygons only: each a (K, 2) array or list of (x, y) points."""
     return draw_shapes(size, [("polygon", p) for p in polygons], values, mode, background)
+
+
+def png_problem(data: bytes) -> str | None:
+    """Why `data` is not a whole, undamaged PNG file, or None. Pillow's `verify` walks the
+    chunks to IEND checking each one's CRC without decoding the pixels (2.5 ms for a
+    1.7 MB 2048x1024 image, 1/20 of a decode): a truncated file or changed bytes show."""
+    from PIL import Image
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "not a PNG file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports a bad CRC as SyntaxError
+        return f"damaged PNG ({e})"
+    return None
 
 
 def save_png(path: Path | str, array: np.ndarray, compress_level: int = 1) -> None:

@@ -90,11 +90,14 @@ def _decode_error(path: Path) -> str:
     return "OpenCV cannot decode it"
 
 
-def read_bgr(path: Path) -> np.ndarray:
-    """A raw image file -> (H, W, 3) uint8 BGR (grey, palette and RGBA are converted)."""
+def read_bgr(path: Path, *, photo: bool = True) -> np.ndarray:
+    """A raw image file -> (H, W, 3) uint8 BGR (grey, palette and RGBA are converted). A
+    photo is turned as its EXIF orientation says (as viewers, labelme and `predict` show
+    it); an annotation (`photo=False`) is used as stored, like single-channel ones."""
     import cv2
 
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # as fast as PIL (bench_prepare.py), any PNG mode
+    flags = cv2.IMREAD_COLOR if photo else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imread(str(path), flags)  # as fast as PIL (bench_prepare.py), any PNG mode
     if bgr is None:
         raise BadFile(f"{path}: unreadable ({_decode_error(path)}); re-extract or re-download it")
     return bgr
@@ -253,7 +256,7 @@ def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
         return rasterise(read_drawing(path, source), label_set, path)
     try:
         if source == "color":
-            return label_set.labels_from_colors(read_bgr(path), bgr=True)
+            return label_set.labels_from_colors(read_bgr(path, photo=False), bgr=True)
         values = _read_single_channel(path, source)
         if source == "labelIds":
             return label_set.labels_from_ids(values)
@@ -266,13 +269,27 @@ def read_labels(path: Path, source: str, label_set: LabelSet) -> np.ndarray:
         raise BadFile(f"{path}: {e}; {_FIX_VALUES[source]}") from None
 
 
-def _open_size(path: Path) -> tuple[tuple[int, int], str]:
-    """(size (W, H), mode) from an image header; BadFile if it cannot be opened."""
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def _orientation(im: Any) -> int | None:
+    """An opened image's EXIF orientation tag, from its header. A PNG's eXIf chunk after
+    the pixels is not looked for: Pillow would decode the whole image to find it."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return None
+    return im.getexif().get(0x0112)
+
+
+def _open_size(path: Path, *, photo: bool = False) -> tuple[tuple[int, int], str, bool]:
+    """(size (W, H), mode, turned) from an image header; a photo's size is as its EXIF
+    orientation turns it (`read_bgr`), `turned` when that swaps width and height. BadFile
+    if it cannot be opened."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size, im.mode
+            turned = photo and _orientation(im) in _TRANSPOSED
+            return (im.size[::-1] if turned else im.size), im.mode, turned
     except OSError as e:  # UnidentifiedImageError is an OSError
         raise BadFile(f"{path}: unreadable ({type(e).__name__}: {e}); re-extract or re-download it") from None
 
@@ -283,12 +300,12 @@ def header_problem(image: Path, label: Path, source: str, label_set: LabelSet) -
     notes to report)."""
     notes: tuple[str, ...] = ()
     try:
-        image_size, _ = _open_size(image)
+        image_size, _, turned = _open_size(image, photo=True)
         if source in JSON_SOURCES:
             drawing = check_drawing(label, source, label_set)
             label_size, notes = drawing.size, drawing.notes
         else:
-            label_size, mode = _open_size(label)
+            label_size, mode, _ = _open_size(label)
             problem = _mode_problem(label, mode, source)
             if problem:
                 return problem, ()
@@ -296,9 +313,10 @@ def header_problem(image: Path, label: Path, source: str, label_set: LabelSet) -
         return str(e), ()
     if image_size != label_size:
         says = " says" if source in JSON_SOURCES else ""
+        upright = " (turned upright as its EXIF orientation says)" if turned else ""
         return (
-            f"{image} is {image_size[0]}x{image_size[1]} but {label}{says} is "
-            f"{label_size[0]}x{label_size[1]}; an image and its annotation must have the same size"
+            f"{image} is {image_size[0]}x{image_size[1]}{upright} "
+            f"but {label}{says} is {label_size[0]}x{label_size[1]}; an image and its annotation must have the same size"
         ), notes
     return None, notes
 

@@ -22,19 +22,25 @@ from urbanseg.config import PackConfig, to_dict
 from urbanseg.data.formats import Manifest, ShardEntry, ShardSpec, SplitEntry
 from urbanseg.data.tfrecord import encode_example, frame_record, index_path
 from urbanseg.errors import UserError
+from urbanseg.imaging import png_problem
 from urbanseg.util import atomic_path, atomic_write_text, current_umask
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_header(data: bytes, path: Path) -> tuple[int, int, int, int]:
-    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, without decoding."""
-    if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-        raise UserError(f"{path} is not a PNG file; re-run `urbanseg prepare`")
+    """(width, height, bit depth, colour type) from a PNG's IHDR chunk, once every chunk's
+    checksum is verified (`imaging.png_problem`): the bytes go into the records as they
+    are, so a damaged file would otherwise only show when a loader decodes it."""
+    problem = png_problem(data)
+    if problem is None and data[12:16] != b"IHDR":
+        problem = "not a PNG file"
+    if problem:
+        raise UserError(f"{path}: {problem}; re-run `urbanseg prepare` to write it again")
     return struct.unpack(">IIBB", data[16:26])
 
 
 def _load_manifest(prepared: Path) -> Manifest:
+    if prepared.exists() and not prepared.is_dir():
+        raise UserError(f"--prepared {prepared} is a file; give the folder `urbanseg prepare --out` wrote")
     if not prepared.is_dir():
         raise UserError(f"prepared folder {prepared} not found; run `urbanseg prepare --out {prepared}` first")
     return Manifest.load(prepared / Manifest.FILE)

@@ -35,7 +35,7 @@ from urbanseg.data.annotations import BadFile, header_problem, read_bgr, read_la
 from urbanseg.data.formats import MANIFEST_VERSION, Manifest
 from urbanseg.data.sources import Found, Pair, find
 from urbanseg.errors import UserError
-from urbanseg.imaging import resize_image, resize_labels, save_png
+from urbanseg.imaging import png_problem, resize_image, resize_labels, save_png
 from urbanseg.labels import LabelSet, get_label_set
 from urbanseg.memory import check_prepare as check_prepare_memory
 
@@ -64,10 +64,13 @@ class Outcome(NamedTuple):
 
 
 def _existing_counts(pair: Pair, conversion: Conversion) -> np.ndarray | None:
-    """Histogram of an existing, valid output label, or None if it must be redone."""
+    """Histogram of an existing, valid output label, or None if it must be redone. Both
+    files' checksums are verified (`png_problem`): `pack` copies their bytes as they are."""
     from PIL import Image
 
     try:
+        if any(png_problem(p.read_bytes()) for p in (pair.out_image, pair.out_label)):
+            return None
         with Image.open(pair.out_label) as im:
             labels = np.asarray(im) if im.mode == "L" and im.size == conversion.size else None
         with Image.open(pair.out_image) as im:
@@ -156,11 +159,47 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(parts) or "an older urbanseg's settings"
 
 
-def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None, bool]:
+def _kept_splits(previous: dict | None, requested: list[str]) -> dict[str, Any]:
+    """The manifest entries of the splits an earlier run prepared and this one was not asked
+    for (`--splits`): kept as they were. A split asked for but without pairs now is not kept:
+    its outputs are stale like those of a removed pair."""
+    return {s: e for s, e in (previous or {}).get("splits", {}).items() if s not in requested}
+
+
+def _moved_pairs(out: Path, kept: dict[str, Any], splits: dict[str, list[Pair]], size: tuple[int, int]) -> list[str]:
+    """Pairs of this run whose picture is in a kept split already ("stem (val -> train)").
+    A stem alone does not prove it (paired folders may use 0001.png in train/ and val/ for
+    two pictures): a pair whose stem is there too is resized as `process_pair` would and
+    compared with the kept split's image. Only such pairs are read: usually none."""
+    from PIL import Image
+
+    now = {pair.stem: pair for pairs in splits.values() for pair in pairs}
+    moved = []
+    for old, entry in kept.items():
+        for name in entry.get("files") or entry.get("stems", []):
+            pair = now.get(Path(name).name)
+            found = list((out / "images" / old).glob(f"*/{Path(name).name}.png")) if pair else []
+            if not pair or len(found) != 1:
+                continue
+            try:
+                with Image.open(found[0]) as im:
+                    before = np.asarray(im.convert("RGB"))
+                after = resize_image(read_bgr(pair.image), size)[..., ::-1]
+            except (OSError, BadFile):  # unreadable: the header checks or the run name it
+                continue
+            if np.array_equal(before, after):
+                moved.append(f"{pair.stem} ({old} -> {pair.split})")
+    return moved
+
+
+def _claim_out(
+    out: Path, settings: dict, overwrite: bool, splits: dict[str, list[Pair]], requested: list[str]
+) -> tuple[dict | None, bool]:
     """Check, writing nothing, that `out` may take outputs made with `settings`: a new
     or empty folder, or one `urbanseg prepare` wrote (`outputs.check_owner`) with the
-    same settings. Returns (its previous manifest if still valid, whether its old
-    outputs must be wiped)."""
+    same settings, where no pair of this run is in a split kept as it was (`_kept_splits`;
+    the pair would be in two splits: validation images in training). Returns (its previous
+    manifest if still valid, whether its old outputs must be wiped)."""
     outputs.check_owner(out, "prepare")
     state = out / STATE_FILE
     if not state.is_file():
@@ -178,9 +217,19 @@ def _claim_out(out: Path, settings: dict, overwrite: bool) -> tuple[dict | None,
             )
         return None, True
     try:
-        return json.loads((out / MANIFEST).read_text()), False
+        previous = json.loads((out / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None, False  # an interrupted run: its finished pairs are kept and skipped
+    moved = _moved_pairs(out, _kept_splits(previous, requested), splits, tuple(settings["size"]))
+    if moved:
+        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+        raise UserError(
+            f"--out {out}: {len(moved)} pair(s) of this run are in a split an earlier run prepared there and "
+            f"this run leaves as it was: {', '.join(moved[:3])}{more}; a pair in two splits would put "
+            "evaluation images into training: prepare those splits again in this run (add them to "
+            "--splits, or leave --splits out), or prepare into a new --out"
+        )
+    return previous, False
 
 
 def _wipe(out: Path) -> None:
@@ -207,8 +256,9 @@ def _stale_files(out: Path, split: str, pairs: list[Pair]) -> list[Path]:
 def _remove(paths: list[Path]) -> None:
     for path in paths:
         path.unlink(missing_ok=True)
-        if path.parent.is_dir() and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+        for folder in (path.parent, path.parent.parent):  # the city's, then the split's, once empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _split_entry(
@@ -308,18 +358,23 @@ def prepare(config: PrepareConfig) -> int:
     splits, settings = found.splits, found.settings
     every = [pair for pairs in splits.values() for pair in pairs]
     _check_memory(config, every)
-    _claim_out(out, settings, config.overwrite)  # fail fast; checked again under the folder's lock
+    _claim_out(
+        out, settings, config.overwrite, splits, config.splits
+    )  # fail fast; checked again under the folder's lock
     todo = every if config.overwrite else [p for p in every if not _is_up_to_date(p)]
     workers = config.workers or util.default_workers()
     conversion = Conversion(size, source, label_set)
     _check_headers(todo, len(every), conversion, workers)
-    with outputs.claim(out, "prepare", check=lambda: _claim_out(out, settings, config.overwrite)) as claimed:
+    with outputs.claim(
+        out, "prepare", check=lambda: _claim_out(out, settings, config.overwrite, splits, config.splits)
+    ) as claimed:
         assert claimed is not None  # what the check= above returned
         previous, wipe = claimed
         # Every check passed: from here on files are written. No manifest while they change.
         if wipe:
             _wipe(out)
-        stale = [f for split, pairs in splits.items() for f in _stale_files(out, split, pairs)]
+        gone = [s for s in config.splits if s not in splits]  # asked for, no pairs now: all stale
+        stale = [f for split in [*splits, *gone] for f in _stale_files(out, split, splits.get(split, []))]
         if todo or stale:
             (out / MANIFEST).unlink(missing_ok=True)
         util.write_if_changed(out / STATE_FILE, json.dumps(settings, indent=1) + "\n")
@@ -344,7 +399,7 @@ def prepare(config: PrepareConfig) -> int:
             )
             for split, pairs in splits.items()
         }
-        _write_manifest(out, found, {**(previous or {}).get("splits", {}), **entries})
+        _write_manifest(out, found, {**_kept_splits(previous, config.splits), **entries})
     counts = ", ".join(f"{s} {len(p)}" for s, p in splits.items())
     print(f"prepared {len(every)} pairs into {out} ({written} written, {len(every) - written} up to date): {counts}")
     return 0

@@ -242,7 +242,7 @@ def _index(files: list[RawFile], by_split: bool, flag: str, problems: list[str])
     for f in files:
         key = (f.split if by_split else None, f.stem)
         if key in index:
-            within = f" within split {f.split!r}" if by_split else ""
+            within = (f" within split {f.split!r}" if f.split else " outside the split folders") if by_split else ""
             problems.append(
                 f"stem {f.stem!r} is in {flag} twice ({index[key].rel}, {f.rel}); stems must be unique{within}"
             )
