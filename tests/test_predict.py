@@ -191,6 +191,31 @@ def test_video_in_video_out(tmp_path, ckpt):
     assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(10.0)
 
 
+def test_outputs_inside_the_input_folder_are_not_inputs(tmp_path, ckpt, monkeypatch, capsys):
+    """`--out` inside `--input` (the default ./predictions of `--input .`): a rerun
+    segments the same pictures, not its own overlays too; an urbanseg output folder
+    below the input (another predict's) is skipped the same way. A video and a picture
+    of one name do not clash (NAME_overlay.mp4 against NAME_*.png)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(scene(32, 48)).save(photos / "clip.png")
+    writer = cv2.VideoWriter(str(photos / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (48, 32))
+    writer.write(scene(32, 48, 1))
+    writer.release()
+    monkeypatch.chdir(photos)
+    for _ in range(2):
+        assert main(["predict", "--checkpoint", str(ckpt), "--input", "."]) == 0
+        assert "for 2 of 2 inputs" in capsys.readouterr().out
+    assert sorted(p.name for p in (photos / "predictions").iterdir() if not p.name.startswith(".")) == [
+        "clip_color.png",
+        "clip_labels.png",
+        "clip_overlay.mp4",
+        "clip_overlay.png",
+    ]
+    assert main(["predict", "--checkpoint", str(ckpt), "--input", ".", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "for 2 of 2 inputs" in capsys.readouterr().out
+
+
 def test_a_foreign_output_folder_is_refused_before_the_model_loads(tmp_path, capsys):
     """An --out that urbanseg predict did not write: exit 2 naming it, before any model work
     (with `--engine auto` that would be an ONNX export cached beside the checkpoint)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,11 @@ from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, provenance
 from urbanseg.labels import get_label_set
-from urbanseg.outputs import check_owner, claim
+from urbanseg.outputs import MARKER, check_owner, claim
 from urbanseg.rundir import RunDir, resolve_checkpoint
 from urbanseg.util import atomic_path
 
+SPLIT_PICTURES = 20  # --split's default --num, the original's
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
@@ -117,7 +119,14 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
     for entry in entries:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in wanted)
+            outputs = _output_folders(path, out)
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in wanted
+                and not outputs.intersection(Path(os.path.abspath(p)).parents)
+            )
             files += [InputFile(p, out / p.relative_to(path).parent / p.stem) for p in found]
             reason = f"folder has no images or videos ({', '.join(sorted(wanted))})"
         elif path.is_file():
@@ -131,15 +140,28 @@ def collect_inputs(entries: list[str], out: Path) -> tuple[list[InputFile], list
             found, reason = [], "no such file or folder"
         if not found:
             failures.append((entry, reason))
-    seen: dict[Path, Path] = {}
+    seen: dict[tuple[Path, bool], Path] = {}  # a video's outputs (NAME_overlay.mp4) never meet an image's
     unique = []
     for file in files:
-        if file.prefix in seen:
-            failures.append((str(file.source), f"same output name as {seen[file.prefix]}; pass them in separate runs"))
+        key = (file.prefix, file.is_video)
+        if key in seen:
+            failures.append((str(file.source), f"same output name as {seen[key]}; pass them in separate runs"))
         else:
-            seen[file.prefix] = file.source
+            seen[key] = file.source
             unique.append(file)
     return unique, failures
+
+
+def _output_folders(folder: Path, out: Path) -> set[Path]:
+    """Folders below `folder` that urbanseg wrote (its marker; `out` itself even before the
+    first run marks it): their pictures are results, not inputs. Without this a rerun with
+    `--out` inside `--input` segmented its own overlays again, and more each time."""
+
+    def absolute(p: Path) -> Path:
+        return Path(os.path.abspath(p))
+
+    found = {absolute(m.parent) for m in folder.rglob(MARKER) if m.parent != folder}
+    return found | {absolute(out)} if absolute(out) != absolute(folder) else found
 
 
 def _read(file: InputFile) -> np.ndarray | str:
@@ -260,7 +282,7 @@ def predict_split(config: PredictConfig, predictor: Predictor, plan: Plan, out: 
     else:  # PredictConfig refuses --split without --run or --data
         raise UserError("--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data")
     dataset = ShardDataset(root, split)
-    n = min(config.num, len(dataset))
+    n = min(config.num or SPLIT_PICTURES, len(dataset))
     title = _model_title(predictor)
     with claim(out, "predict"):
         for start in tqdm(range(0, n, config.batch_size), desc=f"predict {split}", unit="batch"):
