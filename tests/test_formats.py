@@ -22,6 +22,7 @@ from urbanseg import config as cfg
 from urbanseg.cli import main
 from urbanseg.data import tfrecord
 from urbanseg.data.formats import Manifest, ShardSpec
+from urbanseg.errors import UserError
 from urbanseg.labels import get_label_set
 from urbanseg.rundir import RunDir
 
@@ -529,6 +530,22 @@ def test_run_config_round_trip(data, tmp_path):
     # A key an older urbanseg did not write takes its default; `run` is the folder itself.
     (tmp_path / "config.yaml").write_text(f"data: {data['shards']}\n")
     assert run.config() == cfg.TrainConfig(data=data["shards"], run=tmp_path)
+
+
+def test_run_data_is_found_from_any_folder(data, tmp_path, monkeypatch):
+    """A run's shards, saved relative to the folder `train` ran in by older releases, are
+    found from elsewhere through `run` as typed; a missing folder names config.yaml."""
+    work = tmp_path / "work"
+    shutil.copytree(data["shards"], work / "shards")
+    (work / "runs" / "b").mkdir(parents=True)
+    (work / "runs" / "b" / "config.yaml").write_text("data: shards\nrun: runs/b\n")
+    monkeypatch.chdir(tmp_path)
+    assert RunDir("work/runs/b").data == (work / "shards").absolute()
+    monkeypatch.chdir(work)
+    assert RunDir("runs/b").data == Path("shards")
+    shutil.rmtree(work / "shards")
+    with pytest.raises(UserError, match=r"shards folder shards \(`data` in runs/b/config.yaml\) does not exist here"):
+        _ = RunDir("runs/b").data
 
 
 def test_checkpoint_round_trip_keeps_the_summary(data, tmp_path):

@@ -3,18 +3,22 @@ Ctrl-C and NaN paths, and the pieces: schedules, resume rules, the run log."""
 
 import csv
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers.training import make_shards, run_cli, subprocess_env, train_args
 from helpers.worlds import writable_copy
 from urbanseg.cli import main
 from urbanseg.config import TrainConfig
+from urbanseg.rundir import RunDir
 from urbanseg.training.loop import augment_settings
 from urbanseg.training.resume import load_run_config, merge_for_resume, rng_state, set_rng_state
 from urbanseg.training.runlog import RunLog, read_metrics
@@ -57,6 +61,18 @@ def test_run_folder_tells_how_it_was_made(trained, shards):
     events.Reload()
     assert [e.step for e in events.Scalars("val/miou")] == [2, 4, 6]
     assert len(events.Scalars("train/loss")) == 6 and "val_iou/vehicle" in events.Tags()["scalars"]
+
+
+def test_config_records_the_shards_folder_absolute(shards, tmp_path, monkeypatch):
+    """`--data` relative to the folder train ran in is saved absolute: evaluate, predict
+    and export `--run` find the shards from anywhere."""
+    shutil.copytree(shards, tmp_path / "shards")
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args(Path("shards"), Path("runs/r"), "--iters", "1")) == 0
+    saved = yaml.safe_load((tmp_path / "runs/r/config.yaml").read_text())
+    assert saved["data"] == str(tmp_path / "shards") and saved["run"] == "runs/r"
+    monkeypatch.chdir(tmp_path / "runs")
+    assert RunDir("r").data == tmp_path / "shards"
 
 
 def test_checkpoints_are_self_describing_and_load_weights_only(trained):

@@ -53,11 +53,25 @@ class RunDir:
 
     @property
     def data(self) -> Path:
-        """The shards folder the run was trained on (`data` in config.yaml)."""
+        """The shards folder the run was trained on (`data` in config.yaml; UserError if it
+        is not there). Runs before it was saved absolute hold it relative to the folder
+        `train` ran in: that folder is found from `run` (as typed) at the end of this path."""
         try:
-            return Path(self.config().data)
+            config = self.config()
         except UserError as e:
             raise UserError(f"{e} (or pass --data SHARDS)") from None
+        data = Path(config.data)
+        typed_run = Path(config.run)
+        if not data.is_absolute() and not data.is_dir() and not typed_run.is_absolute():
+            parts, tail = self.path.absolute().parts, typed_run.parts
+            if tail and parts[-len(tail) :] == tail:
+                data = Path(*parts[: -len(tail)]) / data
+        if not data.is_dir():
+            raise UserError(
+                f"shards folder {config.data} (`data` in {self.path / self.CONFIG}) does not exist here; pass "
+                "--data SHARDS (the folder `urbanseg pack` wrote)"
+            )
+        return data
 
     def checkpoint(self, name: str | None = None) -> Path:
         """`best` (default) or `last` inside this run, or a checkpoint path; UserError

@@ -410,7 +410,8 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
         remove_stale_temporaries(config.run)
     st = t.restore(last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
-        save_config(config, config.run / "config.yaml")
+        # `data` absolute: evaluate/predict/export --run find the shards from any folder.
+        save_config(dataclasses.replace(config, data=config.data.absolute()), config.run / "config.yaml")
     log = RunLog(config.run, enabled=info.is_main, resume_step=st.step if config.resume else None)
     try:
         with StopSignal() as stop:
