@@ -44,3 +44,21 @@ def test_bad_value_exits_2_without_traceback(tmp_path, capsys):
     assert main(["synth", "--out", str(tmp_path), "--size", "big"]) == 2
     err = capsys.readouterr().err
     assert "--size 'big'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--input", "a.png", "--num", "5"], "--num: only with --split; drop it"),
+        (["--input", "a.png", "--num", "5", "--data", "shards"], "--num and --data: only with --split; drop them"),
+        (["--split", "val", "--data", "shards", "--outputs", "labels"], "side-by-side pictures"),
+        (["--split", "val", "--data", "shards", "--cityscapes-ids"], "side-by-side pictures"),
+        (["--input", "a.png", "--scales", "1,100"], "at most 4"),
+    ],
+)
+def test_predict_flags_that_would_do_nothing_are_refused(args, needle, capsys):
+    """A flag the chosen mode would ignore is an error, not a silent no-op (checked before
+    anything is read: the checkpoint need not exist)."""
+    assert main(["predict", "--checkpoint", "missing.pt", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err

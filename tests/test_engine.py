@@ -219,5 +219,13 @@ def test_evaluate_scores_an_onnx_model_as_it_scores_the_checkpoint(tiny, tmp_pat
     assert got["metrics"]["miou"] == pytest.approx(reference["metrics"]["miou"], abs=1e-3)
     key = "mean_category_iou"  # categories8: the official category scores
     assert got["official"][key] == pytest.approx(reference["official"][key], abs=1e-3)
+    shutil.rmtree(run / "eval" / "val")
+    # `--checkpoint x.onnx` as predict takes it (it used to load the model, then call the file a corrupt checkpoint)
+    assert main(["evaluate", "--run", str(run), "--checkpoint", str(model), "--full-res"]) == 0
+    again = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert again["metrics"]["miou"] == got["metrics"]["miou"] and again["checkpoint"]["path"] == str(model)
     assert main(["evaluate", "--run", str(run), "--model", str(model), "--checkpoint", "best"]) == 2
     assert main(["evaluate", "--run", str(run), "--model", str(tmp_path / "missing.onnx")]) == 2
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(model), "--out", str(tmp_path / "again.onnx")]) == 2
+    assert "is an ONNX model already" in capsys.readouterr().err

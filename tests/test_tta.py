@@ -179,9 +179,13 @@ def test_parse_scales_and_tta_views():
     assert TTA.from_flags("flip", "0.5,1").views() == [(0.5, False), (0.5, True), (1.0, False), (1.0, True)]
     assert TTA.from_flags("none", "1").plain and not TTA.from_flags("flip", "1").plain
     assert TTA((0.75, 1.0, 1.25), True).describe() == "scales 0.75, 1, 1.25 x flip (6 views)"
+    assert parse_scales("4") == (4.0,)
     for bad, why in [("0,1", "> 0"), ("1,-2", "> 0"), ("nan", "> 0"), ("inf", "> 0"), ("a,1", "list of numbers")]:
         with pytest.raises(UserError, match=why):
             parse_scales(bad)
+    for huge in ("4.01", "1e9"):  # a view of 1e18 pixels ended in an OpenCV traceback, 100 in the OOM killer
+        with pytest.raises(UserError, match="at most 4"):
+            parse_scales(huge)
     with pytest.raises(UserError, match="repeats"):
         parse_scales("1,1.0")
     with pytest.raises(UserError, match="distinct numbers > 0"):

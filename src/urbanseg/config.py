@@ -42,16 +42,23 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     return w, h
 
 
+MAX_SCALE = 4.0  # a view 16x the pixels: more is no test-time augmentation, only a way to run out of memory
+
+
 def parse_scales(text: str, flag: str = "--scales") -> tuple[float, ...]:
-    """'0.75,1,1.25' -> (0.75, 1.0, 1.25): distinct numbers > 0, comma-separated."""
+    """'0.75,1,1.25' -> (0.75, 1.0, 1.25): distinct numbers in (0, MAX_SCALE], comma-separated."""
     try:
         scales = tuple(float(v) for v in str(text).split(","))
     except ValueError:
         raise UserError(
             f"{flag} {text!r} is not a comma-separated list of numbers; use for example {flag} 0.75,1,1.25"
         ) from None
-    bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
-    check(not bad, f"{flag} {text!r}: every scale must be a number > 0 (got {bad[0] if bad else ''})")
+    bad = [s for s in scales if not (math.isfinite(s) and 0 < s <= MAX_SCALE)]
+    check(
+        not bad,
+        f"{flag} {text!r}: every scale must be a number > 0 and at most {MAX_SCALE:g} (got {bad[0] if bad else ''}); "
+        "mmsegmentation's aug-test uses 0.5 to 1.75",
+    )
     check(len(set(scales)) == len(scales), f"{flag} {text!r} repeats a scale; give each scale once")
     return scales
 
@@ -61,8 +68,8 @@ TTA_HELP = (
     "probabilities are averaged at the output size (mmsegmentation's aug-test)"
 )
 SCALES_HELP = (
-    "test-time scales, comma-separated (e.g. 0.75,1,1.25): each multiplies the size the model runs at; "
-    "averaged like --tta flip"
+    f"test-time scales, comma-separated (e.g. 0.75,1,1.25), each > 0 and at most {MAX_SCALE:g}: each "
+    "multiplies the size the model runs at; averaged like --tta flip"
 )
 
 
@@ -475,6 +482,9 @@ def check_model_flags(engine: str, model: Path | None, checkpoint: str | None) -
     )
 
 
+PREDICT_OUTPUTS = ("overlay", "color", "labels")
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictConfig:
     """`urbanseg predict`: segment images, folders, globs or videos, or N pictures from a split."""
@@ -485,7 +495,7 @@ class PredictConfig:
     split: str | None = opt(
         None, "instead of --input: the original's mode, N pictures (image | prediction) from this split's shards"
     )
-    num: int = opt(20, "with --split: number of pictures to write")
+    num: int | None = opt(None, "with --split: number of pictures to write (default 20)")
     data: Path | None = opt(None, "with --split: shards folder (default: the run's `data` in config.yaml)")
     run: Path | None = opt(None, "run folder (runs/NAME) holding best.pt / last.pt and config.yaml")
     checkpoint: str | None = opt(None, CHECKPOINT_HELP)
@@ -499,7 +509,8 @@ class PredictConfig:
         None, "output folder (default: RUN/predict/SPLIT, RUN/predict/input, or ./predictions)", short="-o"
     )
     outputs: list[str] = opt(
-        ["overlay", "color", "labels"], "what to write per image: overlay, color (mask), labels (class-index PNG)"
+        list(PREDICT_OUTPUTS),
+        "what to write per image: overlay, color (mask), labels (class-index PNG); a video gets NAME_overlay.mp4",
     )
     cityscapes_ids: bool = opt(
         False, "also write *_labelIds.png with Cityscapes label ids (official test server format)"
@@ -533,7 +544,17 @@ class PredictConfig:
             self.split is None or self.data is not None or self.run is not None,
             "--split reads the shards named in the run's config.yaml: give --run runs/NAME or --data SHARDS",
         )
-        check(self.num >= 1, f"--num {self.num} must be >= 1")
+        check(self.num is None or self.num >= 1, f"--num {self.num} must be >= 1")
+        given = [f for f, v in (("--num", self.num), ("--data", self.data)) if v is not None]
+        check(
+            self.split is not None or not given,
+            f"{' and '.join(given)}: only with --split; drop {'them' if len(given) > 1 else 'it'} with --input",
+        )
+        check(
+            self.split is None or (tuple(self.outputs) == PREDICT_OUTPUTS and not self.cityscapes_ids),
+            "--split writes side-by-side pictures (image | prediction) only; --outputs and --cityscapes-ids are for "
+            "--input images",
+        )
         check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1")
         check(0.0 <= self.tile_overlap < 1.0, f"--tile-overlap {self.tile_overlap} must be in [0, 1)")
         check(0.0 <= self.alpha <= 1.0, f"--alpha {self.alpha} must be in [0, 1]")

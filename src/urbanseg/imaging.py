@@ -70,8 +70,9 @@ def decode_image(data: bytes | np.ndarray, source: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(buffer.tobytes())) as im:
             return to_rgb8(np.asarray(ImageOps.exif_transpose(im).convert("RGB")), source)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot decode {source} as an image ({e}); is it a corrupt or non-image file?") from None
+    except (UnidentifiedImageError, OSError) as e:  # Pillow's words name its BytesIO, not the file
+        why = "not a known image format" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(f"cannot decode {source} as an image ({why}); is it a corrupt or non-image file?") from None
 
 
 def resize_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -280,8 +280,7 @@ def make_folder(folder: Path, what: str = "--out") -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileNotFoundError, NotADirectoryError) as e:
         raise UserError(
-            f"{what} {folder} cannot be made ({e.strerror}: {e.filename}); choose a folder on a "
-            "writable file system"
+            f"{what} {folder} cannot be made ({e.strerror}: {e.filename}); choose a folder on a writable file system"
         ) from None
 
 

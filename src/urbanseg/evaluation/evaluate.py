@@ -78,7 +78,8 @@ def evaluate(config: EvaluateConfig) -> int:
     predictor = load_engine(
         checkpoint=None if config.model else model_path, model=config.model, engine=config.engine, device=config.device
     )
-    summary, training = _model_summary(predictor, model_path, config.model is not None)
+    is_onnx = config.model is not None or model_path.suffix.lower() == ".onnx"  # `--checkpoint x.onnx` too, as predict
+    summary, training = _model_summary(predictor, model_path, is_onnx)
     shards = Path(config.data) if config.data is not None else run.data if run is not None else Path()
     dataset = ShardDataset(shards, config.split)
     label_set = dataset.label_set  # what is scored: the model's own, or a coarser one it projects onto

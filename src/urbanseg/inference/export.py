@@ -49,6 +49,11 @@ def export(config: ExportConfig) -> int:
     from urbanseg.models.convert import resolve_model_checkpoint
 
     source = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
+    if source.suffix.lower() == ".onnx":
+        raise UserError(
+            f"--checkpoint {source} is an ONNX model already; export reads a PyTorch checkpoint (best.pt, "
+            "--run RUN); `evaluate --model` and `predict --model` run ONNX models as they are"
+        )
     target = Path(config.out or source.with_suffix(".onnx"))
     check_file(target, "export", is_urbanseg_onnx)
     make_folder(target.parent)  # now: a place where no folder can be made is named before the work

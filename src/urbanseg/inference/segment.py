@@ -190,8 +190,8 @@ def segment(
     if predictor.fixed_size is not None and tta.scales != (1.0,):
         raise UserError(
             f"{predictor.source} was exported for a fixed {predictor.fixed_size[0]}x{predictor.fixed_size[1]} input; "
-            f"it cannot run the --scales {','.join(f'{s:g}' for s in tta.scales)} views: use --tile "
-            "(windows keep their size), or re-export with dynamic axes"
+            f"it cannot run the --scales {','.join(f'{s:g}' for s in tta.scales)} views: drop --scales or "
+            "re-export with dynamic axes (predict's --tile runs them too: its windows keep their size)"
         )
     out: list[np.ndarray] = []
     for group in _batches(images, batch_size, same_size=(mode == "native")):
