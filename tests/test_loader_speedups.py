@@ -2,6 +2,7 @@
 every PNG to the same pixels, the HWC -> CHW split equals a permute, the one-buffer collate
 holds the items' values, labels cross the DataLoader as uint8 (docs/benchmarks.md#loader)."""
 
+import os
 import struct
 import zlib
 
@@ -160,3 +161,42 @@ def test_jitter_matches_torchvision_within_rounding(factor):
         diff = ours.int() - reference.int()
         assert ours.dtype == torch.uint8 and ours.shape == image.shape
         assert diff.abs().max() <= 2 and diff.float().mean().abs() <= 1
+
+
+LEAKED_LOADER = """
+import os, subprocess, sys, time
+from urbanseg.data.loader import build_loader
+loader = build_loader(sys.argv[1], "train", batch_size=4, train=True, workers=2)
+it = iter(loader)
+next(it)
+pids = [w.pid for w in it._workers]
+print(" ".join(map(str, pids)), flush=True)
+if sys.argv[2] == "group-sigterm":  # as timeout/Slurm/systemd: every process of the job
+    subprocess.run(["kill", "-TERM", *map(str, pids)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert all(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids), "a worker died of another's SIGTERM"
+# exits with the iterator (and its workers) still alive: multiprocessing ends them at exit
+"""
+
+
+@pytest.mark.parametrize("how", ["plain", "group-sigterm"])
+def test_workers_outlive_a_foreign_sigterm_and_end_with_their_trainer(shards, tmp_path, how):
+    """Workers ignore SIGTERM from others (the trainer stops them after its step) but not
+    their trainer's: a loader still running at exit must not hang the process."""
+    import subprocess
+    import sys
+
+    from helpers.training import subprocess_env
+
+    script = tmp_path / "leak.py"
+    script.write_text(LEAKED_LOADER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(shards), how],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    for pid in map(int, result.stdout.split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its trainer"

@@ -3,6 +3,7 @@ Ctrl-C and NaN paths, and the pieces: schedules, resume rules, the run log."""
 
 import csv
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -307,22 +308,33 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(sh
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp_path):
+@pytest.mark.parametrize(
+    "how,workers",
+    [("ctrl-c", "0"), ("sigterm-to-group", "2")],  # the group: what timeout(1), Slurm and systemd send
+)
+def test_ctrl_c_saves_last_pt_and_exits_cleanly_then_resume_finishes(shards, tmp_path, how, workers):
+    """Ctrl-C, or SIGTERM to the whole process group (the loader's workers too: they
+    leave the stop to the trainer, which used to crash on their death and save nothing)."""
     run = tmp_path / "run"
-    args = train_args(shards, run, "--iters", "60", "--val-every", "1000")
+    args = train_args(shards, run, "--iters", "60", "--val-every", "1000", "--workers", workers)
     proc = subprocess.Popen(
         [sys.executable, "-m", "urbanseg", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=subprocess_env(),
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while len(read_metrics(run / "metrics.csv")) < 3:  # a few steps in
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    if how == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
+    assert err.count("stopping after this step") == 1, err
     assert proc.returncode == 130, err
     assert "stopping after this step and saving last.pt" in err and "Traceback" not in err
     assert "training interrupted at step" in out and "--resume" in out

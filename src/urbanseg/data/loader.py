@@ -15,6 +15,8 @@ the DataLoader moves 1/8 of the label bytes.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -282,4 +284,25 @@ def build_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_leave_stops_to_the_trainer if workers > 0 else None,
     )
+
+
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A worker ignores Ctrl-C, and SIGTERM from anyone but its trainer. Both reach every
+    process of the job (a terminal's process group, timeout(1), Slurm, systemd); the
+    trainer finishes its step, saves last.pt and ends the workers itself. A worker dying of
+    the signal made PyTorch raise in the trainer ("DataLoader worker ... is killed by
+    signal") before anything was saved. The trainer's own SIGTERM must still end it:
+    multiprocessing sends one to a loader's workers left running at exit, and waits for
+    them. So SIGTERM is blocked and taken by a thread that knows the sender."""
+    trainer = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on too
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="urbanseg-sigterm", daemon=True).start()
