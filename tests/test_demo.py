@@ -1,5 +1,5 @@
 from urbanseg.cli import main
-from urbanseg.outputs import MARKER, read_marker
+from urbanseg.outputs import MARKER, claim, read_marker
 
 
 def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
@@ -20,9 +20,20 @@ def test_demo_runs_every_stage_and_says_what_to_open(tmp_path, capsys):
     assert len(list((run / "predict" / "val").glob("*.png"))) == 4
     assert "| average |" in text and str(run / "eval" / "val" / "report.html") in text
     assert f"urbanseg serve --run {run}" in text  # what to try next
-    # A rerun reuses the scenes and trains anew instead of refusing the existing run.
+    # A rerun reuses the scenes and trains anew instead of refusing the existing run; it
+    # deletes only what urbanseg wrote there, and never while a training holds the run.
+    (run / "my_notes.txt").write_text("mine")
+    (run / "predict" / "mine").mkdir()
+    (run / "predict" / "mine" / "a.txt").write_text("mine too")
+    old_best = (run / "best.pt").stat().st_mtime_ns
+    with claim(run, "train"):
+        assert main(["demo", "--quick", "--iters", "2", "--out", str(out), "--workers", "1"]) == 2
+        assert "in use by `urbanseg train`" in capsys.readouterr().err
+    assert (run / "best.pt").stat().st_mtime_ns == old_best
     assert main(["demo", "--quick", "--iters", "2", "--out", str(out), "--workers", "1"]) == 0
     assert read_marker(out) == "demo" and read_marker(run) == "train"
+    assert (run / "my_notes.txt").read_text() == "mine" and (run / "predict" / "mine" / "a.txt").is_file()
+    assert (run / "best.pt").stat().st_mtime_ns != old_best
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):

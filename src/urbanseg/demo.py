@@ -28,6 +28,7 @@ from urbanseg.data.pack import pack
 from urbanseg.data.prepare import prepare
 from urbanseg.errors import UserError
 from urbanseg.evaluation.evaluate import evaluate
+from urbanseg.inference.export import is_urbanseg_onnx
 from urbanseg.inference.predict import predict
 from urbanseg.synth import synthesize
 
@@ -73,12 +74,31 @@ QUICK = Plan(
 )
 
 
+_RUN_FILES = ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png")  # train's, besides tb/
+
+
 def _remove_previous_run(run: Path) -> None:
-    """A previous demo's run would be continued instead of trained anew: delete it (only
-    if it is a training run, `outputs.check_owner`)."""
-    if run.exists():
-        outputs.check_owner(run, "train", what="the demo's run folder")
-        shutil.rmtree(run)
+    """A previous demo's run would be continued instead of trained anew: delete what
+    urbanseg wrote into it (train's files, ONNX exports and engine caches, evaluate's and
+    predict's marked folders) under the run's lock, so a training still writing there is
+    named, not pulled from under it. Anything else in it (a user's notes) is kept."""
+    if not run.exists():
+        return
+    with outputs.claim(run, "train", what="the demo's run folder"):
+        for name in _RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        if (run / "tb").is_dir():
+            shutil.rmtree(run / "tb")
+        for model in [*run.glob("*.onnx"), *run.glob(".*.onnx")]:
+            if is_urbanseg_onnx(model):
+                model.unlink()
+        for command in ("evaluate", "predict"):
+            kind = run / ("eval" if command == "evaluate" else "predict")
+            for folder in kind.glob("*/"):
+                if outputs.is_owned(folder, command):
+                    shutil.rmtree(folder)
+            if kind.is_dir() and not any(kind.iterdir()):
+                kind.rmdir()
 
 
 def _stage(number: int, title: str, what: str) -> float:
