@@ -336,6 +336,16 @@ def test_bad_sources_and_options_are_user_errors(smp_folder, hf_folder, tmp_path
     assert main(["import", str(smp_folder), "--folder", str(smp_folder), "--out", str(tmp_path / "b.pt")]) == 2
     assert "--folder goes with a hub id" in capsys.readouterr().err
     assert main(["import", str(smp_folder), "--labels", "classes19"]) == 2  # would change the shared cache
+    # --folder must hold the table row's model: it is labelled (and cached) with that row's facts
+    import segmentation_models_pytorch as smp
+
+    smp.Unet("resnet18", encoder_weights=None, classes=19).save_pretrained(str(tmp_path / "unet"))
+    for source in (SMP_ID, "smp-hub/segformer-b1-1024x1024-city-160k"):  # another model, another variant
+        folder = tmp_path / "unet" if source == SMP_ID else smp_folder
+        assert main(["import", source, "--folder", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "not the SegFormer-B" in err and f"urbanseg import {folder}" in err
+    assert not list(hf_home.rglob("model.pt"))
     (tmp_path / "taken.pt").write_bytes(b"a user's file")
     assert main(["import", str(smp_folder), "--out", str(tmp_path / "taken.pt")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (tmp_path / "taken.pt").read_bytes() == b"a user's file"

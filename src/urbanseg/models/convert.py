@@ -182,6 +182,8 @@ def convert(
 
     entry = find_pretrained(src.text) if src.repo_id is not None else None
     loaded = read_folder(snap.folder, src.library)
+    if entry is not None:
+        _check_table_row(loaded, entry, snap.folder)
     label_set = _label_set(loaded, labels, snap.folder)
     protocol = entry.protocol if entry else Protocol("whole", _input_size(loaded, input_size, snap.folder))
     model = _rebuild(loaded, snap.folder)
@@ -207,6 +209,25 @@ def convert(
     payload["source"] = _source_entry(src, snap, entry)
     payload["inference"] = protocol.to_dict()
     return payload
+
+
+def _check_table_row(loaded: Loaded, entry: PretrainedModel, folder: Path) -> None:
+    """The folder holds the table row's architecture (a SegFormer with its MiT variant):
+    the conversion is labelled with the row's facts (name, published mIoU, licence), and
+    `import ID --folder DIR` once labelled any model so, caching it under that ID."""
+    variant = entry.architecture.rsplit("-", 1)[-1].lower()  # "SegFormer-B0" -> "b0"
+    config = loaded.kwargs.get("config", {})
+    if loaded.name == "smp":
+        ok = loaded.kwargs.get("arch") == "Segformer" and config.get("encoder_name") == f"mit_{variant}"
+    else:
+        ok = config.get("model_type") == "segformer"
+    if not ok:
+        found = architecture_name({"name": loaded.name, "kwargs": loaded.kwargs})
+        raise UserError(
+            f"{folder} holds a {found}, not the {entry.architecture} of {entry.source}; give the folder that "
+            f"model was fetched into, or import your folder as a SOURCE of its own: `urbanseg import {folder} "
+            "--labels ...`"
+        )
 
 
 def _rebuild(loaded: Loaded, folder: Path) -> Any:
