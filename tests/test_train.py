@@ -290,6 +290,22 @@ def test_init_end_to_end_on_a_seven_class_dataset(trained, small_synth_data, tmp
     assert ckpt["config"]["init"] == str(trained / "best.pt")
 
 
+def test_resume_of_an_init_run_needs_no_init_file(trained, shards, tmp_path, monkeypatch):
+    """last.pt holds the weights a resume continues from: the --init file may be gone, and
+    its relative path (saved absolute) does not tie the run to the folder train ran in."""
+    shutil.copy(trained / "best.pt", tmp_path / "init.pt")
+    monkeypatch.chdir(tmp_path)
+    args = train_args(Path("shards-link"), Path("run"), "--init", "init.pt", "--iters", "2", deterministic=False)
+    (tmp_path / "shards-link").symlink_to(shards)
+    assert main(args) == 0
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["init"] == str(tmp_path / "init.pt")
+    (tmp_path / "init.pt").unlink()
+    before = torch.load(tmp_path / "run/last.pt", weights_only=True)["model_state"]
+    assert main(train_args(Path("shards-link"), Path("run"), "--resume", deterministic=False)) == 0
+    after = torch.load(tmp_path / "run/last.pt", weights_only=True)["model_state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # finished: continued from last.pt as it was
+
+
 def test_non_finite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(shards, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(

@@ -256,7 +256,11 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
     train_set, val_set = open_data(config, info)
     label_set = train_set.label_set
     preflight(config, info, device, train_set)
-    model = build_model(config, label_set, init_sample(train_set) if config.init else ()).to(device)
+    # Resuming from last.pt: its weights replace --init's, so the --init file is not needed again.
+    init = config.init is not None and not (config.resume and (config.run / "last.pt").is_file())
+    model = build_model(
+        config if init else dataclasses.replace(config, init=None), label_set, init_sample(train_set) if init else ()
+    ).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_bn and info.enabled:
@@ -410,8 +414,9 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
         remove_stale_temporaries(config.run)
     st = t.restore(last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
-        # `data` absolute: evaluate/predict/export --run find the shards from any folder.
-        save_config(dataclasses.replace(config, data=config.data.absolute()), config.run / "config.yaml")
+        # Paths absolute: evaluate/predict/export --run (and --resume) work from any folder.
+        init = str(Path(config.init).absolute()) if config.init is not None else None
+        save_config(dataclasses.replace(config, data=config.data.absolute(), init=init), config.run / "config.yaml")
     log = RunLog(config.run, enabled=info.is_main, resume_step=st.step if config.resume else None)
     try:
         with StopSignal() as stop:
