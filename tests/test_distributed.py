@@ -196,3 +196,20 @@ def test_freeze_encoder_under_torchrun_matches_one_process(synth_data, tmp_path)
         torch.testing.assert_close(b["model_state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for ckpt in (a, b):  # encoder: steps 2..3; everything else: 0..3
         assert {float(s["step"]) for s in ckpt["train_state"]["optimizer"]["state"].values()} == {2.0, 4.0}
+
+
+def test_torchrun_refused_run_folder_is_one_message_per_rank(synth_data, tmp_path):
+    """Rank 0 alone checks and locks --run; when it refuses a folder (a user's), every rank
+    says so in one line: rank 1 used to die in the next collective with a gloo traceback."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    result = subprocess.run(
+        _torchrun(_args(synth_data.shards, run)), capture_output=True, text=True, timeout=600, env=subprocess_env()
+    )
+    assert result.returncode != 0
+    assert "was not written by `urbanseg train`" in result.stderr
+    assert "the main process (rank 0) could not take it" in result.stderr
+    # (torchrun's own ChildFailedError report follows: the launcher's, not urbanseg's)
+    assert "[rank1]:" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

@@ -11,6 +11,7 @@ global batch (DistributedDataParallel); only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -397,14 +398,31 @@ def train(config: TrainConfig) -> int:
     dist_.setup(info, device)
     try:
         config = resolve_config(resolve_init(config, info))
-        # Only rank 0 writes, so only it checks and locks the run folder; if it refuses,
-        # it exits 2 and torchrun stops the other processes.
-        with outputs.claim(
-            config.run, "train", what="--run", check=lambda: check_run_folder(config), enabled=info.is_main
-        ):
+        with _claim_run(config, info):
             return _train(config, info, device)
     finally:
         dist_.cleanup()
+
+
+def _claim_run(config: TrainConfig, info: dist_.DistInfo) -> contextlib.AbstractContextManager:
+    """The run folder's claim (`outputs.claim`, `check_run_folder`). Only rank 0 writes, so
+    only it checks and locks the folder; under torchrun it tells the others whether it
+    could, and they stop with a one-line error instead of a gloo traceback when it did not."""
+    claim = outputs.claim(
+        config.run, "train", what="--run", check=lambda: check_run_folder(config), enabled=info.is_main
+    )
+    if not info.enabled:
+        return claim
+    held, failure = contextlib.ExitStack(), None
+    try:
+        held.enter_context(claim)
+    except Exception as e:  # rank 0's refusal (UserError, a read-only folder): told, then raised
+        failure = e
+    if dist_.broadcast_from_main(failure is not None):
+        if failure is not None:
+            raise failure
+        raise UserError(f"--run {config.run}: the main process (rank 0) could not take it; see its message")
+    return held
 
 
 def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> int:
