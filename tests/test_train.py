@@ -228,6 +228,12 @@ def test_existing_run_needs_resume_and_resume_keeps_the_config(trained, shards, 
     assert main(train_args(shards, trained, "--resume", "--lr", "0.5", deterministic=False)) == 2
     err = capsys.readouterr().err
     assert "--lr 0.5 (the run has 0.01)" in err and "--init" in err
+    # a typed flag with its default value differs from the run's all the same (it was ignored)
+    default_batch = TrainConfig(data=shards, run=trained).batch_size
+    assert default_batch != 4  # the run's (train_args)
+    args = train_args(shards, trained, "--resume", deterministic=False)
+    assert main([*args, "--batch-size", str(default_batch)]) == 2
+    assert f"--batch-size {default_batch} (the run has 4)" in capsys.readouterr().err
 
 
 def test_merge_for_resume_takes_saved_values_and_allowed_overrides(trained, shards):

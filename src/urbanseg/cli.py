@@ -14,6 +14,7 @@ import sys
 
 from urbanseg import __version__
 from urbanseg.config import (
+    TYPED_FLAGS,
     DemoConfig,
     EvaluateConfig,
     ExportConfig,
@@ -27,6 +28,7 @@ from urbanseg.config import (
     TrainConfig,
     add_arguments,
     from_namespace,
+    typed_flags,
 )
 from urbanseg.errors import UserError, user_message
 
@@ -90,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     cls, target = COMMANDS[args.command]
     module_name, func_name = target.split(":")
+    command_parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(command_parser, cls)
+    typed = TYPED_FLAGS.set(typed_flags(command_parser, argv))
     try:
         config = from_namespace(cls, args)
         func = getattr(importlib.import_module(module_name), func_name)
@@ -109,4 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"urbanseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        TYPED_FLAGS.reset(typed)
     return int(result)

@@ -10,6 +10,7 @@ instant.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import json
 import math
@@ -213,6 +214,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs.update(type=tp, default=default, metavar=f.metadata.get("metavar", f.name.upper()))
         parser.add_argument(*names, **kwargs)
+
+
+# The flags typed on the command line (field names), set by `urbanseg.cli` for the command
+# it runs; None when a config is built in Python. `train --resume` needs them: a flag typed
+# with its default value differs from a run saved with another one just the same.
+TYPED_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("typed_flags", default=None)
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
+    """The destinations of the options in `argv` (`--flag`, `--flag=value`, `--no-flag`, `-o`)."""
+    actions = parser._option_string_actions  # argparse has no public map from option string to action
+    names = {actions[token.split("=", 1)[0]].dest for token in argv if token.split("=", 1)[0] in actions}
+    return frozenset(names)
 
 
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:

@@ -18,13 +18,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from urbanseg.config import TrainConfig
+from urbanseg.config import TYPED_FLAGS, TrainConfig
 from urbanseg.errors import UserError
 from urbanseg.rundir import RunDir
 from urbanseg.util import temporary_glob
 
 # Flags that `--resume` may change: where things are and how fast they run, never what is
-# computed. Anything else must match the run's config.yaml (or be left at its default).
+# computed. Anything else typed must match the run's config.yaml (`merge_for_resume`).
 RESUME_MUTABLE = ("data", "run", "resume", "workers", "device", "compile")
 
 
@@ -41,18 +41,23 @@ def load_run_config(run: Path) -> TrainConfig:
 def merge_for_resume(given: TrainConfig) -> TrainConfig:
     """The run's saved config, with the `RESUME_MUTABLE` flags taken from `given`.
 
-    Any other flag set on the command line to a value that differs both from its default
-    and from the saved value is an error: silently ignoring it would surprise, and honouring
-    it would break the promise that a resumed run equals an uninterrupted one.
+    Any other flag typed on the command line (`config.TYPED_FLAGS`; for a config built in
+    Python, any flag not at its default) with a value other than the saved one is an
+    error: silently ignoring it would surprise, and honouring it would break the promise
+    that a resumed run equals an uninterrupted one.
     """
     saved = load_run_config(given.run)
     defaults = TrainConfig(data=given.data, run=given.run)
+    typed = TYPED_FLAGS.get()
     conflicts = []
     for f in dataclasses.fields(TrainConfig):
         if f.name in RESUME_MUTABLE:
             continue
         mine, theirs, default = getattr(given, f.name), getattr(saved, f.name), getattr(defaults, f.name)
-        if mine != default and mine != theirs:
+        if f.name == "init" and mine is not None:  # saved absolute (train.py): the same file typed relative
+            mine = str(Path(mine).absolute())
+        given_here = f.name in typed if typed is not None else mine != default
+        if given_here and mine != theirs:
             conflicts.append(f"--{f.name.replace('_', '-')} {mine} (the run has {theirs})")
     if conflicts:
         raise UserError(
