@@ -442,6 +442,28 @@ def test_batcher_batches_queued_requests_isolates_failures_and_skips_cancelled()
     assert not batcher.alive
 
 
+def test_batcher_keeps_a_batch_within_its_cost():
+    """Large pictures at their own resolution: a batch holds at most `max_cost` pixels
+    (one request alone may be as large as it is allowed to be)."""
+    gate, calls = threading.Event(), []
+
+    def run(key, payloads):
+        gate.wait(10)
+        calls.append(list(payloads))
+        return payloads
+
+    batcher = MicroBatcher(run, max_batch=4, wait=0.01, max_cost=100)
+    try:
+        first = batcher.submit("native", "a", cost=100)
+        time.sleep(0.2)  # the worker holds "a" at the gate; the rest queue up
+        rest = [batcher.submit("native", p, cost=c) for p, c in [("b", 60), ("c", 40), ("d", 30), ("e", 120)]]
+        gate.set()
+        assert first.result(10) == "a" and [f.result(10) for f in rest] == ["b", "c", "d", "e"]
+        assert calls == [["a"], ["b", "c"], ["d"], ["e"]], calls
+    finally:
+        batcher.close()
+
+
 def test_batcher_does_not_wait_for_a_lone_request():
     batcher = MicroBatcher(lambda key, payloads: payloads, max_batch=4, wait=2.0)
     try:

@@ -785,7 +785,9 @@ class ServeConfig:
     )
     max_upload_mb: float = opt(20.0, "largest accepted upload in MB; larger ones get 413")
     max_pixels: int = opt(
-        40_000_000, "largest accepted image in pixels (width x height, read from its header before decoding); 413"
+        40_000_000,
+        "largest accepted image in pixels (width x height, read from its header before decoding; 413); also "
+        "the most pixels one batch runs together",
     )
     upload_timeout: float = opt(30.0, "seconds an upload may stall without sending data before 408")
     inference_timeout: float = opt(120.0, "seconds a request may wait for the model (queue + run) before 504")

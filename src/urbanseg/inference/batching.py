@@ -4,8 +4,11 @@ queued requests through it a few at a time.
 - Requests wait in a bounded queue; a full queue refuses at once (`QueueFull`, which the
   service answers with 503 and Retry-After) instead of growing a backlog.
 - The worker takes the oldest request and the queued requests that may share its forward
-  pass (equal `key`), up to `max_batch`. It waits up to `wait` seconds for the batch to
-  fill only when others were queued behind the first request: a lone client never waits.
+  pass (equal `key`), up to `max_batch` and while their `cost`s (the service: pixels)
+  stay within `max_cost`: a batch of large pictures at their own resolution held the
+  memory of all of them at once. A request is never refused for its cost alone. It waits
+  up to `wait` seconds for the batch to fill only when others were queued behind the
+  first request: a lone client never waits.
 - A request whose future was cancelled (its client went away or timed out) is skipped.
 - A batch that raises is run again one request at a time, so one bad request fails alone.
 """
@@ -36,6 +39,7 @@ class QueueFull(Exception):
 class Job:
     key: Hashable
     payload: Any
+    cost: float = 0.0
     future: Future = field(default_factory=Future)
 
 
@@ -49,6 +53,7 @@ class MicroBatcher:
         run: RunFn,
         *,
         max_batch: int = 4,
+        max_cost: float = float("inf"),
         wait: float = 0.005,
         max_queue: int = 32,
         on_batch: Callable[[int, float], None] | None = None,
@@ -56,6 +61,7 @@ class MicroBatcher:
     ) -> None:
         self._run_fn = run
         self.max_batch = max_batch
+        self.max_cost = max_cost
         self.wait = wait
         self.max_queue = max_queue
         self._on_batch = on_batch
@@ -77,9 +83,9 @@ class MicroBatcher:
         """Whether the worker thread runs."""
         return self._thread.is_alive()
 
-    def submit(self, key: Hashable, payload: Any) -> Future:
+    def submit(self, key: Hashable, payload: Any, cost: float = 0.0) -> Future:
         """Queue one payload; its Future gets the result or the exception. QueueFull when full."""
-        job = Job(key, payload)
+        job = Job(key, payload, cost)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the model worker has stopped")
@@ -130,14 +136,18 @@ class MicroBatcher:
             return batch
 
     def _collect(self, batch: list[Job]) -> None:
-        """Move queued jobs that may join `batch` (same key) into it, skipping cancelled ones."""
+        """Move queued jobs that may join `batch` (same key, within max_batch and max_cost)
+        into it, skipping cancelled ones."""
         rest: deque[Job] = deque()
+        cost = sum(job.cost for job in batch)
         while self._queue:
             job = self._queue.popleft()
-            if len(batch) >= self.max_batch or (batch and job.key != batch[0].key):
+            full = len(batch) >= self.max_batch or (bool(batch) and cost + job.cost > self.max_cost)
+            if full or (batch and job.key != batch[0].key):
                 rest.append(job)
             elif job.future.set_running_or_notify_cancel():
                 batch.append(job)
+                cost += job.cost
             else:
                 self.skipped += 1
         self._queue = rest

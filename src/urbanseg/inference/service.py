@@ -105,6 +105,7 @@ def create_app(predictor: Predictor, limits: Limits) -> Starlette:
     batcher = MicroBatcher(
         lambda res, images: run_model(predictor, images, res),
         max_batch=limits.max_batch,
+        max_cost=limits.max_pixels,  # a batch's pictures hold at most --max-pixels together
         wait=limits.batch_wait,
         max_queue=limits.max_queue,
         on_batch=metrics.on_batch,
@@ -204,7 +205,7 @@ async def _segment(request: Request, svc: _Service) -> Response:
     except ValueError as e:
         raise Problem(400, "corrupt_image", str(e)) from None
     try:
-        future = svc.batcher.submit(resolution, image)
+        future = svc.batcher.submit(resolution, image, cost=width * height)
     except QueueFull as e:
         raise _queue_full(e) from None
     labels = await _wait(request, future, limits.inference_timeout)
