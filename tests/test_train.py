@@ -236,6 +236,19 @@ def test_existing_run_needs_resume_and_resume_keeps_the_config(trained, shards, 
     assert f"--batch-size {default_batch} (the run has 4)" in capsys.readouterr().err
 
 
+def test_a_run_in_progress_is_named_not_called_finished(trained, shards, tmp_path, capsys):
+    """A second `train` on a run another process is training: the message names that
+    process (the folder's lock), not "already holds a training run; use --resume"."""
+    from urbanseg.outputs import claim
+
+    run = writable_copy(trained, tmp_path / "run")
+    with claim(run, "train"):
+        assert main(train_args(shards, run, "--epochs", "3", deterministic=False)) == 2
+        assert "is in use by `urbanseg train` (PID" in capsys.readouterr().err
+    assert main(train_args(shards, run, "--epochs", "3", deterministic=False)) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+
+
 def test_merge_for_resume_takes_saved_values_and_allowed_overrides(trained, shards):
     given = TrainConfig(data=shards, run=trained, resume=True, workers=5, lr=0.01, batch_size=4)
     merged = merge_for_resume(given)

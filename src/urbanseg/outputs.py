@@ -208,6 +208,10 @@ def _holder(fd: int) -> str:
         return "another urbanseg process"
 
 
+def _in_use(folder: Path, fd: int) -> UserError:
+    return UserError(f"{folder} is in use by {_holder(fd)}; wait for it to finish or choose another folder")
+
+
 # File systems without flock support (some FUSE and network mounts): run unlocked, with a warning.
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 
@@ -217,9 +221,7 @@ def _flock(fd: int, folder: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(
-            f"{folder} is in use by {_holder(fd)}; wait for it to finish or choose another folder"
-        ) from None
+        raise _in_use(folder, fd) from None
     except OSError as e:
         if e.errno not in _NO_LOCKS:
             raise
@@ -244,6 +246,21 @@ def _lock(folder: Path, command: str) -> int:
         raise
     _HELD.add(fd)
     return fd
+
+
+def _refuse_if_in_use(folder: Path) -> None:
+    """UserError naming the holder if another process holds `folder`'s lock (else nothing)."""
+    if not (folder / LOCK).is_file():
+        return
+    fd = os.open(folder / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(folder, fd) from None
+    except OSError:
+        return  # a file system without locks: the check's own message stands
+    finally:
+        os.close(fd)  # releases the lock if it was taken here
 
 
 def _first_missing(folder: Path) -> Path | None:
@@ -312,7 +329,11 @@ def claim(
     folder = Path(folder)
     check_owner(folder, command, what)
     if check:
-        check()
+        try:
+            check()
+        except UserError:
+            _refuse_if_in_use(folder)  # what the check saw may be a run in progress
+            raise
     fd, created = -1, _first_missing(folder)
     try:
         make_folder(folder, what)
