@@ -233,7 +233,7 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
     bar = tqdm(
         total=t.total_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True, disable=not t.info.is_main
     )
-    window = [0.0, 0, time.perf_counter()]  # loss sum, steps, start time of this logging window
+    window_start, timed = time.perf_counter(), 0  # for the speed: steps since this process's window began
     t.model.train()
     loader = make_loader(t, "train", st)  # persistent workers: one loader, set_epoch per epoch
     t.val_loader = make_loader(t, "val")
@@ -253,13 +253,14 @@ def fit(t: Trainer, st: LoopState, log: RunLog, stop: StopSignal) -> str:
                 st.step, st.step_in_epoch = st.step + 1, st.step_in_epoch + 1
                 if st.step_in_epoch >= t.steps_per_epoch:  # every process stops here: equal step counts
                     st.epoch, st.step_in_epoch, end_of_epoch = st.epoch + 1, 0, True
-                window[0], window[1] = window[0] + loss, window[1] + 1
-                speed = window[1] * t.config.batch_size / max(time.perf_counter() - window[2], 1e-9)
+                st.loss_sum, st.loss_steps, timed = st.loss_sum + loss, st.loss_steps + 1, timed + 1
+                speed = timed * t.config.batch_size / max(time.perf_counter() - window_start, 1e-9)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {speed:.1f} img/s", refresh=False)
                 if st.step % t.config.log_every == 0:
-                    log.train(st.step, st.epoch, window[0] / window[1], lr, speed)
-                    window = [0.0, 0, time.perf_counter()]
+                    log.train(st.step, st.epoch, st.loss_sum / st.loss_steps, lr, speed)
+                    st.loss_sum, st.loss_steps = 0.0, 0
+                    window_start, timed = time.perf_counter(), 0
                 reason = after_step(t, st, log, end_of_epoch, stopping)
                 if reason:
                     return reason

@@ -5,8 +5,8 @@
 optimizer, scheduler, gradient scaler); `Trainer.save` / `Trainer.restore` put it, with
 the loop's position (`LoopState`) and every process's RNG states
 (`urbanseg.training.resume.rng_state`), into a checkpoint and back. The checkpoint layout
-(`urbanseg.checkpoint`, its `train_state` keys) is unchanged since format 1, so older
-last.pt files resume.
+(`urbanseg.checkpoint`, its `train_state` keys) has only gained keys with defaults since
+format 1 (`loss_sum`, `loss_steps`), so older last.pt files resume.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ class LoopState:
     best_miou: float = -1.0
     best_step: int = -1  # -1: no validation yet, so no best.pt from this run
     bad_validations: int = 0  # validations since the best one (early stopping)
+    loss_sum: float = 0.0  # the train losses since the last logged row, and their count: the
+    loss_steps: int = 0  # row after a resume averages the same steps as without one
     last_val: dict[str, Any] | None = None
 
 
