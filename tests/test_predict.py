@@ -216,6 +216,17 @@ def test_outputs_inside_the_input_folder_are_not_inputs(tmp_path, ckpt, monkeypa
     assert "for 2 of 2 inputs" in capsys.readouterr().out
 
 
+def test_labels_without_a_mapping_names_the_checkpoint_and_the_fix(tmp_path, ckpt, capsys):
+    """A categories8 model cannot write categories7 (no class -> class mapping): the error
+    names the checkpoint (not its hidden engine cache) and predict's fix, not evaluate's."""
+    Image.fromarray(scene(32, 48)).save(tmp_path / "a.png")
+    args = ["predict", "--checkpoint", str(ckpt), "--input", str(tmp_path / "a.png"), "-o", str(tmp_path / "o")]
+    assert main([*args, "--labels", "categories7"]) == 2
+    err = capsys.readouterr().err
+    assert f"the model {ckpt} predicts categories8" in err and "Drop --labels" in err
+    assert ".engine.onnx" not in err and "fine-tune" not in err
+
+
 def test_a_foreign_output_folder_is_refused_before_the_model_loads(tmp_path, capsys):
     """An --out that urbanseg predict did not write: exit 2 naming it, before any model work
     (with `--engine auto` that would be an ONNX export cached beside the checkpoint)."""

@@ -70,9 +70,12 @@ def find_projection(source: LabelSet, target: LabelSet) -> Projection | None:
     return Projection(source, target, lut)
 
 
-def require_projection(source: LabelSet, target: LabelSet, model: str, data: str) -> Projection | None:
+def require_projection(
+    source: LabelSet, target: LabelSet, model: str, data: str, fix: str | None = None
+) -> Projection | None:
     """None when the sets are the same classes; the projection when there is one; else a
-    UserError naming both sets (`model`, `data` say whose they are) and what would be needed."""
+    UserError naming both sets (`model`, `data` say whose they are) and what would be needed
+    (`fix`, default: evaluate's, other data or fine-tuning)."""
     if tuple(source.classes) == tuple(target.classes):
         return None
     found = find_projection(source, target)
@@ -83,10 +86,12 @@ def require_projection(source: LabelSet, target: LabelSet, model: str, data: str
         if source.id_to_class is None or target.id_to_class is None
         else f"some {source.name} class covers Cityscapes labels of several {target.name} classes"
     )
+    fix = fix or (
+        f"Use data prepared with --labels {source.name}, or fine-tune the model on this data "
+        f"(urbanseg train --init ...), which gives it a {target.name} head"
+    )
     raise UserError(
         f"{model} predicts {source.name} {list(source.classes)}, {data} is labelled with {target.name} "
         f"{list(target.classes)}, and there is no class -> class mapping from the first to the second ({why}). "
-        f"Only a finer Cityscapes set maps onto a coarser one (classes19 -> categories8 or categories7). "
-        f"Use data prepared with --labels {source.name}, or fine-tune the model on this data "
-        f"(urbanseg train --init ...), which gives it a {target.name} head"
+        f"Only a finer Cityscapes set maps onto a coarser one (classes19 -> categories8 or categories7). {fix}"
     )

@@ -46,7 +46,13 @@ class Predictor:
         """Make `segment` return `target`'s classes: the model's predictions mapped class ->
         class after the argmax (`urbanseg.projection`). Returns what was done (None: the
         same classes); UserError when there is no such mapping."""
-        found = require_projection(self.label_set, target, f"the model {self.source}", f"--labels {target.name}")
+        found = require_projection(
+            self.label_set,
+            target,
+            f"the model {self.info.get('checkpoint') or self.source}",  # the checkpoint, not its engine cache
+            f"--labels {target.name}",
+            fix=f"Drop --labels to write the model's own {self.label_set.name} classes",
+        )
         if found is None:
             return None
         self.label_set, self.class_map = target, found.lut
