@@ -135,6 +135,7 @@ def test_it_learns(shards, tmp_path):
         (["--epochs", "2", "--iters", "3"], "give --epochs or --iters, not both"),
         (["--iters", "0"], "--iters 0 must be >= 1"),
         (["--crop", "100000x50000"], "--crop 100000x50000 at --batch-size 4 (inputs and logits alone"),
+        (["--crop", "300x100"], "--crop 300x100 is more than twice the training images"),
         (["--resume"], "config.yaml not found"),
     ],
 )

@@ -322,10 +322,17 @@ def setup(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> Tr
 def preflight(config: TrainConfig, info: dist_.DistInfo, device: torch.device, train_set: ShardDataset) -> None:
     """What must hold before the first step, checked in seconds rather than found hours in:
     the batch fits in memory (`check_memory`), a --crop no larger than the images (a
-    warning), every record of both splits intact (`verify_data`)."""
+    warning; an error beyond twice their size), every record of both splits intact
+    (`verify_data`)."""
     data = (train_set.spec.width, train_set.spec.height)
     size = parse_size(config.crop, "--crop") if config.crop else data
     check_memory(config, info, device, size, data, train_set.label_set.num_classes)
+    if size[0] > 2 * data[0] or size[1] > 2 * data[1]:  # the memory floor is a floor: this got OOM-killed
+        raise UserError(
+            f"--crop {config.crop} is more than twice the training images ({data[0]}x{data[1]} in "
+            f"{config.data / 'train'}): most of every crop would be padding; use --crop "
+            f"{min(size[0], data[0])}x{min(size[1], data[1])} or smaller"
+        )
     if info.is_main and (size[0] > data[0] or size[1] > data[1]):
         print(
             f"urbanseg train: warning: --crop {config.crop} is larger than the training images "
