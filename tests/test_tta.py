@@ -232,7 +232,9 @@ def test_predict_with_tta_writes_the_fused_labels(tmp_path):
 @pytest.mark.parametrize("full_res", [False, True])
 def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     """`urbanseg evaluate --tta flip --scales ...`: the confusion matrix is that of the
-    reference fusion, at the prepared size or at the raw ground truth's (--full-res)."""
+    reference fusion, at the prepared size, or with --full-res of the raw picture's views at
+    the raw ground truth's size, as `predict` segments the raw picture (a view of the shard's
+    image, itself the raw one resized, is another picture at every scale but 1)."""
     import json
 
     from helpers.checkpoints import make_checkpoint
@@ -250,6 +252,7 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
     assert main([*args, *tta, *(["--full-res"] if full_res else [])]) == 0
     doc = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert doc["tta"] == {"flip": True, "scales": [0.75, 1.0]}
+    assert doc["views_from"] == ("raw images" if full_res else "shard images")
     assert "test-time augmentation: scales 0.75, 1 x flip (4 views)" in (run / "eval" / "val" / "report.md").read_text()
     predictor, c = TorchPredictor(ckpt, "cpu"), get_label_set("categories8").num_classes
     expected, unclear = np.zeros((c, c), np.int64), 0
@@ -260,6 +263,8 @@ def test_evaluate_with_tta_scores_the_fused_predictions(tmp_path, full_res):
             from PIL import Image
 
             gt = get_label_set("categories8").labels_from_ids(np.asarray(Image.open(path)))
+            (raw_image,) = (tmp_path / "raw" / "leftImg8bit" / "val").glob(f"*/{item['name']}_leftImg8bit.png")
+            image = np.asarray(Image.open(raw_image).convert("RGB"))
         # evaluate segments as predict does: resized to the model's input size (its default mode)
         probs = reference_probabilities(predictor, image, "resize", (0.75, 1.0), True, (gt.shape[1], gt.shape[0]))
         top2 = np.sort(probs, axis=-1)[..., -2:]

@@ -26,6 +26,7 @@ images for the gallery of best and worst examples.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import platform
@@ -47,6 +48,7 @@ from urbanseg.errors import UserError
 from urbanseg.evaluation.metrics import ConfusionMatrix, format_table, image_scores
 from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
 from urbanseg.evaluation.report import write_report
+from urbanseg.imaging import IMAGE_SUFFIXES, read_image
 from urbanseg.inference.engine import load_engine
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, provenance
@@ -97,6 +99,11 @@ def evaluate(config: EvaluateConfig) -> int:
         print(f"{label}: {value}")
     plan = Plan.from_config(config, predictor.info)
     print(f"resolution: {plan.why}")
+    if raw is not None and plan.tta.scales != (1.0,):
+        # A scaled view of the shard's image (the raw one resized) upsampled again is not the
+        # view predict makes of the raw picture: make them from the raw images.
+        raw = dataclasses.replace(raw, images=_raw_images(dataset, shards, config.split))
+        print(f"scaled views: made from the raw images under {raw.root}, as predict makes them")
     if projection is not None:
         print(f"labels: {projection.describe()}")
     if not plan.tta.plain:
@@ -182,6 +189,7 @@ class RawTruth:
     files: dict[str, Path]
     kind: str  # "labelIds" or "color", or the source
     source: str | None = None
+    images: dict[str, Path] | None = None  # stem -> raw image, when the views are made from them
 
     @property
     def has_ids(self) -> bool:
@@ -201,6 +209,15 @@ class RawTruth:
                 "--full-res needs the raw dataset the shards were prepared from"
             )
         return self.files[stem]
+
+    def image_for(self, name: str) -> Path:
+        stem = _stem(name)
+        if self.images is None or stem not in self.images:
+            raise UserError(
+                f"no raw image for {name!r}: --full-res with --scales makes its views from the raw images "
+                "(as predict does); restore them, or drop --scales"
+            )
+        return self.images[stem]
 
 
 def _stem(name: str) -> str:
@@ -262,6 +279,19 @@ def _raw_ground_truth(dataset: Any, shards: Path, split: str, label_set: LabelSe
     return RawTruth(root, files, kind)
 
 
+def _raw_images(dataset: Any, shards: Path, split: str) -> dict[str, Path]:
+    """{stem: raw image} of the split: the Cityscapes layout's leftImg8bit/SPLIT/*/, or the
+    images folder of paired folders (its SPLIT/ sub-folder when it has one)."""
+    manifest = _prepared_manifest(dataset.spec)
+    if manifest is not None and manifest.layout == "pairs" and manifest.data:
+        root = Path(manifest.data)
+        folder = root / split if (root / split).is_dir() else root
+        return {p.stem: p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()}
+    folder = raw_data_root(dataset.spec, shards / split, manifest) / "leftImg8bit" / split
+    suffix = "_leftImg8bit.png"
+    return {p.name[: -len(suffix)]: p for p in folder.glob(f"*/*{suffix}")}
+
+
 def _recorded_truth(root: Path, files: dict[str, Path], source: str) -> RawTruth:
     """The raw annotations a manifest lists, checked to exist."""
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -313,6 +343,12 @@ class FullResDataset:
                     item["gt"] = self.label_set.labels_from_colors(np.asarray(im.convert("RGB")))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot use ground truth {path}: {e}") from None
+        if self.raw.images is not None:
+            image = self.raw.image_for(item["name"])
+            try:
+                item["raw_image"] = read_image(image)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot use raw image {image}: {e}") from None
         return item
 
 
@@ -325,7 +361,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "label": torch.stack([it["label"] for it in items]),
         "name": [str(it["name"]) for it in items],
     }
-    for key in ("gt", "gt_ids", "gt_inst"):
+    for key in ("gt", "gt_ids", "gt_inst", "raw_image"):
         if key in items[0]:
             batch[key] = [it[key] for it in items]
     return batch
@@ -409,6 +445,10 @@ def run_evaluation(
         if raw is None:
             preds = label_maps(predictor, images, plan)
             _score(state, batch, images, preds, [lab.numpy() for lab in batch["label"]], label_set)
+        elif "raw_image" in batch:  # views made from the raw picture, at its size: predict's output
+            images = batch["raw_image"]
+            preds = label_maps(predictor, images, plan)
+            _score(state, batch, images, preds, batch["gt"], label_set)
         else:
             sizes = [(gt.shape[1], gt.shape[0]) for gt in batch["gt"]]
             preds = label_maps(predictor, images, plan, sizes)
@@ -541,6 +581,7 @@ def _info(
         "split": config.split,
         "protocol": "full-res" if config.full_res else "prepared",
         "tta": {"flip": plan.tta.flip, "scales": list(plan.tta.scales)},
+        "views_from": "raw images" if raw is not None and raw.images is not None else "shard images",
         "prepared_size": [spec.width, spec.height],
         "num_images": len(state.per_image),
         "seconds": round(seconds, 3),
