@@ -179,9 +179,9 @@ def test_pick_images_spreads_over_the_split():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--calibrate", "train"], "--calibrate only apply with --quantize int8"),
-        (["--num", "5"], "--num only apply with --quantize int8"),
-        (["--data", "x"], "--data only apply with --quantize int8"),
+        (["--calibrate", "train"], "--calibrate only applies with --quantize int8"),
+        (["--num", "5"], "--num only applies with --quantize int8"),
+        (["--data", "x"], "--data only applies with --quantize int8"),
         (["--quantize", "int8", "--num", "0"], "--num 0 must be >= 1"),
     ],
 )

@@ -618,7 +618,8 @@ class ExportConfig:
         ]
         check(
             self.quantize != "none" or not given,
-            f"{', '.join(given)} only apply with --quantize int8 (they choose its calibration images)",
+            f"{', '.join(given)} only {'apply' if len(given) > 1 else 'applies'} with --quantize int8 (they "
+            "choose its calibration images)",
         )
         check(self.num is None or self.num >= 1, f"--num {self.num} must be >= 1")
         check(self.calibrate is None or bool(self.calibrate.strip()), "--calibrate must name a split, e.g. train")
