@@ -120,9 +120,11 @@ def test_corrupt_record_is_named_when_read(tmp_path):
 
 
 def test_missing_split_index_and_count_mismatch(tmp_path):
-    _, out = pack_dir(tmp_path, {"train": 4}, shards=2)
+    prepared, out = pack_dir(tmp_path, {"train": 4}, shards=2)
     with pytest.raises(UserError, match=r"no split 'val' .*found: \['train'\]"):
         ShardDataset(out, "val")
+    with pytest.raises(UserError, match=r"is a prepared folder \(it has manifest.json\), not shards: pack it"):
+        ShardDataset(prepared, "val")  # evaluate --data PREPARED said "found: nothing"
     shard = out / "train" / "00000-of-00002.tfrecord"
     records.index_path(shard).unlink()
     with pytest.raises(UserError, match=r"index .* is missing; rebuild it with urbanseg\.data\.tfrecord\.build_index"):

@@ -86,6 +86,14 @@ def test_bad_label_maps(tmp_path):
         L.get_label_set(path)
     with pytest.raises(UserError, match="unknown label set"):
         L.get_label_set("categories9")
+    # fractions and booleans are no ids or colour values (int() truncated 1.9 to 1, took true as 1)
+    for bad in ({"a": {"id": 0, "colors": [[1.9, 2, 3]]}}, {"a": {"id": True, "colors": [[1, 2, 3]]}}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match="is not a whole number"):
+            L.get_label_set(path)
+    # a byte-order mark (Windows Notepad's UTF-8) is read
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": {"id": 0, "colors": [[1, 2, 3]]}}).encode())
+    assert L.get_label_set(path).classes == ("a",)
 
 
 def test_round_trip_and_colorize():

@@ -445,11 +445,11 @@ DEFAULT_LABEL_SET = "categories8"
 def load_label_map(path: Path) -> LabelSet:
     """A colour-only label set from a JSON file in the original's labelmap.json shape."""
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte-order mark
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read label map {path}: {e}") from None
     try:
-        entries = sorted(((int(v["id"]), name, v["colors"]) for name, v in raw.items()), key=lambda e: e[0])
+        entries = sorted(((_whole(v["id"], name), name, v["colors"]) for name, v in raw.items()), key=lambda e: e[0])
         ids = [e[0] for e in entries]
         if ids != list(range(len(ids))) or not 0 < len(ids) < _UNKNOWN:
             raise ValueError(f"class ids must be 0..N-1 with N < {_UNKNOWN}, got {ids}")
@@ -458,7 +458,7 @@ def load_label_map(path: Path) -> LabelSet:
             if not colors:
                 raise ValueError(f"class {name!r} has no colours")
             for c in colors:
-                rgb = tuple(int(v) for v in c)
+                rgb = tuple(_whole(v, name) for v in c)
                 if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
                     raise ValueError(f"class {name!r}: {list(c)} is not an [r, g, b] colour")
                 if rgb in color_to_class and color_to_class[rgb] != k:
@@ -475,6 +475,14 @@ def load_label_map(path: Path) -> LabelSet:
         id_to_class=None,
         color_to_class=tuple(color_to_class.items()),
     )
+
+
+def _whole(value: Any, name: str) -> int:
+    """An id or colour component of a label map: a whole number (int() would truncate 1.9
+    and take true as 1, so a colour the user never wrote could be matched or clash)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"class {name!r}: {value!r} is not a whole number")
+    return value
 
 
 def get_label_set(name_or_path: str | Path) -> LabelSet:

@@ -58,6 +58,11 @@ class ShardDataset(Dataset):
         self.root, self.split, self.transform = Path(root), split, transform
         split_dir = self.root / split
         if not split_dir.is_dir():
+            if (self.root / "manifest.json").is_file():
+                raise UserError(
+                    f"{self.root} is a prepared folder (it has manifest.json), not shards: pack it first, "
+                    f"`urbanseg pack --prepared {self.root} --out SHARDS`, and give SHARDS"
+                )
             have = sorted(p.parent.name for p in self.root.glob("*/spec.json"))
             raise UserError(
                 f"no split {split!r} in shard folder {self.root} (found: {have or 'nothing'}); "
