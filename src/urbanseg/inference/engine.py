@@ -101,7 +101,6 @@ def cached_onnx(checkpoint: Path) -> Path:
             f"{target} is in the way of the ONNX export urbanseg caches for {checkpoint} but is not one "
             "(its metadata says otherwise); remove it, or run with --engine torch"
         )
-    print(f"exporting {checkpoint} to ONNX for ONNX Runtime (once per checkpoint): {target}")
     _export_cache(checkpoint, digest, target)
     for old in stale_caches(checkpoint, digest):
         with contextlib.suppress(FileNotFoundError):
@@ -112,7 +111,8 @@ def cached_onnx(checkpoint: Path) -> Path:
 def _export_cache(checkpoint: Path, digest: str, target: Path) -> None:
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)  # first: a checkpoint refused is not announced as exported
+    print(f"exporting {checkpoint} to ONNX for ONNX Runtime (once per checkpoint): {target}")
     model = model_from_checkpoint(ckpt).eval()
     meta = OnnxMetadata.from_checkpoint(ckpt, checkpoint, CACHE_OPSET, True).to_dict()
     meta[CACHE_KEY] = {"format": CACHE_FORMAT, "checkpoint": checkpoint.name, "sha256": digest}
