@@ -125,6 +125,24 @@ def test_an_own_cache_of_an_older_format_is_exported_again(tmp_path, capsys, mon
     assert eng.cache_marker(new)["format"] == eng.CACHE_FORMAT and _caches(tmp_path) == [new.name]
 
 
+def test_a_checkpoint_replaced_during_its_export_is_not_cached(tmp_path, monkeypatch):
+    """The cache is named for the checkpoint's hash and holds the weights read after it: a
+    checkpoint replaced in between (a training saving best.pt) must not leave a cache named
+    for one checkpoint that holds the other (every later run would trust it)."""
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    other = make_checkpoint(tmp_path / "other.pt", base_channels=8)
+    real_verify = eng.verify_onnx
+
+    def verify_then_replace(*args, **kwargs):
+        shutil.copy(other, ckpt)  # the training's save lands now
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(eng, "verify_onnx", verify_then_replace)
+    with pytest.raises(eng.UserError, match="changed while it was being exported"):
+        eng.cached_onnx(ckpt)
+    assert _caches(tmp_path) == [] and not list(tmp_path.glob(".*.tmp*"))
+
+
 def test_a_file_in_the_caches_place_that_is_not_a_cache_is_an_error_or_a_fallback(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "best.pt")
     squatter = eng.cache_path(ckpt, eng.checkpoint_hash(ckpt))

@@ -119,6 +119,13 @@ def _export_cache(checkpoint: Path, digest: str, target: Path) -> None:
     with atomic_path(target) as tmp:
         export_onnx(model, tmp, tuple(ckpt["input_size"]), opset=CACHE_OPSET, dynamic=True, metadata=meta)
         verify_onnx(model, tmp, tuple(ckpt["input_size"]), dynamic=True)
+        # The hash and the weights come from two reads of the file: a checkpoint replaced in
+        # between (a training saving best.pt) would give a cache named for one and holding the other.
+        if checkpoint_hash(checkpoint) != digest:
+            raise UserError(
+                f"{checkpoint} changed while it was being exported for ONNX Runtime (is a training writing "
+                "it?); nothing was cached: run again once it is written"
+            )
 
 
 # --------------------------------------------------------------------------- choosing
