@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,23 @@ def test_a_checkpoint_replaced_during_its_export_is_not_cached(tmp_path, monkeyp
     with pytest.raises(eng.UserError, match="changed while it was being exported"):
         eng.cached_onnx(ckpt)
     assert _caches(tmp_path) == [] and not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_an_export_killed_mid_write_leaves_nothing_behind_after_the_next(tmp_path):
+    """SIGKILL during an export leaves atomic_path's temporary file (12.9 MB for the default
+    model): the next export removes those of writers no longer running, not a live one's."""
+    import subprocess
+    import sys
+
+    ckpt = make_checkpoint(tmp_path / "best.pt")
+    target = eng.cache_path(ckpt, eng.checkpoint_hash(ckpt))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = target.with_name(f".{target.name}.{int(gone.stdout)}-abcd1234.tmp.onnx")
+    live = target.with_name(f".{target.name}.{os.getpid()}-efgh5678.tmp.onnx")
+    for leftover in (dead, live):
+        leftover.write_bytes(b"half an onnx file")
+    assert eng.cached_onnx(ckpt) == target
+    assert not dead.exists() and live.exists()
 
 
 def test_a_file_in_the_caches_place_that_is_not_a_cache_is_an_error_or_a_fallback(tmp_path, capsys):

@@ -15,7 +15,7 @@ from typing import TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-_TMP = ".tmp"  # temporary files are named .<name>.<random>.tmp<suffix>
+_TMP = ".tmp"  # temporary files are named .<name>.<pid>-<random>.tmp<suffix>
 
 
 def temporary_glob(name: str = "*") -> str:
@@ -32,7 +32,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     write() on a full disk) is made to name `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=_TMP + path.suffix, dir=path.parent)
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
     os.chmod(tmp, 0o666 & ~current_umask())
@@ -45,6 +45,29 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         if isinstance(e, OSError):
             name_the_file(e, path)
         raise
+
+
+def remove_dead_temporaries(path: Path | str) -> None:
+    """Remove the temporary files of `path` (`atomic_path`'s) whose writer is no longer
+    running: a SIGKILL mid-write leaves one, which nothing else removes where no folder
+    lock guards the writes (an ONNX export beside its checkpoint). A writer's PID is in the
+    name; a live one's file is left alone (PIDs of this machine: a file another machine is
+    writing on a shared folder could be taken for dead)."""
+    path = Path(path)
+    for tmp in path.parent.glob(temporary_glob(path.name)):
+        pid = tmp.name[len(path.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def name_the_file(error: OSError, path: Path | str) -> None:

@@ -25,7 +25,7 @@ from urbanseg.errors import UserError
 from urbanseg.inference.export import export_onnx, verify_onnx
 from urbanseg.inference.metadata import OnnxMetadata, read_entry
 from urbanseg.inference.predictor import OnnxPredictor, Predictor, TorchPredictor
-from urbanseg.util import atomic_path
+from urbanseg.util import atomic_path, remove_dead_temporaries
 
 Engine = Literal["auto", "torch", "onnxruntime"]
 
@@ -112,6 +112,7 @@ def _export_cache(checkpoint: Path, digest: str, target: Path) -> None:
     from urbanseg.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)  # first: a checkpoint refused is not announced as exported
+    remove_dead_temporaries(target)  # of exports killed mid-write
     print(f"exporting {checkpoint} to ONNX for ONNX Runtime (once per checkpoint): {target}")
     model = model_from_checkpoint(ckpt).eval()
     meta = OnnxMetadata.from_checkpoint(ckpt, checkpoint, CACHE_OPSET, True).to_dict()

@@ -36,7 +36,7 @@ from urbanseg.inference.metadata import ONNX_META_KEY, OnnxMetadata, Quantizatio
 from urbanseg.inference.quantize import METHOD, int8_path, pick_images, quantize_onnx, score_pair, session
 from urbanseg.outputs import check_file, make_folder
 from urbanseg.rundir import RunDir, resolve_checkpoint
-from urbanseg.util import atomic_path
+from urbanseg.util import atomic_path, remove_dead_temporaries
 
 MIN_AGREEMENT = 0.999
 DEFAULT_CALIBRATION = 32
@@ -64,6 +64,9 @@ def export(config: ExportConfig) -> int:
     model = model_from_checkpoint(ckpt).eval()
     meta = OnnxMetadata.from_checkpoint(ckpt, source, config.opset, config.dynamic)
     splits = _quantize_splits(config, meta) if int8_target is not None else None  # checked before the work
+    for written in (target, int8_target):  # temporary files of exports killed mid-write
+        if written is not None:
+            remove_dead_temporaries(written)
     with atomic_path(target) as tmp:
         export_onnx(model, tmp, meta.input_size, opset=config.opset, dynamic=config.dynamic, metadata=meta.to_dict())
         agreement = verify_onnx(model, tmp, meta.input_size, dynamic=config.dynamic)
