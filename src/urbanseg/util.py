@@ -32,7 +32,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     write() on a full disk) is made to name `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=_TMP + path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=_TMP + path.suffix, dir=path.parent)
+    except OSError as e:  # (read-only, full): name the file the user asked for, not a random temporary
+        e.filename = str(path)
+        raise
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
     os.chmod(tmp, 0o666 & ~current_umask())
