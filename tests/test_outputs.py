@@ -472,6 +472,7 @@ def test_every_command_reports_a_read_only_folder(name, world, tmp_path, capsys)
         assert main(args) == 2
         err = _err(capsys)
         assert "Read-only file system (EROFS)" in err and str(base) in err
+        assert ".tmp" not in err  # the file asked for is named, not a random temporary
         assert "batch/s" not in err  # evaluate: refused before the long work, not after it
         assert snapshot(base) == before
 
