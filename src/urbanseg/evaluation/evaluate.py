@@ -63,15 +63,22 @@ from urbanseg.util import default_workers
 def evaluate(config: EvaluateConfig) -> int:
     """Entry point of `urbanseg evaluate`; returns 0. UserError for a missing run folder,
     checkpoint, ONNX model, shards, split or raw ground truth, or a label-set mismatch."""
-
-    from urbanseg.data.loader import ShardDataset
-    from urbanseg.models.convert import resolve_model_checkpoint
-
     run = RunDir(config.run) if config.run is not None else None
     if run is not None and not run.path.is_dir():
         raise UserError(
             f"run folder {run.path} does not exist; train one with `urbanseg train --data SHARDS --run {run.path}`"
         )
+    out = config.out or (run.path / "eval" / config.split if run is not None else Path("eval") / config.split)
+    # Claimed before the model loads (seconds, maybe an ONNX export): a read-only or foreign
+    # output folder, or one in use, is said at once.
+    with claim(out, "evaluate", what="evaluation folder"):
+        return _evaluate(config, run, out)
+
+
+def _evaluate(config: EvaluateConfig, run: RunDir | None, out: Path) -> int:
+    from urbanseg.data.loader import ShardDataset
+    from urbanseg.models.convert import resolve_model_checkpoint
+
     if config.model is not None:
         model_path = Path(config.model)
     else:
@@ -108,40 +115,38 @@ def evaluate(config: EvaluateConfig) -> int:
         print(f"labels: {projection.describe()}")
     if not plan.tta.plain:
         print(f"test-time augmentation: {plan.tta.describe()}, softmax probabilities averaged at the label size")
-    out = config.out or (run.path / "eval" / config.split if run is not None else Path("eval") / config.split)
-    with claim(out, "evaluate", what="evaluation folder"):  # before the long work: writable, not in use
-        start = time.perf_counter()
-        state = run_evaluation(
-            predictor,
-            dataset,
-            label_set,
-            plan=plan,
-            workers=config.workers,
-            gallery=config.gallery,
-            raw=raw,
-        )
-        seconds = time.perf_counter() - start
-        result = state.confusion.compute()
-        official = state.official.compute() if state.official is not None else None
-        if official and raw is not None and not raw.has_instances:
-            official = _without_iiou(official)
-        info = _info(config, plan, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
-        info["projection"] = projection.describe() if projection is not None else None
-        info["pretrained"] = dict(provenance(predictor.info.get("source"), predictor.info.get("metrics"))) or None
-        name = run.path.name if run is not None else (predictor.info.get("source") or {}).get("id", model_path.stem)
-        title = f"Evaluation of {name} on {config.split}" + (" (full resolution)" if raw else "")
-        paths = write_report(
-            out,
-            result=result,
-            matrix=state.confusion.matrix,
-            label_set=label_set,
-            title=title,
-            header=_header(info, summary),
-            per_image=state.per_image,
-            picks=state.picks(),
-            info=info,
-            official=official,
-        )
+    start = time.perf_counter()
+    state = run_evaluation(
+        predictor,
+        dataset,
+        label_set,
+        plan=plan,
+        workers=config.workers,
+        gallery=config.gallery,
+        raw=raw,
+    )
+    seconds = time.perf_counter() - start
+    result = state.confusion.compute()
+    official = state.official.compute() if state.official is not None else None
+    if official and raw is not None and not raw.has_instances:
+        official = _without_iiou(official)
+    info = _info(config, plan, summary, training, model_path, shards, dataset, predictor, seconds, state, raw)
+    info["projection"] = projection.describe() if projection is not None else None
+    info["pretrained"] = dict(provenance(predictor.info.get("source"), predictor.info.get("metrics"))) or None
+    name = run.path.name if run is not None else (predictor.info.get("source") or {}).get("id", model_path.stem)
+    title = f"Evaluation of {name} on {config.split}" + (" (full resolution)" if raw else "")
+    paths = write_report(
+        out,
+        result=result,
+        matrix=state.confusion.matrix,
+        label_set=label_set,
+        title=title,
+        header=_header(info, summary),
+        per_image=state.per_image,
+        picks=state.picks(),
+        info=info,
+        official=official,
+    )
     print(format_table(result, label_set.classes))
     scores = [f"pixel accuracy {_fmt(result['pixel_accuracy'])}", f"mean accuracy {_fmt(result['mean_accuracy'])}"]
     for key in ("mean_class_iou", "mean_category_iou"):
