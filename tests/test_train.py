@@ -234,8 +234,9 @@ def test_existing_run_needs_resume_and_resume_keeps_the_config(trained, shards, 
     default_batch = TrainConfig(data=shards, run=trained).batch_size
     assert default_batch != 4  # the run's (train_args)
     args = train_args(shards, trained, "--resume", deterministic=False)
-    assert main([*args, "--batch-size", str(default_batch)]) == 2
-    assert f"--batch-size {default_batch} (the run has 4)" in capsys.readouterr().err
+    for flag in ("--batch-size", "--batch"):  # argparse takes the abbreviation too
+        assert main([*args, flag, str(default_batch)]) == 2
+        assert f"--batch-size {default_batch} (the run has 4)" in capsys.readouterr().err
 
 
 def test_a_run_in_progress_is_named_not_called_finished(trained, shards, tmp_path, capsys):

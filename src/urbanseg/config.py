@@ -223,9 +223,17 @@ TYPED_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.Context
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> frozenset[str]:
-    """The destinations of the options in `argv` (`--flag`, `--flag=value`, `--no-flag`, `-o`)."""
+    """The destinations of the options in `argv` (`--flag`, `--flag=value`, `--no-flag`, `-o`,
+    and argparse's unambiguous abbreviations such as `--batch` for `--batch-size`)."""
     actions = parser._option_string_actions  # argparse has no public map from option string to action
-    names = {actions[token.split("=", 1)[0]].dest for token in argv if token.split("=", 1)[0] in actions}
+    names = set()
+    for token in argv:
+        option = token.split("=", 1)[0]
+        if option in actions:
+            names.add(actions[option].dest)
+        elif option.startswith("--"):
+            dests = {a.dest for o, a in actions.items() if o.startswith(option)}
+            names |= dests if len(dests) == 1 else set()
     return frozenset(names)
 
 

@@ -41,10 +41,10 @@ def load_run_config(run: Path) -> TrainConfig:
 def merge_for_resume(given: TrainConfig) -> TrainConfig:
     """The run's saved config, with the `RESUME_MUTABLE` flags taken from `given`.
 
-    Any other flag typed on the command line (`config.TYPED_FLAGS`; for a config built in
-    Python, any flag not at its default) with a value other than the saved one is an
-    error: silently ignoring it would surprise, and honouring it would break the promise
-    that a resumed run equals an uninterrupted one.
+    Any other flag typed on the command line (`config.TYPED_FLAGS`) or not at its default,
+    with a value other than the saved one, is an error: silently ignoring it would
+    surprise, and honouring it would break the promise that a resumed run equals an
+    uninterrupted one.
     """
     saved = load_run_config(given.run)
     defaults = TrainConfig(data=given.data, run=given.run)
@@ -56,7 +56,8 @@ def merge_for_resume(given: TrainConfig) -> TrainConfig:
         mine, theirs, default = getattr(given, f.name), getattr(saved, f.name), getattr(defaults, f.name)
         if f.name == "init" and mine is not None:  # saved absolute (train.py): the same file typed relative
             mine = str(Path(mine).absolute())
-        given_here = f.name in typed if typed is not None else mine != default
+        # typed (even with its default value), or not at its default (typed abbreviated, or in Python)
+        given_here = mine != default or (typed is not None and f.name in typed)
         if given_here and mine != theirs:
             conflicts.append(f"--{f.name.replace('_', '-')} {mine} (the run has {theirs})")
     if conflicts:
