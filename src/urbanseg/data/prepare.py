@@ -20,6 +20,7 @@ long preparation behind the user's back is worse) unless ``--overwrite`` is give
 from __future__ import annotations
 
 import functools
+import io
 import json
 import shutil
 import sys
@@ -69,11 +70,12 @@ def _existing_counts(pair: Pair, conversion: Conversion) -> np.ndarray | None:
     from PIL import Image
 
     try:
-        if any(png_problem(p.read_bytes()) for p in (pair.out_image, pair.out_label)):
+        image, label = pair.out_image.read_bytes(), pair.out_label.read_bytes()  # read once: checked, then opened
+        if png_problem(image) or png_problem(label):
             return None
-        with Image.open(pair.out_label) as im:
+        with Image.open(io.BytesIO(label)) as im:
             labels = np.asarray(im) if im.mode == "L" and im.size == conversion.size else None
-        with Image.open(pair.out_image) as im:
+        with Image.open(io.BytesIO(image)) as im:
             image_ok = im.mode == "RGB" and im.size == conversion.size
     except OSError:
         return None
