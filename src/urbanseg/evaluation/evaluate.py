@@ -50,6 +50,7 @@ from urbanseg.evaluation.official import OfficialEvaluator, read_ground_truth
 from urbanseg.evaluation.report import write_report
 from urbanseg.imaging import IMAGE_SUFFIXES, read_image
 from urbanseg.inference.engine import load_engine
+from urbanseg.inference.export import is_onnx_file
 from urbanseg.inference.plan import Plan, label_maps
 from urbanseg.inference.predictor import Predictor, provenance
 from urbanseg.inference.segment import TTA
@@ -87,7 +88,7 @@ def _evaluate(config: EvaluateConfig, run: RunDir | None, out: Path) -> int:
     predictor = load_engine(
         checkpoint=None if config.model else model_path, model=config.model, engine=config.engine, device=config.device
     )
-    is_onnx = config.model is not None or model_path.suffix.lower() == ".onnx"  # `--checkpoint x.onnx` too, as predict
+    is_onnx = config.model is not None or is_onnx_file(model_path)
     summary, training = _model_summary(predictor, model_path, is_onnx)
     shards = Path(config.data) if config.data is not None else run.data if run is not None else Path()
     dataset = ShardDataset(shards, config.split)

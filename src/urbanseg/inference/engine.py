@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from urbanseg.errors import UserError
-from urbanseg.inference.export import export_onnx, verify_onnx
+from urbanseg.inference.export import export_onnx, is_onnx_file, verify_onnx
 from urbanseg.inference.metadata import OnnxMetadata, read_entry
 from urbanseg.inference.predictor import OnnxPredictor, Predictor, TorchPredictor
 from urbanseg.util import atomic_path, remove_dead_temporaries
@@ -138,7 +138,7 @@ def load_engine(
     """The predictor `--engine` asks for, for a checkpoint or an ONNX `model`; prints
     one line saying which engine runs (and a note when `auto` falls back to PyTorch).
     An ONNX model never imports PyTorch."""
-    if model is not None or (checkpoint is not None and Path(checkpoint).suffix == ".onnx"):
+    if model is not None or (checkpoint is not None and is_onnx_file(checkpoint)):
         onnx_file = Path(model if model is not None else checkpoint)  # type: ignore[arg-type]
         if engine == "torch":
             raise UserError(

@@ -49,7 +49,7 @@ def export(config: ExportConfig) -> int:
     from urbanseg.models.convert import resolve_model_checkpoint
 
     source = resolve_checkpoint(config.run, resolve_model_checkpoint(config.checkpoint))
-    if source.suffix.lower() == ".onnx":
+    if is_onnx_file(source):
         raise UserError(
             f"--checkpoint {source} is an ONNX model already; export reads a PyTorch checkpoint (best.pt, "
             "--run RUN); `evaluate --model` and `predict --model` run ONNX models as they are"
@@ -175,6 +175,12 @@ def write_int8(
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def is_onnx_file(path: Path | str) -> bool:
+    """Whether a checkpoint argument names an ONNX model (`--checkpoint x.onnx` runs as
+    `--model x.onnx`); the one rule for load_engine, evaluate and export."""
+    return Path(path).suffix.lower() == ".onnx"
 
 
 def is_urbanseg_onnx(path: Path) -> bool:
