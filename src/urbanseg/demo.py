@@ -89,7 +89,7 @@ def _remove_previous_run(run: Path) -> None:
             (run / name).unlink(missing_ok=True)
         if (run / "tb").is_dir():
             shutil.rmtree(run / "tb")
-        for model in [*run.glob("*.onnx"), *run.glob(".*.onnx")]:
+        for model in run.glob("*.onnx"):  # (pathlib's glob lists hidden files too: the engine caches)
             if is_urbanseg_onnx(model):
                 model.unlink()
         for command in ("evaluate", "predict"):

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from urbanseg.data import tfrecord
-from urbanseg.data.formats import ShardSpec
+from urbanseg.data.formats import Manifest, ShardSpec
 from urbanseg.data.pixels import decode_png, to_planes
 from urbanseg.errors import UserError
 
@@ -58,7 +58,7 @@ class ShardDataset(Dataset):
         self.root, self.split, self.transform = Path(root), split, transform
         split_dir = self.root / split
         if not split_dir.is_dir():
-            if (self.root / "manifest.json").is_file():
+            if (self.root / Manifest.FILE).is_file():
                 raise UserError(
                     f"{self.root} is a prepared folder (it has manifest.json), not shards: pack it first, "
                     f"`urbanseg pack --prepared {self.root} --out SHARDS`, and give SHARDS"
