@@ -54,8 +54,6 @@ def merge_for_resume(given: TrainConfig) -> TrainConfig:
         if f.name in RESUME_MUTABLE:
             continue
         mine, theirs, default = getattr(given, f.name), getattr(saved, f.name), getattr(defaults, f.name)
-        if f.name == "init" and mine is not None:  # saved absolute (train.py): the same file typed relative
-            mine = str(Path(mine).absolute())
         # typed (even with its default value), or not at its default (typed abbreviated, or in Python)
         given_here = mine != default or (typed is not None and f.name in typed)
         if given_here and mine != theirs:

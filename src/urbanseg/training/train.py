@@ -205,7 +205,8 @@ def resolve_init(config: TrainConfig, info: dist_.DistInfo) -> TrainConfig:
     path, problem = dist_.broadcast_from_main((path, problem))
     if problem:
         raise UserError(problem)
-    return dataclasses.replace(config, init=path)
+    # absolute: config.yaml records it, and --resume compares it, from any folder
+    return dataclasses.replace(config, init=str(Path(path).absolute()) if path is not None else None)
 
 
 def build_optimizer(
@@ -439,9 +440,8 @@ def _train(config: TrainConfig, info: dist_.DistInfo, device: torch.device) -> i
         remove_stale_temporaries(config.run)
     st = t.restore(last) if config.resume and last.is_file() else LoopState()
     if info.is_main and not config.resume:
-        # Paths absolute: evaluate/predict/export --run (and --resume) work from any folder.
-        init = str(Path(config.init).absolute()) if config.init is not None else None
-        save_config(dataclasses.replace(config, data=config.data.absolute(), init=init), config.run / "config.yaml")
+        # `data` absolute (--init is already): evaluate/predict/export --run work from any folder.
+        save_config(dataclasses.replace(config, data=config.data.absolute()), config.run / "config.yaml")
     log = RunLog(config.run, enabled=info.is_main, resume_step=st.step if config.resume else None)
     try:
         with StopSignal() as stop:
